@@ -1,0 +1,348 @@
+"""Pipeline definition files (TOML): loading, `${ENV}` interpolation, validation, masking.
+
+pydantic does the type and range checks; this module turns its errors into one line per problem
+that names the file, the key, the bad value and what is allowed, and never shows a secret.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from connector.normalize import DEFAULT_FIELD_MAP
+
+# Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
+ALERT_FILTERS = frozenset({
+    "state", "type", "matchType", "path", "priority", "severity", "intelDocId", "intelType",
+    "intelDocName", "intelSource", "labelName", "mitreId", "scanConfigId", "computerName",
+    "computerIpAddress", "platform", "details", "guid", "alertedAtFrom", "alertedAtUntil",
+})
+SECRET_KEYS = ("api_key", "sasl_plain_password", "ssl_password")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """A pipeline file is unusable; str() is the message for the user (exit code 2)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class PipelineSection(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    mode: Literal["stream", "validation"] = "stream"
+    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30
+
+
+class TaniumSection(_Section):
+    protocol: Literal["https", "http"] = "https"
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 443
+    api_key: SecretStr | None = None
+    api_key_file: str | None = None
+    verify_ssl: bool = True
+    ca_bundle: str | None = None
+    timeout: Annotated[float, Field(gt=0, le=600)] = 30
+    proxy: str | None = None
+    page_size: Annotated[int, Field(ge=1, le=500)] = 500
+    enrich_intel_docs: bool = True
+    limit: Annotated[int, Field(ge=1)] = 10000
+    poll_interval: Annotated[float, Field(gt=0, le=86400)] = 30
+    max_retries: Annotated[int, Field(ge=0, le=20)] = 5
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        v = v.strip()
+        if not v or re.search(r"[/\s]", v) or v.count(":") == 1:
+            raise ValueError("must be a hostname or IP address only, without scheme, port or path "
+                             "(e.g. tanium.example.com)")
+        return v
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// proxy URL (e.g. http://proxy.example.com:3128)")
+        return v or None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca(cls, v: str | None) -> str | None:
+        if v and not Path(v).is_file():
+            raise ValueError("is not a readable file (give the path of a PEM CA bundle)")
+        return v or None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> "TaniumSection":
+        key, path = self.api_key, self.api_key_file
+        if (key is None or not key.get_secret_value()) == (not path):
+            raise ValueError("api_key: exactly one of tanium.api_key or tanium.api_key_file is required")
+        if path:
+            try:
+                text = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ValueError(f"api_key_file: cannot read {path!r} ({e.strerror or e})") from None
+            if not text:
+                raise ValueError(f"api_key_file: {path!r} is empty")
+            self.api_key = SecretStr(text)
+        return self
+
+    @property
+    def base_url(self) -> str:
+        default = 443 if self.protocol == "https" else 80
+        port = "" if self.port == default else f":{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.protocol}://{host}{port}"
+
+
+class SourceSection(_Section):
+    start_from: str = "24h"
+
+    @field_validator("start_from")
+    @classmethod
+    def _start(cls, v: str) -> str:
+        from connector.timeutil import parse_start  # checks the value; the source resolves it at start
+
+        parse_start(v)
+        return v
+
+
+class EnrichSection(_Section):
+    cache_size: Annotated[int, Field(ge=1, le=10_000_000)] = 10000
+    cache_ttl: Annotated[float, Field(gt=0)] = 3600
+    negative_ttl: Annotated[float, Field(ge=0)] = 60
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+
+
+class OutputSection(_Section):
+    include_raw: bool = True
+
+
+class KafkaSection(_Section):
+    bootstrap_servers: str | list[str] = "127.0.0.1:9092"
+    topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "tanium.threat-response.events"
+    dlq_topic: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = None
+    client_id: str = "tanium-connector"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger_ms: Annotated[int, Field(ge=0, le=60000)] = 20
+    batch_size: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 262144
+    max_unacked: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
+    delivery_timeout_ms: Annotated[int, Field(ge=1000)] = 120000
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str | list[str]) -> list[str]:
+        items = [s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip()]
+        for s in items:
+            if not re.match(r"^[A-Za-z0-9._\[\]:-]+:\d{1,5}$", s):
+                raise ValueError(f"{s!r} is not host:port")
+        if not items:
+            raise ValueError("needs at least one host:port")
+        return items
+
+    @model_validator(mode="after")
+    def _dlq(self) -> "KafkaSection":
+        if self.dlq_topic is None:
+            self.dlq_topic = f"{self.topic}.dlq"
+        return self
+
+
+class StateSection(_Section):
+    backend: Literal["file", "kafka"] = "file"
+    path: str = ".state"
+    topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "tanium-connector.state"
+
+
+class MetricsSection(_Section):
+    listen: Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]*):\d{1,5}$")] = "127.0.0.1:9464"
+    enabled: bool = True
+
+
+class ValidationSection(_Section):
+    query_time: Annotated[float, Field(gt=0, le=1440)] = 5
+    query_interval: Annotated[float, Field(gt=0)] = 30
+    delay_time: Annotated[float, Field(ge=0, le=1440)] = 0
+    correlation_query_enabled: bool = False
+    correlation_query: str = ""
+    correlation_query_interval: Annotated[float, Field(gt=0)] = 5
+    discover_network_devices: bool = True
+    save_suspicious_events: bool = False
+    event_time_adjustment: float = 0
+    job_actions_topic: str = "security-validation.job-actions"
+    group_id: str = "tanium-connector-validation"
+    events_topic: str = "security-validation.events"
+    suspicious_topic: str = "security-validation.suspicious-events"
+    results_topic: str = "security-validation.results"
+    devices_topic: str = "security-validation.devices"
+
+    @field_validator("correlation_query")
+    @classmethod
+    def _corr(cls, v: str) -> str:
+        parse_alert_filter(v)
+        return v
+
+    @model_validator(mode="after")
+    def _corr_needed(self) -> "ValidationSection":
+        if self.correlation_query_enabled and not self.correlation_query.strip():
+            raise ValueError("correlation_query: must be set when correlation_query_enabled = true")
+        return self
+
+
+def parse_alert_filter(query: str) -> list[tuple[str, str]]:
+    """`intelDocId=700&severity=high` → [(k, v)]; only documented alert filter parameters."""
+    pairs = []
+    for part in filter(None, query.strip().lstrip("?").split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{part!r} is not name=value")
+        if key not in ALERT_FILTERS:
+            raise ValueError(f"unknown alert filter parameter {key!r}; allowed: {', '.join(sorted(ALERT_FILTERS))}")
+        pairs.append((key, value))
+    return pairs
+
+
+def _field_map(v: Any) -> dict[str, list[str]]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a table of field = [candidate, …]")
+    out = {}
+    for field, cands in v.items():
+        if field not in DEFAULT_FIELD_MAP:
+            raise ValueError(f"unknown field {field!r}; allowed: {', '.join(DEFAULT_FIELD_MAP)}")
+        if isinstance(cands, str):  # the integration's string form "['msg_s','SyslogMessage']"
+            try:
+                cands = ast.literal_eval(cands.strip()) if cands.strip().startswith("[") else [cands]
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{field}: {cands!r} is not a list such as \"['a','b.c']\"") from None
+        if not isinstance(cands, list) or not all(isinstance(c, str) and c.strip() for c in cands):
+            raise ValueError(f"{field}: must be a list of non-empty column paths")
+        out[field] = [c.strip() for c in cands]
+    return out
+
+
+class PipelineConfig(_Section):
+    pipeline: PipelineSection
+    tanium: TaniumSection
+    source: SourceSection = SourceSection()
+    enrich: EnrichSection = EnrichSection()
+    field_map: dict[str, Any] = Field(default_factory=dict)
+    output: OutputSection = OutputSection()
+    kafka: KafkaSection | None = None
+    state: StateSection = StateSection()
+    metrics: MetricsSection = MetricsSection()
+    validation: ValidationSection = ValidationSection()
+
+    @field_validator("field_map")
+    @classmethod
+    def _fm(cls, v: Any) -> dict[str, list[str]]:
+        return _field_map(v)
+
+    @model_validator(mode="after")
+    def _modes(self) -> "PipelineConfig":
+        if self.pipeline.delivery == "exactly-once" and self.state.backend != "kafka":
+            raise ValueError('pipeline.delivery: "exactly-once" requires state.backend = "kafka"')
+        return self
+
+    @property
+    def effective_field_map(self) -> dict[str, list[str]]:
+        return {**DEFAULT_FIELD_MAP, **self.field_map}
+
+    def masked(self) -> dict:
+        """Effective settings as plain data, every secret replaced by '***'."""
+        data = self.model_dump(mode="json")
+        data["field_map"] = self.effective_field_map
+        for section in data.values():
+            if isinstance(section, dict):
+                for k in SECRET_KEYS:
+                    if section.get(k):
+                        section[k] = "***"
+        return data
+
+    def __repr__(self) -> str:  # pydantic's repr already masks SecretStr; keep it short too
+        return f"PipelineConfig(pipeline={self.pipeline.name!r}, tanium={self.tanium.base_url!r})"
+
+
+def _interpolate(value: Any, key: str, errors: list[str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                errors.append(f"{key}: environment variable ${{{m.group(1)}}} is not set")
+                return ""
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{key}.{k}" if key else k, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    # model validators report "key: message" against the section; fold the key into the location
+    if err["type"] == "value_error" and re.match(r"^[a-z_]+: ", msg):
+        sub, msg = msg.split(": ", 1)
+        loc = loc + [sub]
+    key = ".".join(loc)
+    if err["type"] == "missing":
+        return f"{key}: required setting is missing"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown setting (check the spelling; see README 'Settings')"
+    if any(s in key for s in SECRET_KEYS):
+        return f"{key}: {msg}"
+    value = raw
+    for p in loc:
+        value = value.get(p) if isinstance(value, dict) else None
+    shown = f" = {value!r}" if value is not None and not isinstance(value, dict) else ""
+    return f"{key}{shown}: {msg}"
+
+
+def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    return parse_pipeline(raw, str(p))
+
+
+def parse_pipeline(raw: dict, source: str = "<pipeline>") -> PipelineConfig:
+    errors: list[str] = []
+    data = _interpolate(raw, "", errors)
+    if errors:
+        raise ConfigError("\n".join(f"{source}: {e}" for e in errors))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source}: {_describe(err, data)}" for err in e.errors(include_url=False)]
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,146 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz listener.
+
+Every family carries a `pipeline` label (one value per process in practice) so one Grafana
+dashboard serves many pipelines. Other labels are small fixed sets (stage, endpoint, status
+class, reason, result): never alert ids or hostnames. Each `Metrics` object owns its registry so
+several pipelines (and tests) can live in one process.
+"""
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    CONTENT_TYPE_LATEST,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.gc_collector import GCCollector
+
+from connector import __version__
+
+P = "tanium_connector_"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, pipeline: str, registry: CollectorRegistry | None = None):
+        self.pipeline = pipeline
+        self.registry = r = registry or CollectorRegistry()
+        if registry is None:
+            ProcessCollector(registry=r)
+            GCCollector(registry=r)
+        lp = ["pipeline"]
+
+        def counter(name, doc, labels=()):
+            return Counter(P + name, doc, lp + list(labels), registry=r)
+
+        def gauge(name, doc, labels=()):
+            return Gauge(P + name, doc, lp + list(labels), registry=r)
+
+        def hist(name, doc, labels=()):
+            return Histogram(P + name, doc, lp + list(labels), buckets=LATENCY_BUCKETS, registry=r)
+
+        # Overview
+        self.build_info = gauge("build_info", "Build information (always 1)", ["version"])
+        self.ready = gauge("ready", "1 when the last Tanium call and Kafka are fine and the checkpoint is fresh")
+        self.records_received = counter("records_received_total", "Records a stage took in", ["stage"])
+        self.records_sent = counter("records_sent_total", "Records a stage passed on", ["stage"])
+        self.records_dropped = counter("records_dropped_total", "Records a stage did not pass on", ["stage", "reason"])
+        self.dlq_records = counter("dlq_records_total", "Records written to the dead-letter topic", ["reason"])
+        # Tanium API
+        self.requests = counter("source_requests_total", "Tanium API requests by endpoint and status class",
+                                ["endpoint", "code_class"])
+        self.request_duration = hist("source_request_duration_seconds", "Tanium API request latency", ["endpoint"])
+        self.retries = counter("source_retries_total", "Tanium API retries by reason", ["reason"])
+        self.rate_limited = counter("source_rate_limited_seconds_total", "Seconds waited because Tanium said 429")
+        self.pages = counter("source_pages_total", "Alert pages fetched")
+        self.last_success = gauge("last_success_timestamp_seconds", "Unix time of the last successful poll cycle")
+        # Enrichment
+        self.cache_requests = counter("enrich_cache_requests_total", "IntelDoc cache lookups", ["result"])
+        self.cache_entries = gauge("enrich_cache_entries", "IntelDocs held in the cache")
+        self.lookup_duration = hist("enrich_lookup_duration_seconds", "IntelDoc fetch latency")
+        self.enrich_errors = counter("enrich_errors_total", "IntelDoc lookups that failed (alert passes unenriched)")
+        # Normalize
+        self.normalize_warnings = counter("normalize_warnings_total", "Mapped values dropped by a type check",
+                                          ["field"])
+        # Kafka sink
+        self.produce_duration = hist("sink_produce_duration_seconds", "Time from send to broker acknowledgement")
+        self.inflight = gauge("sink_inflight_records", "Records sent but not yet acknowledged")
+        self.delivery_failures = counter("sink_delivery_failures_total", "Records Kafka did not confirm", ["topic"])
+        self.checkpoint_ts = gauge("checkpoint_timestamp_seconds",
+                                   "createdAt of the last alert whose delivery is committed in the checkpoint")
+        self.checkpoint_commits = counter("checkpoint_commits_total", "Checkpoint writes")
+        # Validation
+        self.actions_in_flight = gauge("validation_actions_in_flight", "Job actions with windows still open")
+        self.verdicts = counter("validation_verdicts_total", "Verdicts published by result", ["result"])
+        self.detection_latency = Histogram(
+            P + "validation_detection_latency_seconds", "First detection time minus job action start",
+            lp, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800), registry=r)
+        self.validation_queries = counter("validation_queries_total", "Alert queries run for validation windows")
+
+        self.build_info.labels(pipeline, __version__).set(1)
+        self.ready.labels(pipeline).set(0)
+        for stage in ("source", "enrich", "normalize", "sink"):
+            self.records_received.labels(pipeline, stage)
+            self.records_sent.labels(pipeline, stage)
+        for result in ("hit", "miss", "negative_hit"):
+            self.cache_requests.labels(pipeline, result)
+        for result in ("detected", "missed", "rejected"):
+            self.verdicts.labels(pipeline, result)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (alive) and /readyz (ready() is true) on one port."""
+
+    def __init__(self, metrics: Metrics, listen: str, ready: Callable[[], tuple[bool, str]]):
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        self.metrics = metrics
+        self.ready = ready
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200, b"ok\n")
+                elif path == "/readyz":
+                    ok, why = outer.ready()
+                    self._reply(200 if ok else 503, (why or ("ready" if ok else "not ready")).encode() + b"\n")
+                else:
+                    self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _reply(self, code, body, ctype="text/plain; charset=utf-8"):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes are not worth a log line each
+                pass
+
+        self.server = ThreadingHTTPServer((host, int(port)), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> "HealthServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
