@@ -61,6 +61,8 @@ class Metrics:
         self.rate_limited = counter("source_rate_limited_seconds_total", "Seconds waited because Tanium said 429")
         self.pages = counter("source_pages_total", "Alert pages fetched")
         self.last_success = gauge("last_success_timestamp_seconds", "Unix time of the last successful poll cycle")
+        # the stale-poll alert compares time since last_success with 3x this (set it from tanium.poll_interval)
+        self.poll_interval = gauge("poll_interval_seconds", "Configured tanium.poll_interval")
         # Enrichment
         self.cache_requests = counter("enrich_cache_requests_total", "IntelDoc cache lookups", ["result"])
         self.cache_entries = gauge("enrich_cache_entries", "IntelDocs held in the cache")
@@ -93,6 +95,12 @@ class Metrics:
             self.cache_requests.labels(pipeline, result)
         for result in ("detected", "missed", "rejected"):
             self.verdicts.labels(pipeline, result)
+        # Series exist (at 0) from the first scrape, so rate()/increase() see the first event and
+        # dashboards show 0 rather than "No data". Timestamps and poll_interval stay unset until known.
+        for family in (self.rate_limited, self.pages, self.cache_entries, self.lookup_duration,
+                       self.enrich_errors, self.produce_duration, self.inflight, self.checkpoint_commits,
+                       self.actions_in_flight, self.detection_latency, self.validation_queries):
+            family.labels(pipeline)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
