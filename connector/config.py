@@ -31,7 +31,7 @@ ALERT_FILTERS = frozenset({
     "computerIpAddress", "platform", "details", "guid", "alertedAtFrom", "alertedAtUntil",
 })
 SECRET_KEYS = ("api_key", "sasl_plain_password", "ssl_password")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(Exception):
@@ -164,6 +164,18 @@ class KafkaSection(_Section):
             raise ValueError("needs at least one host:port")
         return items
 
+    @field_validator("compression")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        module = {"snappy": "snappy", "lz4": "lz4", "zstd": "zstandard"}.get(v)
+        if module:
+            try:
+                __import__(module)
+            except ImportError:
+                raise ValueError(f"needs the Python package {module!r} (pip install {module}); "
+                                 "gzip and none work without extra packages") from None
+        return v
+
     @model_validator(mode="after")
     def _dlq(self) -> "KafkaSection":
         if self.dlq_topic is None:
@@ -288,10 +300,13 @@ class PipelineConfig(_Section):
 def _interpolate(value: Any, key: str, errors: list[str]) -> Any:
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
-            if m.group(1) not in os.environ:
-                errors.append(f"{key}: environment variable ${{{m.group(1)}}} is not set")
-                return ""
-            return os.environ[m.group(1)]
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:  # ${NAME:-default}
+                return default
+            errors.append(f"{key}: environment variable ${{{name}}} is not set")
+            return ""
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
         return {k: _interpolate(v, f"{key}.{k}" if key else k, errors) for k, v in value.items()}

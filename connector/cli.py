@@ -1,0 +1,271 @@
+"""`tanium-connector` command line. Logs go to stderr; data (events, verdicts, reports) to stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+from connector import __version__
+from connector.config import ConfigError, load_pipeline
+
+log = logging.getLogger("connector")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+class RedactFilter(logging.Filter):
+    """Last line of defence: no log line may carry a secret, whatever code produced it."""
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg_exc = logging.Formatter().formatException(record.exc_info)
+                record.exc_info, record.exc_text = None, None
+                msg = f"{msg}\n{msg_exc}"
+            for s in self.secrets:
+                msg = msg.replace(s, "***")
+            record.msg, record.args = msg, None
+        return True
+
+
+REDACT = RedactFilter()
+
+
+def setup_logging(level: str, fmt: str | None) -> None:
+    fmt = fmt or ("text" if sys.stderr.isatty() else "json")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(REDACT)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+
+
+def load(path: str):
+    cfg = load_pipeline(path)
+    REDACT.secrets = [s for s in _secrets(cfg) if s]
+    return cfg
+
+
+def _secrets(cfg) -> list[str]:
+    out = [cfg.tanium.api_key.get_secret_value()]
+    if cfg.kafka:
+        for s in (cfg.kafka.sasl_plain_password, cfg.kafka.ssl_password):
+            if s is not None:
+                out.append(s.get_secret_value())
+    return out
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def cmd_validate_config(args) -> int:
+    cfg = load(args.pipeline)
+    print(json.dumps(cfg.masked(), indent=2))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from connector.check import run_checks, verdict
+
+    cfg = load(args.pipeline)
+    steps = run_checks(cfg)
+    healthy, line = verdict(steps)
+    if args.json:
+        print(json.dumps({"healthy": healthy, "summary": line,
+                          "steps": [s.__dict__ for s in steps]}, indent=2))
+    else:
+        for s in steps:
+            print(f"{'ok    ' if s.ok else 'FAILED'} {s.name:<16} {s.message}")
+        print(line)
+    return 0 if healthy else 1
+
+
+def _serve_metrics(cfg, metrics, readiness):
+    from connector.metrics import HealthServer
+
+    if not cfg.metrics.enabled:
+        return None
+    try:
+        return HealthServer(metrics, cfg.metrics.listen, readiness).start()
+    except OSError as e:
+        raise ConfigError(f"metrics.listen = {cfg.metrics.listen!r}: cannot listen ({e.strerror or e})") from None
+
+
+def _stop_on_signals(stop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+def cmd_run(args) -> int:
+    from connector.metrics import Metrics
+    from connector.pipeline import StreamPipeline
+
+    cfg = load(args.pipeline)
+    if cfg.pipeline.mode == "validation":
+        from connector.validation import run_validation
+
+        metrics = Metrics(cfg.pipeline.name)
+        stop = threading.Event()
+        _stop_on_signals(stop.set)
+        server = _serve_metrics(cfg, metrics, lambda: (True, "ready"))
+        try:
+            return run_validation(cfg, stop, metrics)
+        finally:
+            if server:
+                server.stop()
+    if args.since:
+        from connector.timeutil import parse_start
+
+        try:
+            parse_start(args.since)
+        except ValueError as e:
+            raise ConfigError(f"--since: {e}") from None
+    metrics = Metrics(cfg.pipeline.name)
+    pipe = StreamPipeline(cfg, metrics=metrics, dry_run=args.dry_run, once=args.once, since=args.since)
+    _stop_on_signals(pipe.stop)
+    server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness)
+    progress = _progress(pipe, metrics) if sys.stderr.isatty() and not args.dry_run else None
+    try:
+        code = pipe.run()
+    finally:
+        if progress:
+            progress.set()
+        if server:
+            server.stop()
+    log.info("summary: %s", json.dumps(pipe.summary.as_dict()))
+    return code
+
+
+def _progress(pipe, metrics) -> threading.Event:
+    """One status line on a terminal: rates, totals, lag, cache hit ratio."""
+    done = threading.Event()
+
+    def loop():
+        last, t0 = 0, time.monotonic()
+        while not done.wait(2):
+            s, now = pipe.summary, time.monotonic()
+            rate = (s.fetched - last) / (now - t0)
+            last, t0 = s.fetched, now
+            lag = "-"
+            ts = metrics.checkpoint_ts.labels(metrics.pipeline)._value.get()
+            if ts:
+                lag = f"{time.time() - ts:.0f}s"
+            hits = metrics.cache_requests.labels(metrics.pipeline, "hit")._value.get()
+            miss = metrics.cache_requests.labels(metrics.pipeline, "miss")._value.get()
+            ratio = f"{hits / (hits + miss):.0%}" if hits + miss else "-"
+            sys.stderr.write(f"\r{rate:8.0f} alerts/s  published {s.published:>9}  dlq {s.dlq:>5}  "
+                             f"lag {lag:>6}  cache hits {ratio:>4} ")
+            sys.stderr.flush()
+
+    threading.Thread(target=loop, daemon=True, name="progress").start()
+    return done
+
+
+def cmd_simulate(args) -> int:
+    from connector import simulator
+
+    return simulator.run(args) or 0
+
+
+def cmd_validate(args) -> int:
+    from connector.validation import validate_file
+
+    cfg = load(args.pipeline)
+    return validate_file(cfg, args.job_actions, args.json)
+
+
+def cmd_demo(args) -> int:
+    from connector.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args) -> int:
+    from connector.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    common.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="default: text on a terminal, json otherwise")
+    p = argparse.ArgumentParser(prog="tanium-connector", parents=[common],
+                                description="Tanium Threat Response → Kafka connector")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("run", cmd_run, "run a pipeline until stopped")
+    sp.add_argument("pipeline", help="pipeline file (TOML)")
+    sp.add_argument("--once", action="store_true", help="drain what exists now, then exit")
+    sp.add_argument("--since", metavar="TIMESTAMP",
+                    help="start here (RFC 3339, 'now' or a duration such as 7d), ignoring the checkpoint")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print normalized events as JSON lines; publish nothing, commit no checkpoint")
+    sp = add("check", cmd_check, "test connectivity to Tanium (and Kafka) step by step")
+    sp.add_argument("pipeline")
+    sp.add_argument("--json", action="store_true", help="machine-readable report")
+    sp = add("validate-config", cmd_validate_config, "print the effective settings (secrets masked)")
+    sp.add_argument("pipeline")
+    sp = add("validate", cmd_validate, "judge job actions from a file against Tanium")
+    sp.add_argument("pipeline")
+    sp.add_argument("--job-actions", required=True, metavar="FILE", help="JSON lines, one job action each")
+    sp.add_argument("--json", action="store_true", help="one JSON verdict per line")
+    sp = add("simulate", cmd_simulate, "run the Tanium Threat Response simulator")
+    try:
+        from connector import simulator
+
+        simulator.add_arguments(sp)
+    except ImportError:
+        pass
+    sp = add("demo", cmd_demo, "simulator + embedded broker + demo pipeline, then a summary")
+    sp.add_argument("--alerts", type=int, default=2000, help="alerts the simulator starts with")
+    sp.add_argument("--seconds", type=float, default=20, help="how long to stream live alerts")
+    sp = add("bench", cmd_bench, "measure sink, source and pipeline throughput")
+    try:
+        from connector import bench
+
+        bench.add_arguments(sp)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

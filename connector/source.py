@@ -1,0 +1,159 @@
+"""source: reads every Threat Response alert once, in server order, page by page.
+
+Cursor design
+-------------
+Sort key: `sort=createdAt,id` ascending. `createdAt` is the server's insert time, so an alert
+that arrives late (its endpoint-side `alertedAt` minutes or days in the past) still sorts after
+everything already read: an `alertedAt` high-water mark would skip it, this cursor cannot. `id`
+breaks ties between alerts inserted in the same millisecond.
+
+There is no `createdAtFrom` filter in the API, so the position in the sorted list is an offset.
+The cursor is (createdAt, id, offset): the key of the last record read and how many records up
+to and including it the list held. Offsets drift when Tanium prunes old alerts (the list shifts
+left), so every page is requested with a one-record overlap (it starts at the last record
+already read) and checked: its first record must sort at or before the cursor key. If it sorts
+after, records were pruned below us and we may have skipped some, so we step the offset back
+(doubling) until the check holds. Records at or before the cursor key are filtered out, so page
+and poll boundaries produce no duplicates; new alerts only ever append at the end.
+
+With no checkpoint yet, the first record created at or after `source.start_from` is found by
+binary search over offsets with `limit=1` probes (about log2(total) requests).
+
+The in-memory cursor moves as pages are read; the durable checkpoint is a separate thing that
+the pipeline advances only behind Kafka acknowledgements (see pipeline.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterator
+
+from connector.timeutil import format_ts
+
+log = logging.getLogger(__name__)
+
+SORT = "createdAt,id"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a record sits: its sort key and the count of records up to and including it."""
+
+    created_at: str | None
+    id: int | None
+    offset: int
+
+    def to_checkpoint(self) -> dict:
+        return {"created_at": self.created_at, "id": self.id, "offset": self.offset}
+
+    @classmethod
+    def from_checkpoint(cls, data: dict) -> "Position":
+        return cls(data.get("created_at"), data.get("id"), int(data.get("offset", 0)))
+
+
+def sort_key(alert) -> tuple[str, int] | None:
+    """(createdAt, id), or None for a record that cannot be placed (the DLQ will explain it)."""
+    if not isinstance(alert, dict):
+        return None
+    created, ident = alert.get("createdAt"), alert.get("id")
+    if not isinstance(created, str) or not isinstance(ident, int) or isinstance(ident, bool):
+        return None
+    return created, ident
+
+
+class AlertSource:
+    def __init__(self, client, page_size: int, limit: int, metrics=None):
+        self.client = client
+        self.page_size = page_size
+        self.limit = limit
+        self.metrics = metrics
+        self.key: tuple[str, int] | None = None  # in-memory cursor
+        self.offset = 0
+        self.start_at: datetime | None = None  # used while no key is known
+
+    def resume(self, checkpoint: dict | None, start_at: datetime) -> None:
+        if checkpoint and checkpoint.get("id") is not None:
+            pos = Position.from_checkpoint(checkpoint)
+            self.key, self.offset, self.start_at = (pos.created_at, pos.id), pos.offset, None
+        else:
+            self.key, self.offset, self.start_at = None, 0, start_at
+
+    def _first_offset_at(self, when: datetime) -> int:
+        """Index of the first alert with createdAt >= when (binary search with limit=1 probes)."""
+        target = format_ts(when)
+        probe = self.client.list_alerts([], offset=0, limit=1, sort=SORT)
+        total = probe.filtered if probe.filtered is not None else probe.total
+        if total is None:
+            return 0  # no meta: scan from the start, the cycle filters by time
+        lo, hi = 0, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            items = self.client.list_alerts([], offset=mid, limit=1, sort=SORT).items
+            if not items:
+                hi = mid
+                continue
+            created = items[0].get("createdAt") if isinstance(items[0], dict) else None
+            if isinstance(created, str) and created < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def cycle(self) -> Iterator[list[tuple[object, Position]]]:
+        """One poll cycle: yields pages of (alert, position) that are new, up to `limit` records.
+        Sets `self.hit_limit` when the cycle stopped at the limit (more is waiting)."""
+        min_created = None
+        if self.key is None:
+            if self.offset == 0 and self.start_at:
+                self.offset = self._first_offset_at(self.start_at)  # once; later cycles go on from it
+            start = self.offset
+            min_created = format_ts(self.start_at) if self.start_at else None
+        else:
+            start = max(0, self.offset - 1)
+        overlap = 1 if self.page_size > 1 else 0
+        step_back = self.page_size
+        emitted = 0
+        while emitted < self.limit:
+            page = self.client.list_alerts([], offset=start, limit=self.page_size, sort=SORT).items
+            if self.metrics:
+                self.metrics.pages.labels(self.metrics.pipeline).inc()
+            if not page:
+                break
+            first = sort_key(page[0])
+            if self.key is not None and start > 0 and first is not None and first > self.key:
+                log.warning("alert list shifted (pruning?) at offset %d; stepping back %d", start, step_back)
+                start = max(0, start - step_back)
+                step_back *= 2
+                continue
+            key_before, out = self.key, []
+            for i, alert in enumerate(page):
+                k = sort_key(alert)
+                if k is None:
+                    if self.key is None or start + i >= self.offset:
+                        self.offset = start + i + 1
+                        out.append((alert, Position(*(self.key or (None, None)), self.offset)))
+                    continue
+                if self.key is not None and k <= self.key:
+                    continue
+                if min_created is not None and k[0] < min_created:
+                    continue
+                self.key, self.offset = k, start + i + 1
+                out.append((alert, Position(k[0], k[1], start + i + 1)))
+            if emitted + len(out) >= self.limit:
+                out = out[: self.limit - emitted]
+                if out:  # the rest of the page is read again next cycle
+                    last = out[-1][1]
+                    self.key = (last.created_at, last.id) if last.id is not None else key_before
+                    self.offset = last.offset
+            emitted += len(out)
+            if self.metrics and out:
+                self.metrics.records_received.labels(self.metrics.pipeline, "source").inc(len(out))
+            if out:
+                yield out
+            if len(page) < self.page_size:
+                break
+            start = start + len(page) - overlap
+        self.hit_limit = emitted >= self.limit
+        if self.hit_limit:
+            log.info("cycle stopped at tanium.limit=%d records; polling again at once", self.limit)
