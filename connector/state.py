@@ -1,0 +1,232 @@
+"""Checkpoint stores: where a pipeline's durable position lives between runs.
+
+The checkpoint is an opaque JSON object from the pipeline (e.g. {"created_at": …, "id": …});
+the store adds `saved_at`. Two backends:
+- file: one JSON file per pipeline in `state.path`, replaced atomically (temp file in the same
+  directory, fsync, rename, fsync of the directory), so a crash leaves the old or the new
+  checkpoint, never a torn one.
+- kafka: a compacted single-partition topic keyed by pipeline name, so any machine can resume
+  the pipeline; `load()` reads to the end offset (read_committed) and keeps the last value.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Protocol
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from connector.config import ConfigError, KafkaSection
+from connector.sink import SinkError, client_settings, describe_servers, make_producer
+from connector.timeutil import format_ts, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or written; str() names the file or topic and what to do."""
+
+
+class CheckpointStore(Protocol):
+    location: str
+
+    def load(self) -> dict | None: ...
+
+    def save(self, checkpoint: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _encode(checkpoint: dict) -> dict:
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"a checkpoint must be a dict, not {type(checkpoint).__name__}")
+    return {**checkpoint, "saved_at": format_ts(utcnow())}
+
+
+class FileCheckpointStore:
+    def __init__(self, path: str | os.PathLike, pipeline: str):
+        if not pipeline or pipeline in (".", "..") or "/" in pipeline or os.sep in pipeline:
+            raise ValueError(f"pipeline name {pipeline!r} cannot be used as a file name")
+        self.dir = Path(path)
+        self.pipeline = pipeline
+        self.file = self.dir / f"{pipeline}.json"
+        self.location = f"file {self.file}"
+
+    def load(self) -> dict | None:
+        try:
+            text = self.file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read checkpoint file {self.file}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            data, why = None, f"not valid JSON ({e})"
+        else:
+            why = f"expected a JSON object, found {type(data).__name__}"
+        if not isinstance(data, dict):
+            raise CheckpointError(f"checkpoint file {self.file} is corrupt: {why}; fix it, or delete it to "
+                                  "start again from source.start_from")
+        return data
+
+    def save(self, checkpoint: dict) -> None:
+        text = json.dumps(_encode(checkpoint), indent=2, sort_keys=True) + "\n"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{self.pipeline}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.file)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            # the rename itself is durable only once the directory entry is on disk
+            dfd = os.open(self.dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint file {self.file}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaCheckpointStore:
+    def __init__(self, kafka: KafkaSection, topic: str, pipeline: str, timeout: float = 30):
+        self.kafka = kafka
+        self.topic = topic
+        self.pipeline = pipeline
+        self.key = pipeline.encode("utf-8")
+        self.timeout = timeout
+        self.location = f"kafka topic {topic} key {pipeline!r}"
+        self._producer = None
+        self._topic_ready = False
+
+    def _where(self) -> str:
+        return f"checkpoint topic {self.topic} on {describe_servers(self.kafka)}"
+
+    def ensure_topic(self) -> None:
+        """Create the topic (compacted, 1 partition) if it is missing; warn if it exists uncompacted."""
+        if self._topic_ready:
+            return
+        try:
+            admin = KafkaAdminClient(**client_settings(self.kafka),
+                                     request_timeout_ms=int(self.timeout * 1000),
+                                     bootstrap_timeout_ms=int(self.timeout * 1000))
+        except (KafkaError, OSError) as e:
+            raise CheckpointError(f"cannot reach Kafka for the {self._where()}: {e}") from None
+        try:
+            brokers = len(admin.describe_cluster().get("brokers") or []) or 1
+            try:
+                admin.create_topics([NewTopic(self.topic, 1, min(3, brokers),
+                                              topic_configs={"cleanup.policy": "compact"})])
+                log.info("created checkpoint topic %s (compacted)", self.topic)
+            except TopicAlreadyExistsError:
+                policy = self.cleanup_policy(admin)
+                if policy is not None and "compact" not in policy:
+                    log.warning("checkpoint topic %s has cleanup.policy=%s, not compact: retention may "
+                                "delete the latest checkpoint", self.topic, policy)
+        except KafkaError as e:
+            raise CheckpointError(f"cannot prepare the {self._where()}: {e}") from None
+        finally:
+            admin.close()
+        self._topic_ready = True
+
+    def cleanup_policy(self, admin: KafkaAdminClient) -> str | None:
+        res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic)],
+                                     config_filter="all")
+        entry = res.get("topic", {}).get(self.topic, {}).get("cleanup.policy")
+        return entry.get("value") if entry else None
+
+    def load(self) -> dict | None:
+        self.ensure_topic()
+        deadline = time.monotonic() + self.timeout
+        try:
+            consumer = KafkaConsumer(**client_settings(self.kafka), group_id=None, enable_auto_commit=False,
+                                     isolation_level="read_committed",
+                                     request_timeout_ms=int(self.timeout * 1000) + 1000,
+                                     bootstrap_timeout_ms=int(self.timeout * 1000), fetch_max_wait_ms=100)
+        except (KafkaError, OSError) as e:
+            raise CheckpointError(f"cannot reach Kafka to read the {self._where()}: {e}") from None
+        last = None
+        try:
+            parts = consumer.partitions_for_topic(self.topic)
+            while not parts and time.monotonic() < deadline:
+                time.sleep(0.1)
+                parts = consumer.partitions_for_topic(self.topic)
+            if not parts:
+                raise CheckpointError(f"the {self._where()} has no partitions")
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            end = consumer.end_offsets(tps)
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"reading the {self._where()} did not reach its end within "
+                                          f"{self.timeout:g}s")
+                for records in consumer.poll(timeout_ms=200).values():
+                    for r in records:
+                        if r.key == self.key:
+                            last = r
+        except KafkaError as e:
+            raise CheckpointError(f"cannot read the {self._where()}: {e}") from None
+        finally:
+            consumer.close()
+        if last is None or last.value is None:  # never saved, or a tombstone (reset)
+            return None
+        try:
+            data = json.loads(last.value)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"the checkpoint for {self.pipeline!r} at offset {last.offset} of the "
+                                  f"{self._where()} is not a JSON object; save a new one or delete it")
+        return data
+
+    def record(self, checkpoint: dict) -> tuple[str, bytes, bytes]:
+        """(topic, key, value) of this checkpoint, for KafkaSink.commit(records=…) in exactly-once mode."""
+        self.ensure_topic()
+        return self.topic, self.key, json.dumps(_encode(checkpoint), sort_keys=True).encode("utf-8")
+
+    def save(self, checkpoint: dict) -> None:
+        """Writes the checkpoint and waits for Kafka's acknowledgement; raises CheckpointError if not."""
+        topic, key, value = self.record(checkpoint)
+        try:
+            if self._producer is None:
+                self._producer = make_producer(self.kafka, linger_ms=0,
+                                               max_block_ms=int(self.timeout * 1000))
+            self._producer.send(topic, key=key, value=value).get(timeout=self.timeout)
+        except SinkError as e:
+            raise CheckpointError(f"cannot save the checkpoint: {e}") from None
+        except KafkaError as e:
+            raise CheckpointError(f"saving the checkpoint to the {self._where()} failed: "
+                                  f"{type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(5)
+            self._producer = None
+
+
+def open_store(cfg) -> CheckpointStore:
+    """The checkpoint store chosen by cfg.state for pipeline cfg.pipeline.name."""
+    if cfg.state.backend == "kafka":
+        if cfg.kafka is None:
+            raise ConfigError('state.backend = "kafka" needs a [kafka] section with bootstrap_servers')
+        return KafkaCheckpointStore(cfg.kafka, cfg.state.topic, cfg.pipeline.name)
+    return FileCheckpointStore(cfg.state.path, cfg.pipeline.name)
