@@ -274,6 +274,8 @@ def _ip_or_none(v) -> str | None:
         ip = str(ipaddress.ip_address(v.strip()))
     except ValueError:
         ip = None
+    if ip and "%" in ip:  # an IPv6 zone id only means something on the host that wrote it
+        ip = None
     if len(_IP_CACHE) >= 4096:
         _IP_CACHE.clear()
     _IP_CACHE[v] = ip
