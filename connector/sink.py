@@ -22,6 +22,7 @@ from collections import deque
 from typing import Callable, Hashable, TextIO
 
 from kafka import KafkaProducer
+from kafka import codec
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from connector.config import KafkaSection
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 OnDone = Callable[[bool, "Exception | None"], None]
 _COMPRESSION = {"none": None, "gzip": "gzip", "snappy": "snappy", "lz4": "lz4", "zstd": "zstd"}
-_EXTRA_PACKAGE = {"snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}
+_EXTRA_PACKAGE = {"snappy": ("python-snappy", codec.has_snappy), "lz4": ("lz4", codec.has_lz4),
+                  "zstd": ("zstandard", codec.has_zstd)}
 
 
 class SinkError(Exception):
@@ -70,6 +72,10 @@ def producer_settings(kafka: KafkaSection, transactional_id: str | None = None,
     if kafka.delivery_timeout_ms < kafka.linger_ms + 1000:
         raise SinkError(f"kafka.delivery_timeout_ms = {kafka.delivery_timeout_ms} must be at least "
                         f"kafka.linger_ms + 1000 (= {kafka.linger_ms + 1000})")
+    if kafka.compression in _EXTRA_PACKAGE and not _EXTRA_PACKAGE[kafka.compression][1]():
+        raise SinkError(f"kafka.compression = {kafka.compression!r} needs the Python package "
+                        f"{_EXTRA_PACKAGE[kafka.compression][0]!r}, which is not installed; install it "
+                        "or use 'gzip' or 'none'")
     return {
         **client_settings(kafka),
         # explicit, so kafka-python raises on a conflicting setting instead of silently
@@ -100,13 +106,7 @@ def make_producer(kafka: KafkaSection, **overrides) -> KafkaProducer:
         raise SinkError(f"cannot reach Kafka at {describe_servers(kafka)}: no broker answered within "
                         f"{settings['max_block_ms'] / 1000:g}s (check kafka.bootstrap_servers, "
                         "kafka.security_protocol and the SASL/SSL settings)") from None
-    except RuntimeError as e:
-        if "compression" in str(e) and kafka.compression in _EXTRA_PACKAGE:
-            raise SinkError(f"kafka.compression = {kafka.compression!r} needs the Python package "
-                            f"{_EXTRA_PACKAGE[kafka.compression]!r}; install it or use 'gzip' or "
-                            "'none'") from None
-        raise SinkError(f"cannot start the Kafka producer for {describe_servers(kafka)}: {e}") from None
-    except (KafkaError, ValueError, OSError) as e:
+    except (KafkaError, RuntimeError, ValueError, OSError) as e:
         raise SinkError(f"cannot start the Kafka producer for {describe_servers(kafka)}: {e}") from None
 
 
@@ -311,6 +311,11 @@ class KafkaSink:
             sender = getattr(self._producer, "_sender", None)
             if sender is not None:
                 sender.force_close()
+                sender.join(max(1.0, deadline - time.monotonic()))
+            try:  # now it can mark itself closed (else its __del__ complains later)
+                self._producer.close(0)
+            except KafkaError:
+                pass
         except KafkaError as e:
             log.warning("closing the Kafka producer: %s", e)
         with self._cond:
