@@ -265,7 +265,7 @@ _IP_CACHE: dict[str, str | None] = {}  # the same few host IPs repeat on every p
 
 
 def _ip_or_none(v) -> str | None:
-    if v.__class__ is not str:
+    if v.__class__ is not str or len(v) > 100:  # the longest IPv6 text is 45 characters
         return None
     hit = _IP_CACHE.get(v, _Bad)
     if hit is not _Bad:
@@ -353,7 +353,6 @@ _MESSAGES = {
     "time": "is not an RFC 3339 time with a time zone (such as 2023-10-16T12:26:51.000Z)",
 }
 _KINDS = {"src_port": "port", "dest_port": "port", "src_ip": "ip", "dest_ip": "dest", "event_time": "time"}
-LIST_FIELDS = ("additional_hosts", "mitre_techniques")
 _CHECK_ERRORS = (ValueError, TypeError, OverflowError, OSError)
 
 
@@ -446,8 +445,11 @@ class _Compiler:
         """Variable holding the object at `keys` (a dict) or None; emitted once, parents first."""
         var = self.prefixes.get(keys)
         if var is None:
-            src = f"alert.get({keys[0]!r})" if len(keys) == 1 else \
-                f"{(p := self._prefix(keys[:-1]))}.get({keys[-1]!r}) if {p} is not None else None"
+            if len(keys) == 1:
+                src = f"alert.get({keys[0]!r})"
+            else:
+                parent = self._prefix(keys[:-1])
+                src = f"{parent}.get({keys[-1]!r}) if {parent} is not None else None"
             var = self.prefixes[keys] = f"p{len(self.prefixes)}"
             self.head.append(f"    {var} = {src}")
             self.head.append(f"    if not isinstance({var}, dict): {var} = None")

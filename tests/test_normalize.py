@@ -766,3 +766,42 @@ def test_compiled_map_matches_the_reference_reading(alert, paths):
     assert ev["user"] == ref_text_field(alert, paths)
     for toks in paths:
         assert compile_path(render(toks))(alert) == ref_get(alert, toks)
+
+
+def test_client_enricher_normalizer_over_http():
+    """The real chain on the simulator: TaniumClient → Enricher → Normalizer, with garbage records."""
+    tanium = pytest.importorskip("connector.tanium", reason="connector/tanium.py is not written yet")
+    from connector.simulator import Simulator
+
+    with Simulator(alerts=250, seed=5, intel_docs=8) as sim:
+        sim.faults.garbage_next = 1
+        sim.faults.garbage_per_page = 4
+        sim.faults.garbage_kinds = ("non_object", "missing_id", "wrong_types", "deep_nesting")
+        cfg = parse_pipeline({"pipeline": {"name": "e2e"}, "tanium": sim.settings()})
+        client = tanium.TaniumClient(cfg.tanium)
+        enricher = Enricher(client.get_intel, 100, 3600, 60, 4)
+        n = Normalizer(cfg.effective_field_map, "e2e", observer_host=cfg.tanium.host)
+        events, dead = [], []
+        try:
+            for page in client.iter_alerts([], limit=1000, page_size=100):
+                enricher.enrich(page)
+                for alert in page:
+                    try:
+                        events.append(n.normalize(alert))
+                    except NormalizeError as e:
+                        dead.append(e.code)
+        finally:
+            enricher.close()
+            client.close()
+        intel_requests = sim.stats["intel"]
+    assert sorted(dead) == ["bad id", "not an object"]
+    assert len(events) == 252  # the record without `id` still has a guid: it is an event
+    for ev in events:
+        check_schema(ev)
+    garbage = {"id" in ev["raw"]: ev for ev in events if ev["uid"].startswith("garbage-")}
+    assert garbage[False]["normalization_warnings"] == []
+    assert garbage[True]["normalization_warnings"][0].startswith("details: ")  # deep nesting: detailsError
+    real = [ev for ev in events if not ev["uid"].startswith("garbage-")]
+    assert all(ev["signature"] and ev["normalization_warnings"] == [] for ev in real)
+    pairs = {(ev["raw"]["intelDocId"], ev["raw"].get("intelDocRevisionId")) for ev in events}
+    assert intel_requests == len(pairs)  # one IntelDoc request per (doc, revision)
