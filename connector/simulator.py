@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
-import email.utils
 import functools
 import hashlib
 import logging
@@ -51,7 +50,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -233,6 +232,7 @@ class Faults:
         self.huge_details_bytes = 10 * 1024 * 1024
         self.wrong_token = False           # 401 whatever the token
         self.module_missing = False        # 404 on every TR path
+        self.forbidden = False             # 403 on every TR path (token without TR permissions)
         self.served: Counter = Counter()   # faults inflicted, by name
         self._garbage_turn = 0
 
@@ -270,6 +270,7 @@ class _Doc:
         self.windows, self.created_ms, self.revisions = windows, created_ms, revisions
         self.labels, self.techniques, self.source, self.weight, self.seed = labels, techniques, source, weight, seed
         self.extra_alerts = 0
+        self.history_revisions = revisions  # bump_revision() moves only `revisions`
         self.threat_id = str(_h(seed, did, 6) >> 1)
         self.platforms = ["windows"] if windows else ["linux"]
         self.label_names = [n for i, n in _LABELS if i in labels]
@@ -441,7 +442,6 @@ class _Data:
         return top
 
     def _top(self, aid: int, created: int, alerted: int, doc: _Doc, ov: dict) -> dict:
-        seed = self.seed
         h = _mix(self.key ^ (aid << 8))
         h2 = _mix(h ^ 2)
         hosts = self.win_hosts if doc.windows else self.lnx_hosts
@@ -462,13 +462,15 @@ class _Data:
         priority = ("high", "high", "medium", "low", "critical")[(h >> 52) % 5]
         acked = created + 60_000 + (h >> 20) % 7_200_000 if state != "unresolved" else None
         rev = doc.revisions
-        if aid <= self.n_base and doc.revisions > 1:  # history alerts walk through the doc's revisions
-            rev = 1 + (doc.revisions * (aid - 1)) // self.n_base
+        if aid <= self.n_base:  # history alerts walk through the doc's first revisions
+            rev = 1 + (doc.history_revisions * (aid - 1)) // self.n_base
         rev = ov.get("intel_doc_revision", rev)
         scan = 1 + (h >> 56) % 3
         finding = _mix(h ^ 9) - (1 << 63)
         guid = "00000000-0000-0000-%04x-%012x" % ((h >> 32) & 0xFFFF, aid ^ (self.key & 0xFFFFFFFFFFFF))
         received = created - 100 - (h >> 4) % 400
+        created_s, eid_s = iso_ms(created), iso_ms(created + 2_242)
+        acked_s = iso_ms(acked) if acked else None
         return {
             "id": aid, "eid": host.eid, "state": ov.get("state", state), "type": "detect.match", "guid": guid,
             "priority": ov.get("priority", priority), "severity": ov.get("severity", severity), "details": None,
@@ -476,11 +478,10 @@ class _Data:
             "intelDocRevisionId": rev, "scanConfigId": ov.get("scan_config_id", scan), "scanConfigRevisionId": 1,
             "computerName": name, "computerIpAddress": ip, "matchType": match_type, "path": path,
             "receivedAt": iso_ms(received),
-            "suppressedAt": iso_ms(acked) if state == "suppressed" and acked else None,
-            "alertedAt": iso_ms(alerted), "findingId": str(finding),
-            "ackedAt": iso_ms(acked) if acked else None,
-            "firstEIDResolutionAttempt": iso_ms(created + 2_242), "lastEIDResolutionAttempt": iso_ms(created + 2_242),
-            "createdAt": iso_ms(created), "updatedAt": iso_ms(acked + 7 if acked else created),
+            "suppressedAt": acked_s if state == "suppressed" else None,
+            "alertedAt": iso_ms(alerted), "findingId": str(finding), "ackedAt": acked_s,
+            "firstEIDResolutionAttempt": eid_s, "lastEIDResolutionAttempt": eid_s,
+            "createdAt": created_s, "updatedAt": iso_ms(acked + 7) if acked else created_s,
         }
 
     def _leaf(self, doc: _Doc, h2: int) -> tuple[str, str, str]:
@@ -518,18 +519,19 @@ class _Data:
         v = {"domain": jc(host.domain), "match_hash": f'"{bits(63)}"', "ih": f'"{bits(63)}"',
              "intra": f'"{doc.threat_id}"', "hunt_id": f'"{top["scanConfigId"]}"',
              "finding_intel_id": j(f"{top['intelDocId']}:{top['intelDocRevisionId']}:{doc.uuid}"),
-             "seen": j(top["alertedAt"]), "threat_id": '"Thread"' if doc.kind == "processInjection"
-             else f'"{doc.threat_id}"', "finding_id": j(top["findingId"]), "system_info": host.system_info_json,
+             "seen": f'"{top["alertedAt"]}"', "threat_id": '"Thread"' if doc.kind == "processInjection"
+             else f'"{doc.threat_id}"', "finding_id": f'"{top["findingId"]}"', "system_info": host.system_info_json,
              "reporting_id": f'"reporting-{host.eid}"', "intel_id": j(top["intelDocId"]),
              "config_id": j(top["scanConfigId"]), "config_rev_id": j(top["scanConfigRevisionId"])}
         # ancestors are long-lived processes of the host: the same few instances parent many alerts
-        ancestry = self._ancestry(host, int(rand() * 64))
+        ancestry = self._ancestry(host, int(rand() * 8))
         v.update(ancestry)
         args = ov.get("args") or leaf[2].format(b64=self.b64[aid % len(self.b64)], n=n, o=o, u=user0)
         user = ov.get("user") or (f"{host.domain}\\{user0}" if windows else user0)
         v.update(pid0=str(400 + int(rand() * 30_000)), ppid0=ancestry["pid1"],
                  name0=jc(ov.get("process_name", leaf[0])), path0=jc(leaf_path), args0=j(args),
-                 md50=j(ov.get("md5", md5)), sha10=j(ov.get("sha1", sha1)), sha2560=j(ov.get("sha256", sha256)),
+                 md50=j(ov["md5"]) if "md5" in ov else f'"{md5}"', sha10=j(ov["sha1"]) if "sha1" in ov else f'"{sha1}"',
+                 sha2560=j(ov["sha256"]) if "sha256" in ov else f'"{sha256}"',
                  user0=jc(user),
                  uname0=jc(user.split("\\")[-1]), uid0=f'"{bits(63)}"', ah0=f'"{bits(63)}"', ih0=f'"{bits(63)}"',
                  start0=f'"{iso_ms((alerted_ms - 1_000 - int(rand() * 600_000)) // 1000 * 1000)}"')
@@ -541,7 +543,7 @@ class _Data:
             ts_ms = alerted_ms - int(rand() * 30_000)
             target = f"C:\\Users\\{user0}\\AppData\\Local\\Temp\\{n}.tmp" if windows else f"/tmp/.{n}"
             v.update(ts=f'"{iso_ms(ts_ms // 1000 * 1000)}"', ts_ms=f'"{ts_ms}"', event_id=f'"{bits(63)}"',
-                     ah=f'"{bits(63)}"', ih2=f'"{bits(63)}"', alerted=j(top["alertedAt"]),
+                     ah=f'"{bits(63)}"', ih2=f'"{bits(63)}"', alerted=f'"{top["alertedAt"]}"',
                      address=f'"0x00007ffc{bits(32):08x}"', target=j(target),
                      local_ip=j(ov.get("local_ip", top["computerIpAddress"])),
                      remote_ip=j(ov.get("remote_ip", f"203.0.113.{o}")),
@@ -550,7 +552,7 @@ class _Data:
         return v
 
     def _ancestry(self, host: _Host, variant: int) -> dict[str, str]:
-        """Slot values (JSON text) of the parent (1) and root (2) processes: one of 64 per host."""
+        """Slot values (JSON text) of the parent (1) and root (2) processes: one of 8 per host."""
         key = (host.eid, variant)
         got = self._ancestries.get(key)
         if got is not None:
@@ -922,6 +924,9 @@ class Simulator:
         if endpoint == "unknown" or (f.module_missing and is_tr):
             return req.reply(404, {"text": "Not Found",
                                    "errors": [{"code": "NotFound", "description": f"{path} does not exist"}]})
+        if f.forbidden and is_tr:
+            return req.reply(403, {"text": "Forbidden",
+                                   "errors": [{"code": "Forbidden", "description": "insufficient permissions"}]})
         faulty = f.applies(endpoint)
         if faulty and f.latency > 0:
             self._stop.wait(f.latency)
@@ -1283,14 +1288,20 @@ class _Handler(BaseHTTPRequestHandler):
     def reply(self, status: int, payload: Any, headers: dict | None = None) -> None:
         self.send_body(status, orjson.dumps(payload), headers)
 
+    def setup(self):
+        super().setup()
+        # small replies must not wait for the client's delayed ACK (Nagle): 40 ms per request otherwise
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def send_body(self, status: int, body: bytes, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        self._headers_buffer.append(b"\r\n")  # end_headers(), but headers and body leave in one write
+        self._headers_buffer.append(body)
+        self.flush_headers()
 
     def reset(self, status: int, body: bytes) -> None:
         """Headers and half the body, then a TCP reset."""

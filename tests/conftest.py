@@ -52,3 +52,13 @@ def read_topic(bootstrap: str, topic: str, expect: int | None = None, timeout: f
         return out
     finally:
         consumer.close()
+
+
+@pytest.fixture
+def sim():
+    """A TR simulator on a free loopback port: 300 alerts over the last hour, 6 IntelDocs, seed 7.
+    Faults and injected alerts are per test (`sim.faults`, `sim.inject(...)`)."""
+    from connector.simulator import Simulator
+
+    with Simulator(alerts=300, intel_docs=6, seed=7, history=3600) as s:
+        yield s

@@ -1,0 +1,549 @@
+"""Client for the Tanium Threat Response 4.x REST API (alerts, IntelDocs, session check).
+
+Every call sends `session: <api key>` and `Accept: application/json`; replies are unwrapped from the
+4.x `{"data": …, "meta": …}` envelope (a bare array or object, as 3.x sends, is accepted too).
+429, 5xx, connection resets and read timeouts are retried with capped full-jitter exponential
+backoff, honouring `Retry-After`; everything else fails at once with a `TaniumError` whose
+`.message` says what is wrong and what to check. The API key never appears in a message, a log
+record or a metric: messages are built here from scrubbed parts, never from the request headers.
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import re
+import socket
+import ssl
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+from urllib.parse import quote, urlencode
+
+import orjson
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from connector.config import TaniumSection
+
+log = logging.getLogger(__name__)
+
+TR_PATH = "/plugin/products/threat-response/api/v1"
+SESSION_PATH = "/api/v2/session/current"
+MAX_PAGE = 500
+MODULE_MISSING_MESSAGE = (
+    "Tanium returned 404 for the Threat Response API: the Threat Response module is missing or not "
+    "configured on this Tanium server (the Threat Response plugin is required)")
+RETRY_AFTER_CAP = 300.0  # a hostile or confused server must not park us for a day
+
+
+class TaniumError(Exception):
+    """Base class; `.message` is for the user and never contains the API key. `.retryable` says
+    whether trying again later may help (rate limits, 5xx, network trouble)."""
+
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retryable = retryable
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TaniumAuthError(TaniumError):
+    """401: the token is invalid or expired, or the client IP is not trusted."""
+
+
+class TaniumPermissionError(TaniumError):
+    """403: the token lacks Threat Response permissions."""
+
+
+class TaniumModuleMissing(TaniumError):
+    """404 on a Threat Response path."""
+
+
+class TaniumConnectionError(TaniumError):
+    """TLS, DNS, refused, timeout, reset: the server was not (properly) reached."""
+
+
+class TaniumResponseError(TaniumError):
+    """Malformed body, another 4xx, or 429/5xx after the last retry."""
+
+
+@dataclass
+class AlertPage:
+    items: list
+    total: int | None
+    filtered: int | None
+
+
+class TaniumClient:
+    """One client per pipeline; safe to share between threads (one HTTP session per thread)."""
+
+    def __init__(self, settings: TaniumSection, metrics=None, *, backoff_base: float = 0.5,
+                 backoff_cap: float = 30.0):
+        if settings.api_key is None or not settings.api_key.get_secret_value():
+            raise ValueError("tanium.api_key is empty")
+        self.settings = settings
+        self.metrics = metrics
+        self.base_url = settings.base_url
+        self.max_retries = settings.max_retries
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self._key = settings.api_key.get_secret_value()
+        self._timeout = (settings.timeout, settings.timeout)
+        if not settings.verify_ssl:
+            self._verify: bool | str = False
+        else:
+            self._verify = settings.ca_bundle or True
+        self._proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else None
+        self._where = (f"{settings.protocol}://{self.base_url.split('://', 1)[1]} "
+                       f"(host {settings.host}, port {settings.port}, protocol {settings.protocol})")
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._rng = random.Random()
+        if settings.protocol == "https" and not settings.verify_ssl:
+            log.warning("TLS certificate verification is OFF for Tanium at %s (tanium.verify_ssl = false): "
+                        "the connection can be intercepted; prefer tanium.ca_bundle", self.base_url)
+            # we said it once; urllib3 would repeat it on every request
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+
+    def __repr__(self) -> str:
+        return f"TaniumClient({self.base_url!r})"
+
+    def close(self) -> None:
+        """Close the HTTP sessions and cut short any retry wait (it raises TaniumError)."""
+        self._closed.set()
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+
+    # -- API -----------------------------------------------------------------------------------------
+    def session_current(self) -> dict:
+        """GET /api/v2/session/current: proves the token is accepted."""
+        body = self._get_json("session", SESSION_PATH)
+        data, _ = _unwrap(body)
+        if not isinstance(data, dict) or not data:
+            raise TaniumAuthError(self._scrub(
+                f"Tanium at {self._where} did not accept the API token: /api/v2/session/current returned no "
+                "session data. Check tanium.api_key (or tanium.api_key_file)."), status=200)
+        return data
+
+    def list_alerts(self, params: list[tuple[str, str]], offset: int, limit: int,
+                    sort: str = "createdAt,id") -> AlertPage:
+        """One page of alerts, `details` decoded (see decode_details)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        query = list(params) + [("sort", sort), ("limit", str(limit)), ("offset", str(offset))]
+        body = self._get_json("alerts", f"{TR_PATH}/alerts", query)
+        data, meta = _unwrap(body)
+        items = self._as_list(data, "alerts")
+        for alert in items:
+            if isinstance(alert, dict):
+                decode_details(alert)
+        if self.metrics:
+            self.metrics.pages.labels(self.metrics.pipeline).inc()
+        total = filtered = None
+        if isinstance(meta, dict):
+            total = meta.get("totalCount") if isinstance(meta.get("totalCount"), int) else None
+            filtered = meta.get("filteredCount") if isinstance(meta.get("filteredCount"), int) else None
+        return AlertPage(items, total, filtered)
+
+    def iter_alerts(self, params: list[tuple[str, str]], limit: int, page_size: int,
+                    sort: str = "createdAt,id") -> Iterator[list]:
+        """Pages (lists) of alerts until a short page or `limit` alerts; one page in memory at a time.
+        The offset advances by the page size asked for, so records a hostile server adds to a page
+        (more than asked) are passed on but never shift the paging."""
+        page_size = max(1, min(page_size, MAX_PAGE))
+        offset = fetched = 0
+        while fetched < limit:
+            want = min(page_size, limit - fetched)
+            page = self.list_alerts(params, offset, want, sort)
+            items = page.items
+            if items:
+                yield items
+            got = len(items)
+            fetched += min(got, want)
+            offset += want
+            if got < want:
+                return
+
+    def get_intel(self, doc_id: int) -> dict | None:
+        """One IntelDoc, or None when Tanium says 404 (deleted or unknown doc)."""
+        body = self._get_json("intel", f"{TR_PATH}/intels/{quote(str(doc_id), safe='')}", none_on_404=True)
+        if body is None:
+            return None
+        data, _ = _unwrap(body)
+        if not isinstance(data, dict):
+            raise TaniumResponseError(self._scrub(
+                f"Tanium sent IntelDoc {doc_id} as {_json_type(data)}, expected an object"), status=200)
+        _decode_json_fields(data)
+        return data
+
+    def intel_labels(self, doc_id: int) -> list:
+        """Labels attached to an IntelDoc ([] when the doc is gone)."""
+        body = self._get_json("intel_labels", f"{TR_PATH}/intels/{quote(str(doc_id), safe='')}/labels",
+                              none_on_404=True)
+        if body is None:
+            return []
+        data, _ = _unwrap(body)
+        return self._as_list(data, "labels")
+
+    def list_intels(self, limit: int = 1) -> list:
+        body = self._get_json("intels", f"{TR_PATH}/intels", [("limit", str(limit))])
+        data, _ = _unwrap(body)
+        items = self._as_list(data, "intels")
+        for doc in items:
+            if isinstance(doc, dict):
+                _decode_json_fields(doc)
+        return items
+
+    # -- transport -----------------------------------------------------------------------------------
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            if self._closed.is_set():
+                raise TaniumError("the Tanium client is closed")
+            s = requests.Session()
+            s.headers.update({"session": self._key, "Accept": "application/json",
+                              "User-Agent": "tanium-tr-connector"})
+            s.verify = self._verify
+            if self._proxies:
+                s.proxies.update(self._proxies)
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    def _get_json(self, endpoint: str, path: str, params: list[tuple[str, str]] | None = None,
+                  none_on_404: bool = False) -> Any:
+        resp = self._request(endpoint, path, params)
+        code = resp.status_code
+        if code == 404 and none_on_404:
+            return None
+        if code >= 400:
+            raise self._status_error(resp, path)
+        return self._parse(resp, path)
+
+    def _request(self, endpoint: str, path: str, params: list[tuple[str, str]] | None) -> requests.Response:
+        url = self.base_url + path
+        shown = path + ("?" + urlencode(params) if params else "")
+        attempts = self.max_retries + 1
+        m = self.metrics
+        for attempt in range(1, attempts + 1):
+            t0 = time.monotonic()
+            try:
+                resp = self._session().get(url, params=params, timeout=self._timeout)
+            except requests.RequestException as e:
+                elapsed = time.monotonic() - t0
+                kind, retryable = _classify(e)
+                if m:
+                    m.requests.labels(m.pipeline, endpoint, "error").inc()
+                    m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
+                log.debug("tanium GET %s failed after %.0f ms (attempt %d/%d): %s", self._scrub(shown),
+                          elapsed * 1000, attempt, attempts, kind)
+                if retryable and attempt < attempts:
+                    self._wait("network", self._backoff(attempt), attempt)
+                    continue
+                raise self._connection_error(kind, e, attempt) from None
+            elapsed = time.monotonic() - t0
+            code = resp.status_code
+            if m:
+                m.requests.labels(m.pipeline, endpoint, f"{code // 100}xx").inc()
+                m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
+            log.debug("tanium GET %s -> %d in %.0f ms (attempt %d/%d)", self._scrub(shown), code,
+                      elapsed * 1000, attempt, attempts)
+            if code == 429 or code >= 500:
+                reason = "429" if code == 429 else "5xx"
+                if attempt < attempts:
+                    after = _retry_after(resp.headers.get("Retry-After"))
+                    wait = min(after, RETRY_AFTER_CAP) if after is not None else self._backoff(attempt)
+                    resp.close()
+                    self._wait(reason, wait, attempt)
+                    continue
+                what = "rate limited (HTTP 429)" if code == 429 else f"answered HTTP {code}"
+                raise TaniumResponseError(self._scrub(
+                    f"Tanium at {self._where} {what} for GET {path} on all {attempts} attempts "
+                    f"(tanium.max_retries = {self.max_retries}); try again later"), status=code, retryable=True)
+            return resp
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform between 0 and the capped exponential step."""
+        return self._rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+
+    def _wait(self, reason: str, seconds: float, attempt: int) -> None:
+        m = self.metrics
+        if m:
+            m.retries.labels(m.pipeline, reason).inc()
+            if reason == "429":
+                m.rate_limited.labels(m.pipeline).inc(seconds)
+        log.debug("tanium retry %d (%s) in %.2f s", attempt, reason, seconds)
+        if self._closed.wait(seconds):
+            raise TaniumError("the Tanium client was closed while waiting to retry")
+
+    def _parse(self, resp: requests.Response, path: str) -> Any:
+        content = resp.content
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError as e:
+            err = e
+        try:
+            content.decode("utf-8")
+        except UnicodeDecodeError:
+            # a few bad bytes must not cost a whole page: replace them and flag the records that had them
+            try:
+                body = orjson.loads(content.decode("utf-8", errors="replace"))
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                log.warning("tanium GET %s: reply had invalid UTF-8 bytes, replaced with U+FFFD", path)
+                _flag_replaced(body)
+                return body
+        raise TaniumResponseError(self._scrub(
+            f"Tanium at {self._where} sent a reply that is not valid JSON for GET {path} "
+            f"(HTTP {resp.status_code}, {len(content)} bytes: {_short(str(err))})"), status=resp.status_code,
+            retryable=True)
+
+    def _as_list(self, data: Any, what: str) -> list:
+        if isinstance(data, list):
+            return data
+        if isinstance(data, dict):
+            return [data]  # some servers send a single match as an object
+        if data is None:
+            return []
+        raise TaniumResponseError(self._scrub(f"Tanium sent {what} as {_json_type(data)}, expected a list"),
+                                  status=200)
+
+    # -- errors --------------------------------------------------------------------------------------
+    def _status_error(self, resp: requests.Response, path: str) -> TaniumError:
+        code = resp.status_code
+        if code == 401:
+            return TaniumAuthError(self._scrub(
+                f"Tanium at {self._where} answered 401 Unauthorized: the API token is invalid or expired, or "
+                "this client's IP address is not in the token's trusted IP list. Check tanium.api_key (or "
+                "tanium.api_key_file), the token's expiry, and its trusted IP addresses "
+                "(Administration > Permissions > API Tokens)."), status=401)
+        if code == 403:
+            return TaniumPermissionError(self._scrub(
+                f"Tanium at {self._where} answered 403 Forbidden for GET {path}: the API token lacks Threat "
+                "Response permissions. Give the token's user a role with Threat Response access "
+                "(Threat Response Alerts Read and Threat Response Use API)."), status=403)
+        if code == 404 and path.startswith(TR_PATH):
+            return TaniumModuleMissing(MODULE_MISSING_MESSAGE, status=404)
+        detail = _error_detail(resp)
+        hint = " Is this a Tanium server? Check tanium.host and tanium.port." if code == 404 else ""
+        return TaniumResponseError(self._scrub(
+            f"Tanium at {self._where} rejected GET {path} with HTTP {code}{': ' + detail if detail else ''}.{hint}"),
+            status=code)
+
+    def _connection_error(self, kind: str, exc: Exception, attempts: int) -> TaniumConnectionError:
+        s = self.settings
+        where = self._where
+        reason = _short(_root_reason(exc))
+        if kind == "tls":
+            if "WRONG_VERSION_NUMBER" in reason.upper() or "wrong version" in reason.lower():
+                msg = (f"TLS handshake with Tanium at {where} failed ({reason}): the server does not seem to speak "
+                       "HTTPS on this port. Check tanium.protocol and tanium.port.")
+            else:
+                msg = (f"TLS certificate verification failed for Tanium at {where} ({reason}). Set tanium.ca_bundle "
+                       "to the CA that signed the server certificate (or fix the server certificate / host name); "
+                       "verify_ssl = false works but is insecure.")
+        elif kind == "dns":
+            msg = (f"Cannot resolve the Tanium host name {s.host!r} for {where} ({reason}). Check tanium.host and "
+                   "this machine's DNS settings.")
+        elif kind == "refused":
+            msg = (f"Connection to Tanium at {where} was refused. Check tanium.host, tanium.port and "
+                   "tanium.protocol, that the server is running, and that no firewall blocks the port.")
+        elif kind == "connect_timeout":
+            msg = (f"Connecting to Tanium at {where} timed out after {s.timeout:g} s. Check tanium.host and "
+                   "tanium.port, the network path and firewalls (or tanium.proxy / HTTPS_PROXY).")
+        elif kind == "read_timeout":
+            msg = (f"Tanium at {where} did not answer within tanium.timeout = {s.timeout:g} s "
+                   f"({attempts} attempt{'s' if attempts != 1 else ''}). Check the server's load and the network, "
+                   "or raise tanium.timeout.")
+        elif kind == "proxy":
+            msg = (f"Cannot reach Tanium at {where} through the proxy ({reason}). Check tanium.proxy or "
+                   "HTTPS_PROXY / NO_PROXY.")
+        else:
+            msg = (f"The connection to Tanium at {where} was reset or closed mid-reply ({reason}; "
+                   f"{attempts} attempt{'s' if attempts != 1 else ''}). Check the network and any proxy or load "
+                   "balancer in between, and that tanium.protocol matches the server.")
+        return TaniumConnectionError(self._scrub(msg), retryable=kind not in ("tls", "dns"))
+
+    def _scrub(self, text: str) -> str:
+        if self._key:
+            text = text.replace(self._key, "***")
+        return _PROXY_CREDS.sub(r"\1***@", text)
+
+
+_PROXY_CREDS = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def _classify(e: requests.RequestException) -> tuple[str, bool]:
+    """→ (kind, retryable). Retried: resets and read timeouts; not: TLS, DNS, refused, connect timeout."""
+    if isinstance(e, requests.exceptions.SSLError):
+        return "tls", False
+    if isinstance(e, requests.exceptions.ProxyError):
+        return "proxy", False
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return "connect_timeout", False
+    if isinstance(e, requests.exceptions.ReadTimeout):
+        return "read_timeout", True
+    for x in _chain(e):
+        if isinstance(x, (urllib3.exceptions.NameResolutionError, socket.gaierror)):
+            return "dns", False
+        if isinstance(x, ConnectionRefusedError):
+            return "refused", False
+        if isinstance(x, ssl.SSLError):
+            return "tls", False
+        if isinstance(x, (urllib3.exceptions.ReadTimeoutError, TimeoutError, socket.timeout)):
+            return "read_timeout", True
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        return "reset", True
+    return "reset", False
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it wraps (args, .reason, causes)."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        nested = [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+        nested += [r for r in (getattr(x, "reason", None), x.__cause__, x.__context__) if isinstance(r, BaseException)]
+        stack.extend(nested)
+
+
+def _root_reason(e: BaseException) -> str:
+    """The most specific message in the chain (no URLs of the pool wrapper when avoidable)."""
+    for x in _chain(e):
+        if isinstance(x, (ssl.SSLError, socket.gaierror, OSError)) and not isinstance(x, requests.RequestException):
+            text = str(x)
+            if text:
+                return text
+    return str(e)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _unwrap(body: Any) -> tuple[Any, Any]:
+    """4.x `{"data": …, "meta": …}` → (data, meta); a bare value → (value, None)."""
+    if isinstance(body, dict) and "data" in body:
+        return body["data"], body.get("meta")
+    return body, None
+
+
+def decode_details(alert: dict) -> None:
+    """Decode `details` (a JSON string) in place; when it is not JSON, null or not an object, keep the
+    original value and set `detailsError` to a short reason."""
+    if "details" not in alert:
+        alert["detailsError"] = "details is missing"
+        return
+    raw = alert["details"]
+    if isinstance(raw, dict):
+        return  # already an object (3.x fixtures, or decoded before)
+    if raw is None:
+        alert["detailsError"] = "details is null"
+        return
+    if not isinstance(raw, (str, bytes)):
+        alert["detailsError"] = f"details is {_json_type(raw)}, expected a JSON string"
+        return
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        alert["detailsError"] = f"details is not valid JSON ({_short(str(e), 80)})"
+        return
+    if isinstance(value, dict):
+        alert["details"] = value
+    else:
+        alert["detailsError"] = f"details is JSON {_json_type(value)}, expected an object"
+
+
+def _decode_json_fields(doc: dict) -> None:
+    """IntelDoc `mitreAttack`/`compiled` arrive as objects (4.x) or JSON strings (3.x): make them objects."""
+    for key in ("mitreAttack", "compiled"):
+        v = doc.get(key)
+        if isinstance(v, str) and v[:1] in ("{", "["):
+            try:
+                doc[key] = orjson.loads(v)
+            except orjson.JSONDecodeError:
+                pass
+
+
+def _flag_replaced(body: Any) -> None:
+    data, _ = _unwrap(body)
+    for item in data if isinstance(data, list) else [data]:
+        if isinstance(item, dict) and "\ufffd" in orjson.dumps(item).decode():
+            item["encodingError"] = "invalid UTF-8 bytes replaced with U+FFFD"
+
+
+def _error_detail(resp: requests.Response) -> str:
+    try:
+        body = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return _short(resp.text.strip(), 200)
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            texts = [str(x.get("description") or x.get("code")) for x in errors if isinstance(x, dict)]
+            if texts:
+                return _short("; ".join(texts), 200)
+        for key in ("text", "message", "Message", "error"):
+            if isinstance(body.get(key), str):
+                return _short(body[key], 200)
+    return _short(resp.text.strip(), 200)
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
