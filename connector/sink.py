@@ -189,12 +189,10 @@ class KafkaSink:
                 if not self._pending:
                     self._busy_since = rec.t0
                 self._pending[seq] = rec
-                inflight = len(self._pending)
+                self._gauge()
         if refused is not None:
             self._notify(rec, False, refused)
             return False
-        if m:
-            m.inflight.labels(m.pipeline).set(inflight)
         try:
             future = self._producer.send(topic, value=value, key=key, headers=headers)
         except Exception as e:  # metadata timeout, record too large, closed producer, bad types
@@ -223,21 +221,23 @@ class KafkaSink:
                 self._last_fail = now
                 self._failed_since_flush += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-            inflight = len(self._pending)
+            self._gauge()
             self._cond.notify_all()
-        m = self.metrics
-        if m:
-            m.inflight.labels(m.pipeline).set(inflight)
-            if ok:
-                m.produce_duration.labels(m.pipeline).observe(now - rec.t0)
+        if ok and self.metrics:
+            self.metrics.produce_duration.labels(self.metrics.pipeline).observe(now - rec.t0)
         self._notify(rec, ok, exc)
+
+    def _gauge(self) -> None:
+        # under self._cond, so the gauge never shows an older count than the last change
+        if self.metrics:
+            self.metrics.inflight.labels(self.metrics.pipeline).set(len(self._pending))
 
     def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
         m = self.metrics
         if m:
             if ok:
                 m.records_sent.labels(m.pipeline, "sink").inc()
-            else:
+            elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
                 m.delivery_failures.labels(m.pipeline, rec.topic).inc()
         try:
             rec.on_done(ok, exc)
@@ -275,7 +275,9 @@ class KafkaSink:
         return self.health()[0]
 
     def stop(self) -> None:
-        """Wake every send() blocked on back pressure; they and later sends return False."""
+        """Give up on sending: wakes every send() blocked on back pressure; they and later sends
+        return False with on_done(False, SinkStopped). A graceful shutdown instead stops feeding
+        the sink, then flush(), commit the checkpoint, close()."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -303,6 +305,7 @@ class KafkaSink:
         self.stop()
         deadline = time.monotonic() + (timeout if timeout is not None else 30)
         drained = self.flush(max(0.0, deadline - time.monotonic()))
+        self._give_up()  # before the producer aborts them with its own errors
         try:
             self._producer.close(max(0.0, deadline - time.monotonic()) if drained else 0)
         except KafkaTimeoutError:
@@ -318,6 +321,8 @@ class KafkaSink:
                 pass
         except KafkaError as e:
             log.warning("closing the Kafka producer: %s", e)
+
+    def _give_up(self) -> None:
         with self._cond:
             left = list(self._pending)
         for seq in left:
