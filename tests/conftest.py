@@ -62,3 +62,115 @@ def sim():
 
     with Simulator(alerts=300, intel_docs=6, seed=7, history=3600) as s:
         yield s
+
+
+# -- appended by the sink+state engineer: a broker reachable only through a stalling proxy, for
+# back-pressure, delivery-failure and partition tests (issues 3 and 7) ---------------------------
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+from connector.embedded import free_port, tansu_binary, wait_port  # noqa: E402
+
+
+class StallProxy:
+    """Forwards 127.0.0.1:port → target. stall() stops moving bytes in both directions while
+    keeping every connection open (new ones are accepted and held): a black-holed network.
+    resume() lets the held bytes flow again, so connections survive the outage intact."""
+
+    def __init__(self, port: int, target: tuple[str, int]):
+        self.target = target
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = False
+        self.socks: list[socket.socket] = []
+        self.server = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self):
+        self.flowing.clear()
+
+    def resume(self):
+        self.flowing.set()
+
+    def close(self):
+        self.closed = True
+        self.flowing.set()
+        self.server.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.socks.append(conn)
+            threading.Thread(target=self._connect, args=(conn,), daemon=True).start()
+
+    def _connect(self, conn):
+        self.flowing.wait()
+        try:
+            up = socket.create_connection(self.target)
+        except OSError:
+            conn.close()
+            return
+        self.socks.append(up)
+        threading.Thread(target=self._pump, args=(conn, up), daemon=True).start()
+        threading.Thread(target=self._pump, args=(up, conn), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()
+                if self.closed:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class ProxiedBroker:
+    def __init__(self, proxy: StallProxy, port: int, proc: subprocess.Popen):
+        self.proxy, self.bootstrap, self.proc = proxy, f"127.0.0.1:{port}", proc
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    """A tansu broker (module-wide) that advertises a StallProxy's address, so every client
+    connection goes through the proxy: `.bootstrap`, `.proxy.stall()`, `.proxy.resume()`.
+    Use the `proxy` fixture too: it resumes the proxy after each test."""
+    real, front = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("tansu-proxied") / "tansu.log", "ab")
+    proc = subprocess.Popen(
+        [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_port("127.0.0.1", real, 20), "proxied tansu did not start"
+        proxy = StallProxy(front, ("127.0.0.1", real))
+        yield ProxiedBroker(proxy, front, proc)
+        proxy.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def proxy(proxied):
+    yield proxied.proxy
+    proxied.proxy.resume()

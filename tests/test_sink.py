@@ -1,19 +1,17 @@
 """KafkaSink on the real broker (delivery, back pressure, delivery failure, transactions),
-AckWindow, DryRunSink. Outages are made by a TCP proxy between the sink and a broker that
-advertises the proxy's address, so every connection goes through it."""
+AckWindow, DryRunSink. Outages are made by the `proxied` broker (conftest): a TCP proxy between
+the sink and a broker that advertises the proxy's address, so every connection goes through it."""
 from __future__ import annotations
 
 import io
 import random
-import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
 from connector.config import KafkaSection
-from connector.embedded import free_port, tansu_binary, wait_port
+from connector.embedded import free_port
 from connector.metrics import Metrics
 from connector.sink import AckWindow, DryRunSink, KafkaSink, SinkError, SinkStopped
 from connector.state import KafkaCheckpointStore
@@ -26,107 +24,6 @@ def wait_until(cond, timeout=30.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-class StallProxy:
-    """Forwards 127.0.0.1:port → target. stall() stops moving bytes in both directions while
-    keeping every connection open (new ones are accepted and held): a black-holed network.
-    resume() lets the held bytes flow again, so connections survive the outage intact."""
-
-    def __init__(self, port: int, target: tuple[str, int]):
-        self.target = target
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.closed = False
-        self.socks: list[socket.socket] = []
-        self.server = socket.create_server(("127.0.0.1", port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def stall(self):
-        self.flowing.clear()
-
-    def resume(self):
-        self.flowing.set()
-
-    def close(self):
-        self.closed = True
-        self.flowing.set()
-        self.server.close()
-        for s in self.socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.socks.append(conn)
-            threading.Thread(target=self._connect, args=(conn,), daemon=True).start()
-
-    def _connect(self, conn):
-        self.flowing.wait()
-        try:
-            up = socket.create_connection(self.target)
-        except OSError:
-            conn.close()
-            return
-        self.socks.append(up)
-        threading.Thread(target=self._pump, args=(conn, up), daemon=True).start()
-        threading.Thread(target=self._pump, args=(up, conn), daemon=True).start()
-
-    def _pump(self, src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                self.flowing.wait()
-                if self.closed:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class ProxiedBroker:
-    def __init__(self, proxy: StallProxy, port: int, proc: subprocess.Popen):
-        self.proxy, self.bootstrap, self.proc = proxy, f"127.0.0.1:{port}", proc
-
-
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory):
-    """A tansu broker reachable only through a StallProxy."""
-    real, front = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("tansu-proxied") / "tansu.log", "ab")
-    proc = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        assert wait_port("127.0.0.1", real, 20), "proxied tansu did not start"
-        proxy = StallProxy(front, ("127.0.0.1", real))
-        yield ProxiedBroker(proxy, front, proc)
-        proxy.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-@pytest.fixture
-def proxy(proxied):
-    yield proxied.proxy
-    proxied.proxy.resume()
 
 
 class Outcomes:

@@ -22,7 +22,6 @@ from connector.state import (
     open_store,
 )
 from connector.timeutil import parse_ts
-from test_sink import proxied  # noqa: F401 (fixture: a broker behind a stalling proxy)
 
 
 # -- file ------------------------------------------------------------------------------------
