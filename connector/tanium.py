@@ -216,9 +216,6 @@ class TaniumClient:
             s = requests.Session()
             s.headers.update({"session": self._key, "Accept": "application/json",
                               "User-Agent": "tanium-tr-connector"})
-            s.verify = self._verify
-            if self._proxies:
-                s.proxies.update(self._proxies)
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
@@ -245,7 +242,10 @@ class TaniumClient:
         for attempt in range(1, attempts + 1):
             t0 = time.monotonic()
             try:
-                resp = self._session().get(url, params=params, timeout=self._timeout)
+                # verify and proxies per request: on a Session, REQUESTS_CA_BUNDLE and *_PROXY from the
+                # environment would override them (requests merges the environment over session settings)
+                resp = self._session().get(url, params=params, timeout=self._timeout, verify=self._verify,
+                                           proxies=self._proxies)
             except requests.RequestException as e:
                 elapsed = time.monotonic() - t0
                 kind, retryable = _classify(e)

@@ -364,7 +364,8 @@ def test_live_mode_adds_alerts_some_late():
         live = data[10:]
         late = [a for a in live if parse_ts(a["createdAt"]) - parse_ts(a["alertedAt"]) > timedelta(minutes=20)]
         assert 0 < len(late) < len(live)
-        time.sleep(0.3)  # live_total reached: no more alerts arrive
+        # live_total reached: the live thread ends and no more alerts arrive
+        assert wait_for(lambda: not any(t.name == "simulator-live" and t.is_alive() for t in s._threads))
         assert s.alert_count == 70
 
 
