@@ -9,6 +9,7 @@ Every `send` ends in exactly one `on_done(ok, exc)` call: from kafka-python's ca
 errback (on its I/O thread, so keep on_done short), or at once when the record could not be
 handed over (producer error, stop, timeout), or from `close()` for records Kafka never
 answered. `ok=False` always means "not known to be delivered": the checkpoint must not pass it.
+on_done must not call send(): on the I/O thread a full window would block it for good.
 
 `AckWindow` turns those out-of-order outcomes into a checkpoint position: the last record of
 the contiguous prefix (in send order) that Kafka confirmed.
