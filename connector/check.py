@@ -97,9 +97,9 @@ def _intels(client) -> str:
 def _kafka(kafka) -> str:
     from kafka import KafkaAdminClient  # noqa: PLC0415 (only when a sink is configured)
 
-    from connector.sink import client_config  # noqa: PLC0415
+    from connector.sink import client_settings  # noqa: PLC0415
 
-    admin = KafkaAdminClient(**client_config(kafka), request_timeout_ms=10000)
+    admin = KafkaAdminClient(**client_settings(kafka), request_timeout_ms=10000)
     try:
         topics = admin.list_topics()
     finally:

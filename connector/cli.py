@@ -205,11 +205,16 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    common.add_argument("--log-format", choices=["text", "json"], default=None,
-                        help="default: text on a terminal, json otherwise")
-    p = argparse.ArgumentParser(prog="tanium-connector", parents=[common],
+    def global_options(default):
+        g = argparse.ArgumentParser(add_help=False)
+        g.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       default="info" if default else argparse.SUPPRESS)
+        g.add_argument("--log-format", choices=["text", "json"], default=None if default else argparse.SUPPRESS,
+                       help="default: text on a terminal, json otherwise")
+        return g
+
+    common = global_options(False)  # accepted after the command too, without resetting the defaults
+    p = argparse.ArgumentParser(prog="tanium-connector", parents=[global_options(True)],
                                 description="Tanium Threat Response → Kafka connector")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -243,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     sp = add("demo", cmd_demo, "simulator + embedded broker + demo pipeline, then a summary")
-    sp.add_argument("--alerts", type=int, default=2000, help="alerts the simulator starts with")
+    sp.add_argument("--pipeline", default="pipelines/demo.toml", help="pipeline file (default: %(default)s)")
+    sp.add_argument("--alerts", type=int, default=5000, help="alerts the simulator starts with")
+    sp.add_argument("--rate", type=float, default=50, help="new live alerts per second")
     sp.add_argument("--seconds", type=float, default=20, help="how long to stream live alerts")
     sp = add("bench", cmd_bench, "measure sink, source and pipeline throughput")
     try:

@@ -96,12 +96,17 @@ class StreamPipeline:
     def readiness(self) -> tuple[bool, str]:
         if not self.tanium_ok:
             return False, "last Tanium call failed"
-        if not getattr(self.sink, "healthy", True):
-            return False, "Kafka is not confirming deliveries"
+        ok, why = self.sink.health()
+        if not ok:
+            return False, why
         stale = max(60.0, 3 * self.cfg.tanium.poll_interval)
-        if self.window.pending() and time.monotonic() - self.last_commit > stale:
+        if self.window.pending and time.monotonic() - self.last_commit > stale:
             return False, f"checkpoint has not moved for more than {stale:.0f}s"
         return True, "ready"
+
+    def _report_ready(self) -> None:
+        if self.metrics:
+            self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
 
     # ---- source thread ----------------------------------------------------------------------
     def _poll(self, pages: queue.Queue, stop: threading.Event) -> None:
@@ -141,6 +146,7 @@ class StreamPipeline:
     # ---- processing -------------------------------------------------------------------------
     def _process(self, page: list) -> None:
         m = self.metrics
+        self.summary.fetched += len(page)
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
         for alert, pos in page:
@@ -153,7 +159,6 @@ class StreamPipeline:
             key = str(event.get("uid") or "").encode() or None
             self.sink.send(self.topic, key, orjson.dumps(event), self.headers,
                            self._on_done(seq, "published"))
-        self.summary.fetched += len(page)
         if m:
             m.records_sent.labels(m.pipeline, "source").inc(len(page))
 
@@ -230,12 +235,14 @@ class StreamPipeline:
                     page = pages.get(timeout=0.5)
                 except queue.Empty:
                     self._commit()
+                    self._report_ready()
                     continue
                 if page is _DONE:
                     finished = True
                     break
                 self._process(page)
                 self._commit()
+                self._report_ready()
         finally:
             stop_source.set()
             poller.join(timeout=self.cfg.tanium.timeout + 5)
@@ -262,9 +269,15 @@ class StreamPipeline:
         if self.enricher:
             self.enricher.close()
             stats = self.enricher.stats
-            self.summary.intel_requests = stats.get("requests", 0) if isinstance(stats, dict) else stats.requests
-            self.summary.cache_hits = stats.get("hits", 0) if isinstance(stats, dict) else stats.hits
+            self.summary.intel_requests, self.summary.cache_hits = stats["requests"], stats["hits"]
         self.client.close()
 
     def stop(self) -> None:
+        """Graceful: stop polling, drain, flush, commit. If Kafka keeps the drain blocked past
+        most of shutdown_timeout, give up on the unsent records (they stay after the checkpoint)."""
+        if self.stop_event.is_set():
+            return
         self.stop_event.set()
+        timer = threading.Timer(0.8 * self.cfg.pipeline.shutdown_timeout, self.sink.stop)
+        timer.daemon = True
+        timer.start()
