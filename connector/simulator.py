@@ -523,57 +523,58 @@ class _Data:
              else f'"{doc.threat_id}"', "finding_id": f'"{top["findingId"]}"', "system_info": host.system_info_json,
              "reporting_id": f'"reporting-{host.eid}"', "intel_id": j(top["intelDocId"]),
              "config_id": j(top["scanConfigId"]), "config_rev_id": j(top["scanConfigRevisionId"])}
-        # ancestors are long-lived processes of the host: the same few instances parent many alerts
+        if top["matchType"] == "file":  # a file at rest: no process
+            fmd5, fsha1, fsha256 = self.hashes(top["path"])
+            v.update(fmd5=j(ov.get("md5", fmd5)), fsha1=j(ov.get("sha1", fsha1)), fsha256=j(ov.get("sha256", fsha256)),
+                     fsize=j(str(ov.get("size", 1_000 + int(rand() * 5_000_000)))), fpath=j(top["path"]))
+            return v
         ancestry = self._ancestry(host, int(rand() * 8))
         v.update(ancestry)
         args = ov.get("args") or leaf[2].format(b64=self.b64[aid % len(self.b64)], n=n, o=o, u=user0)
         user = ov.get("user") or (f"{host.domain}\\{user0}" if windows else user0)
+        ts_ms = alerted_ms - int(rand() * 30_000)
+        target = f"C:\\Users\\{user0}\\AppData\\Local\\Temp\\{n}.tmp" if windows else f"/tmp/.{n}"
         v.update(pid0=str(400 + int(rand() * 30_000)), ppid0=ancestry["pid1"],
                  name0=jc(ov.get("process_name", leaf[0])), path0=jc(leaf_path), args0=j(args),
                  md50=j(ov["md5"]) if "md5" in ov else f'"{md5}"', sha10=j(ov["sha1"]) if "sha1" in ov else f'"{sha1}"',
-                 sha2560=j(ov["sha256"]) if "sha256" in ov else f'"{sha256}"',
-                 user0=jc(user),
+                 sha2560=j(ov["sha256"]) if "sha256" in ov else f'"{sha256}"', user0=jc(user),
                  uname0=jc(user.split("\\")[-1]), uid0=f'"{bits(63)}"', ah0=f'"{bits(63)}"', ih0=f'"{bits(63)}"',
-                 start0=f'"{iso_ms((alerted_ms - 1_000 - int(rand() * 600_000)) // 1000 * 1000)}"')
-        if top["matchType"] == "file":
-            fmd5, fsha1, fsha256 = self.hashes(top["path"])
-            v.update(fmd5=j(ov.get("md5", fmd5)), fsha1=j(ov.get("sha1", fsha1)), fsha256=j(ov.get("sha256", fsha256)),
-                     fsize=j(str(ov.get("size", 1_000 + int(rand() * 5_000_000)))), fpath=j(top["path"]))
-        else:
-            ts_ms = alerted_ms - int(rand() * 30_000)
-            target = f"C:\\Users\\{user0}\\AppData\\Local\\Temp\\{n}.tmp" if windows else f"/tmp/.{n}"
-            v.update(ts=f'"{iso_ms(ts_ms // 1000 * 1000)}"', ts_ms=f'"{ts_ms}"', event_id=f'"{bits(63)}"',
-                     ah=f'"{bits(63)}"', ih2=f'"{bits(63)}"', alerted=f'"{top["alertedAt"]}"',
-                     address=f'"0x00007ffc{bits(32):08x}"', target=j(target),
-                     local_ip=j(ov.get("local_ip", top["computerIpAddress"])),
-                     remote_ip=j(ov.get("remote_ip", f"203.0.113.{o}")),
-                     local_port=j(ov.get("local_port", 49152 + int(rand() * 16383))),
-                     remote_port=j(ov.get("remote_port", _REMOTE_PORTS[int(rand() * len(_REMOTE_PORTS))])))
+                 start0=f'"{iso_ms((alerted_ms - 1_000 - int(rand() * 600_000)) // 1000 * 1000)}"',
+                 ts=f'"{iso_ms(ts_ms // 1000 * 1000)}"', ts_ms=f'"{ts_ms}"', event_id=f'"{bits(63)}"',
+                 ah=f'"{bits(63)}"', ih2=f'"{bits(63)}"', alerted=f'"{top["alertedAt"]}"',
+                 address=f'"0x00007ffc{bits(32):08x}"', target=j(target),
+                 local_ip=j(ov.get("local_ip", top["computerIpAddress"])),
+                 remote_ip=j(ov.get("remote_ip", f"203.0.113.{o}")),
+                 local_port=j(ov.get("local_port", 49152 + int(rand() * 16383))),
+                 remote_port=j(ov.get("remote_port", _REMOTE_PORTS[int(rand() * len(_REMOTE_PORTS))])))
         return v
 
     def _ancestry(self, host: _Host, variant: int) -> dict[str, str]:
-        """Slot values (JSON text) of the parent (1) and root (2) processes: one of 8 per host."""
+        """The parent and root processes as ready JSON (one of 8 chains per host): ancestors are
+        long-lived, so the same few instances parent many alerts, and they cost nothing per alert."""
         key = (host.eid, variant)
         got = self._ancestries.get(key)
         if got is not None:
             return got
         rng = random.Random(_h(self.seed, host.eid, variant))
         parents, roots = (_WIN_PARENTS, _WIN_ROOTS) if host.windows else (_LNX_PARENTS, _LNX_ROOTS)
-        system_user = "NT AUTHORITY\\SYSTEM" if host.windows else "root"
+        user = "NT AUTHORITY\\SYSTEM" if host.windows else "root"
         t = self.start_ms - rng.randrange(3_600_000, 30 * 86_400_000)
-        got, pid_parent = {}, "4"
+        v, pid_parent = {"domain": host.domain}, 4
         for k, tbl in ((2, roots), (1, parents)):
             name, path, args = tbl[rng.randrange(len(tbl))]
             md5, sha1, sha256 = self.hashes(path)
-            pid = str(rng.randrange(400, 30_000))
+            pid = rng.randrange(400, 30_000)
             t += rng.randrange(1_000, 3_600_000)
-            got.update({f"pid{k}": pid, f"ppid{k}": pid_parent, f"name{k}": _json(name), f"path{k}": _json(path),
-                        f"args{k}": _json(args.format(u=host.users[0], n=rng.randrange(10_000))),
-                        f"md5{k}": _json(md5), f"sha1{k}": _json(sha1), f"sha256{k}": _json(sha256),
-                        f"user{k}": _json(system_user), f"uname{k}": _json(system_user.split("\\")[-1]),
-                        f"uid{k}": f'"{rng.getrandbits(63)}"', f"ah{k}": f'"{rng.getrandbits(63)}"',
-                        f"ih{k}": f'"{rng.getrandbits(63)}"', f"start{k}": f'"{iso_ms(t // 1000 * 1000)}"'})
+            v.update({f"pid{k}": pid, f"ppid{k}": pid_parent, f"name{k}": name, f"path{k}": path,
+                      f"args{k}": args.format(u=host.users[0], n=rng.randrange(10_000)), f"md5{k}": md5,
+                      f"sha1{k}": sha1, f"sha256{k}": sha256, f"user{k}": user, f"uname{k}": user.split("\\")[-1],
+                      f"uid{k}": str(rng.getrandbits(63)), f"ah{k}": str(rng.getrandbits(63)),
+                      f"ih{k}": str(rng.getrandbits(63)), f"start{k}": iso_ms(t // 1000 * 1000)})
             pid_parent = pid
+        root = _process_nodes(v, 2, host.windows, None, None)
+        parent = _process_nodes(v, 1, host.windows, root[0], root[1])
+        got = {"props_parent": _json(parent[0]), "acting_parent": _json(parent[1]), "pid1": str(v["pid1"])}
         self._ancestries[key] = got
         return got
 
@@ -620,30 +621,31 @@ def _json_cached(value: str) -> str:  # catalogue strings: paths, names, users
     return orjson.dumps(value).decode()
 
 
+def _process_nodes(v: dict, k: int, windows: bool, props_parent: Any, acting_parent: Any) -> tuple[dict, dict]:
+    """Process number k of a chain in its two shapes: `match.properties` and `acting_artifact.process`."""
+    node = {"pid": v[f"pid{k}"], "args": v[f"args{k}"],
+            "file": {"md5": v[f"md5{k}"], "sha1": v[f"sha1{k}"], "sha256": v[f"sha256{k}"], "fullpath": v[f"path{k}"]},
+            "name": v[f"name{k}"], "ppid": v[f"ppid{k}"], "user": v[f"user{k}"], "start_time": v[f"start{k}"],
+            "recorder_unique_id": v[f"uid{k}"]}
+    if props_parent is not None:
+        node["parent"] = props_parent
+    ffile = {"hash": {"md5": v[f"md5{k}"], "sha1": v[f"sha1{k}"], "sha256": v[f"sha256{k}"]}, "path": v[f"path{k}"]}
+    if windows:
+        issuer, subject = _SIGNERS[k % 2]
+        ffile["signature_data"] = {"issuer": issuer, "status": 1, "subject": subject}
+    art = {"pid": v[f"pid{k}"], "file": {"file": ffile, "artifact_hash": v[f"ah{k}"], "instance_hash": v[f"ih{k}"]},
+           "user": {"user": {"name": v[f"uname{k}"], "domain": v["domain"], "user_id": str(1000 + k)}},
+           "handles": [], "arguments": v[f"args{k}"], "start_time": v[f"start{k}"], "tanium_unique_id": v[f"uid{k}"]}
+    if acting_parent is not None:
+        art["parent"] = {"process": acting_parent}
+    return node, art
+
+
 def _details_tree(shape: tuple[bool, str, bool], v: dict) -> dict:
     """The structure of `details` for (windows, matchType, processInjection), filled from `v`."""
     windows, mt, injection = shape
-    props = acting = None
-    for k in (2, 1, 0):  # root, parent, leaf
-        node = {"pid": v[f"pid{k}"], "args": v[f"args{k}"],
-                "file": {"md5": v[f"md5{k}"], "sha1": v[f"sha1{k}"], "sha256": v[f"sha256{k}"],
-                         "fullpath": v[f"path{k}"]},
-                "name": v[f"name{k}"], "ppid": v[f"ppid{k}"], "user": v[f"user{k}"], "start_time": v[f"start{k}"],
-                "recorder_unique_id": v[f"uid{k}"]}
-        if props:
-            node["parent"] = props
-        props = node
-        ffile = {"hash": {"md5": v[f"md5{k}"], "sha1": v[f"sha1{k}"], "sha256": v[f"sha256{k}"]},
-                 "path": v[f"path{k}"]}
-        if windows:
-            issuer, subject = _SIGNERS[k % 2]
-            ffile["signature_data"] = {"issuer": issuer, "status": 1, "subject": subject}
-        art = {"pid": v[f"pid{k}"], "file": {"file": ffile, "artifact_hash": v[f"ah{k}"], "instance_hash": v[f"ih{k}"]},
-               "user": {"user": {"name": v[f"uname{k}"], "domain": v["domain"], "user_id": str(1000 + k)}},
-               "handles": [], "arguments": v[f"args{k}"], "start_time": v[f"start{k}"], "tanium_unique_id": v[f"uid{k}"]}
-        if acting:
-            art["parent"] = {"process": acting}
-        acting = art
+    # the leaf process; its ancestors arrive as ready JSON (see _Data._ancestry)
+    props, acting = _process_nodes(v, 0, windows, v["props_parent"], v["acting_parent"])
     intra = [{"id_v2": v["intra"]}]
     if mt == "file":
         fhash = {"md5": v["fmd5"], "sha1": v["fsha1"], "sha256": v["fsha256"]}
@@ -778,7 +780,8 @@ class Simulator:
         if self._stop.is_set():
             return
         self._stop.set()
-        self.server.shutdown()
+        if self._threads:  # shutdown() waits for serve_forever(), which never ran otherwise
+            self.server.shutdown()
         self.server.server_close()
         with self._conns_lock:
             for c in list(self._conns):
