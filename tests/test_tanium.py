@@ -273,7 +273,7 @@ def test_read_timeout_after_a_stall(tsim):
 def test_read_timeout_is_retried(tsim):
     m = Metrics("t")
     tsim.faults.stall_next, tsim.faults.stall_seconds = 1, 10
-    assert len(make(tsim, m, timeout=0.4, max_retries=1).list_alerts([], 0, 3).items) == 3
+    assert len(make(tsim, m, timeout=1.5, max_retries=1).list_alerts([], 0, 3).items) == 3
     assert tsim.stats["alerts"] == 2 and sample(m, "source_retries_total", reason="network") == 1
 
 
