@@ -673,6 +673,13 @@ json_values = st.recursive(
 alerts = (st.dictionaries(st.sampled_from(NAMES) | st.text(max_size=5), json_values, max_size=8)
           | json_values)
 key_names = st.sampled_from(NAMES[:-2]) | st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,5}", fullmatch=True)
+# alerts whose every key can be named in a path, so paths drawn from the alert reach every value
+tricky = st.sampled_from(["", " ", "\t\n", "x", "T1204", 0, False, True, 443, 1.5, None, [], {}])
+path_values = st.recursive(
+    st.one_of(tricky, tricky, tricky, scalars),  # weighted towards the values the rules care about
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(key_names | st.just("0"), inner, max_size=4),
+    max_leaves=25)
+path_alerts = st.dictionaries(key_names, path_values, max_size=6)
 tokens = st.lists(st.one_of(key_names.map(lambda k: ("key", k)),
                             st.integers(-3, 3).map(lambda n: ("idx", n)),
                             st.just(("each",))), min_size=1, max_size=5)
@@ -742,7 +749,7 @@ field_maps = st.dictionaries(st.sampled_from(list(DEFAULT_FIELD_MAP)), st.lists(
                              max_size=10)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(alert=alerts, fm=field_maps, adjust=st.sampled_from([0, -3600.5, 86400 * 365 * 9000]))
 def test_any_alert_and_any_map_give_an_event_or_normalize_error(alert, fm, adjust):
     n = Normalizer({**DEFAULT_FIELD_MAP, **fm}, "prop", time_adjustment=adjust)
@@ -758,10 +765,30 @@ def test_any_alert_and_any_map_give_an_event_or_normalize_error(alert, fm, adjus
     VALIDATOR.validate(orjson.loads(data))
 
 
+def existing_path(data, obj) -> list:
+    """Tokens of a path that leads into `obj` (drawn step by step), so candidates hit real values."""
+    toks: list = []
+    while len(toks) < 8:  # down to a leaf or an empty container
+        if isinstance(obj, dict) and obj:
+            k = data.draw(st.sampled_from(sorted(obj)))
+            toks.append(("idx", 0) if k == "0" else ("key", k))
+            obj = obj[k]
+        elif isinstance(obj, list) and obj:
+            i = data.draw(st.integers(-len(obj), len(obj) - 1))
+            toks.append(data.draw(st.sampled_from([("idx", i), ("each",)])))
+            obj = obj[i]
+        else:
+            break
+    return toks or [("key", "id")]
+
+
 @settings(max_examples=150, deadline=None)
-@given(alert=alerts.filter(lambda a: isinstance(a, dict)), paths=st.lists(tokens, max_size=4))
-def test_compiled_map_matches_the_reference_reading(alert, paths):
+@given(alert=path_alerts, data=st.data())
+def test_compiled_map_matches_the_reference_reading(alert, data):
     alert = {**alert, "id": 1, "guid": "g"}
+    paths = data.draw(st.lists(st.builds(lambda: None).flatmap(lambda _: tokens), max_size=2))
+    paths += [existing_path(data, alert) for _ in range(data.draw(st.integers(1, 3)))]
+    paths = data.draw(st.permutations(paths))
     ev = Normalizer({"user": [render(t) for t in paths]}, "prop").normalize(alert)
     assert ev["user"] == ref_text_field(alert, paths)
     for toks in paths:
