@@ -17,18 +17,20 @@ Field map rules (every normalized field → a list of candidate columns):
   - text fields: strings; integers and floats become their decimal text (signature_id "700"),
     booleans "true"/"false"; objects are rejected.
   - src_port, dest_port: integers 0–65535; digit strings ("443") are accepted.
-  - src_ip: an IPv4/IPv6 address, emitted in canonical form. dest_ip: the same, or a hostname
-    (letters, digits, '-', '_', dots; at most 255 characters).
+  - src_ip: an IPv4/IPv6 address, emitted in canonical form (IPv6 zone ids such as %eth0 are
+    refused). dest_ip: the same, or a hostname (letters, digits, '-', '_', dots; ≤ 255 characters).
   - event_time: RFC 3339 with a time zone (or epoch seconds / milliseconds as a number or digit
     string), plus `time_adjustment` seconds, emitted as UTC `2023-10-16T12:26:51.000Z`.
   - uid: text; when no candidate gives one it is synthesized as the sha256 (hex) of the alert's
     id, guid, computerName, alertedAt, intelDocId and findingId, so a replay gets the same uid.
   - mitre_techniques, additional_hosts: lists of strings, deduplicated.
 
-The map is compiled once into accessor functions (no parsing on the hot path). Records that
-cannot be normalized at all raise NormalizeError (the pipeline sends them to the dead-letter
-topic); its reason starts with a short code before ':' ("not an object", "no id", "bad id",
-"not serializable").
+The map is compiled once into one generated function (see _Compiler): no path parsing, no regex
+on the hot path. Records that cannot be normalized at all raise NormalizeError (the pipeline sends
+them to the dead-letter topic): not an object, neither `id` nor `guid`, `id` not an integer (or
+digit string), `guid` not a string; `serialize()` raises it too for an event JSON cannot hold.
+Its reason starts with a short code before ':' ("not an object", "no id", "bad id",
+"not serializable"), usable as a metric label.
 """
 from __future__ import annotations
 
