@@ -261,7 +261,8 @@ class TaniumClient:
             elapsed = time.monotonic() - t0
             code = resp.status_code
             if m:
-                m.requests.labels(m.pipeline, endpoint, f"{code // 100}xx").inc()
+                # 429 has its own class: the dashboard and alerts watch the 429/5xx share
+                m.requests.labels(m.pipeline, endpoint, "429" if code == 429 else f"{code // 100}xx").inc()
                 m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
             log.debug("tanium GET %s -> %d in %.0f ms (attempt %d/%d)", self._scrub(shown), code,
                       elapsed * 1000, attempt, attempts)
