@@ -102,6 +102,15 @@ class Metrics:
                        self.actions_in_flight, self.detection_latency, self.validation_queries):
             family.labels(pipeline)
 
+    def init_from_config(self, cfg) -> None:
+        """Series only the pipeline file knows (call once for a stream pipeline): the poll interval,
+        which the stale-poll alert multiplies by 3, and zero delivery failures per output topic, so
+        the first failure shows as an increase and the dashboard shows 0 instead of "No data"."""
+        self.poll_interval.labels(self.pipeline).set(cfg.tanium.poll_interval)
+        if cfg.kafka is not None:
+            for topic in (cfg.kafka.topic, cfg.kafka.dlq_topic):
+                self.delivery_failures.labels(self.pipeline, topic)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
