@@ -574,3 +574,16 @@ def test_every_label_in_dashboard_and_rules_exists(exposed):
         used = label_names(expr)
         wrong += [f"{where}: label {label!r}" for label in sorted((used["matchers"] | used["grouping"]) - known)]
     assert not wrong, "labels the connector's metrics do not have:\n" + "\n".join(wrong)
+
+
+def test_init_from_config_exposes_poll_interval_and_zero_delivery_failures(tmp_path):
+    """The stale-poll alert needs the poll interval; the delivery-failure alert and panel need the
+    per-topic series before the first failure."""
+    cfg = pipeline_with_key_file((DEPLOY / "pipelines" / "compose.toml").read_text(), tmp_path)
+    m = Metrics(cfg.pipeline.name)
+    m.init_from_config(cfg)
+    text = m.render().decode()
+    assert f'tanium_connector_poll_interval_seconds{{pipeline="{cfg.pipeline.name}"}} 5.0' in text
+    for topic in (cfg.kafka.topic, cfg.kafka.dlq_topic):
+        assert (f'tanium_connector_sink_delivery_failures_total{{pipeline="{cfg.pipeline.name}",'
+                f'topic="{topic}"}} 0.0') in text
