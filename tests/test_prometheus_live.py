@@ -5,8 +5,9 @@ field values, so the error panels have something to show), the embedded broker, 
 started as `tanium-connector run FILE` (as the image does), and Debian's `prometheus` binary
 scraping it every second with the alert rules loaded. Then every dashboard query (with
 $pipeline, $instance, $__rate_interval and $__range substituted) must parse and return data,
-every alert expression must parse and evaluate cleanly in the rule manager, and every connector
-metric an alert rule needs must exist. Queries on kafka_exporter metrics are skipped (no
+every alert expression must parse and evaluate cleanly in the rule manager, every connector
+metric an alert rule needs must exist, and every label value the dashboard or a rule selects
+(stage="sink", code_class=~"429|5xx", …) must occur in the connector's series. Queries on kafka_exporter metrics are skipped (no
 kafka_exporter here).
 """
 from __future__ import annotations
@@ -146,8 +147,9 @@ listen = "127.0.0.1:{mport}"
         exe = Path(sys.executable).parent / "tanium-connector"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "connector.cli"]
         conn_log = tmp / "connector.log"
+        files = [open(conn_log, "wb")]
         conn = subprocess.Popen([*cmd, "run", str(pipeline), "--log-format", "json"],
-                                stdout=open(conn_log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=files[0], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         prom = None
         try:
             deadline = time.monotonic() + DEADLINE
@@ -165,10 +167,11 @@ listen = "127.0.0.1:{mport}"
                 "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{mport}"]}]}],
             }))
             prom_log = tmp / "prometheus.log"
+            files.append(open(prom_log, "wb"))
             prom = subprocess.Popen(
                 [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{pport}", "--log.level=warn"],
-                stdout=open(prom_log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=files[1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             logs.append((prom, prom_log))
             s = Stack(f"http://127.0.0.1:{pport}", f"127.0.0.1:{mport}", deadline, logs)
             wait_for("Prometheus to be ready", lambda: _get(f"{s.prom_url}/-/ready")[0] == 200, deadline, logs)
@@ -191,6 +194,8 @@ listen = "127.0.0.1:{mport}"
                     except subprocess.TimeoutExpired:
                         p.kill()
                         p.wait()
+            for f in files:
+                f.close()
 
 
 def _healthy(port: int) -> bool:
