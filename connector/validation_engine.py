@@ -116,7 +116,7 @@ class ValidationEngine:
         self.last_correlation: datetime | None = None
         self.stats = {"requests": 0, "queries": 0, "correlation_queries": 0, "alerts": 0, "ticks": 0,
                       "limit_reached": 0, "normalize_errors": 0, "devices": 0}
-        self.trace: deque = deque(maxlen=10000)  # per tick: when, which windows, which ranges
+        self.trace: deque = deque(maxlen=2000)  # recent ticks: when, which windows, which ranges
 
     # ---- actions --------------------------------------------------------------------------
     def add(self, action: JobAction, tag: Any = None) -> bool:
@@ -131,12 +131,21 @@ class ValidationEngine:
         self._gauge()
         return True
 
-    def drop(self, keep: Callable[[ActionState], bool]) -> list[str]:
-        """Forgets open actions for which keep() is false (e.g. revoked partitions); their ids."""
-        gone = [aid for aid, st in self.open.items() if not keep(st)]
-        for aid in gone:
-            self._remove(aid)
+    def take(self, which: Callable[[ActionState], bool]) -> list[ActionState]:
+        """Removes the open actions for which which() is true and returns their states, progress
+        included (a runner parks them during a rebalance and may `restore` them)."""
+        gone = [st for st in self.open.values() if which(st)]
+        for st in gone:
+            self._remove(st.action.id)
         return gone
+
+    def restore(self, states: list[ActionState]) -> None:
+        for st in states:
+            if st.action.id not in self.open:
+                self.open[st.action.id] = st
+                for tok in action_tokens(st.action):
+                    self._index.setdefault(tok, set()).add(st.action.id)
+        self._gauge()
 
     def _remove(self, aid: str) -> None:
         st = self.open.pop(aid)
@@ -182,7 +191,7 @@ class ValidationEngine:
         self.last_tick = now
         self.stats["ticks"] += 1
         ranges = self._ranges({aid: self.open[aid].schedule.span(lo, hi) for aid, (lo, hi) in due.items()})
-        self.trace.append({"at": now, "windows": dict(due),
+        self.trace.append({"at": now, "windows": dict(due) if len(due) <= 50 else {"count": len(due)},
                            "ranges": [(r.start, r.end) for r in ranges], "kind": "windows"})
         for r in ranges:
             fs = self._fetch([], r, lambda events, r=r: self._distribute(events, r, due, now))
@@ -368,7 +377,8 @@ class ValidationEngine:
                                      self._record(st, ev, window, ["time"] + m.rules, True))
             fs = self._fetch(self.corr_params or [], r, handle)
             self.stats["correlation_queries"] += 1
-            self.trace.append({"at": now, "kind": "correlation", "ranges": [(r.start, r.end)], "actions": r.states})
+            self.trace.append({"at": now, "kind": "correlation", "ranges": [(r.start, r.end)],
+                               "actions": len(r.states)})
             for aid in r.states:
                 self.open[aid].requests += fs.requests
                 if fs.limited:

@@ -213,10 +213,15 @@ class VerdictLedger:
             self.consumer.seek(tp, found.offset if found is not None else ends[tp])
         seen: set[str] = set()
         deadline = time.monotonic() + timeout
-        while any(self.consumer.position(tp) < ends[tp] for tp in tps):
+        while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {self.topic} to check for earlier verdicts took over {timeout:.0f}s")
-            for recs in self.consumer.poll(timeout_ms=200).values():
+            batch = self.consumer.poll(timeout_ms=200)
+            # done only after an empty poll at the end: some brokers (tansu) report the end offset
+            # of a multi-record batch too low, so the end offsets alone could stop the scan early
+            if not batch and all(self.consumer.position(tp) >= ends[tp] for tp in tps):
+                break
+            for recs in batch.values():
                 for r in recs:
                     key = r.key.decode("utf-8", "replace") if r.key else None
                     if key in action_ids:
@@ -253,6 +258,8 @@ class KafkaValidationRunner:
         self.engine = ValidationEngine(cfg, self.client, self._publish, metrics=metrics)
         self.ledger = VerdictLedger(cfg.kafka, self.v.results_topic)
         self.offsets: dict[Any, _Offsets] = {}
+        self.parked: dict[Any, list] = {}           # revoked, waiting for the new assignment
+        self.parked_offsets: dict[Any, _Offsets] = {}
         self.failed_sends = 0
         self.tanium_ok = True
         self.published: list[dict] = []  # verdicts this runner published (tests, summaries)
@@ -306,6 +313,8 @@ class KafkaValidationRunner:
                     finished.extend(self._tick())
                 if finished:
                     self._finish(finished)
+                if self.metrics:
+                    self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
             return 0
         finally:
             self.close()
@@ -389,13 +398,40 @@ class KafkaValidationRunner:
             self.consumer.resume(*self.consumer.paused())
 
     def revoked(self, partitions) -> None:
+        """Eager rebalance: park the partitions' actions; `assigned` restores those that come back
+        (the consumer keeps their positions, so their records are not delivered again)."""
         gone = set(partitions)
-        dropped = self.engine.drop(lambda st: st.tag is None or st.tag[0] not in gone)
+        for st in self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone):
+            self.parked.setdefault(st.tag[0], []).append(st)
+        for tp in gone:
+            if tp in self.offsets:
+                self.parked_offsets[tp] = self.offsets.pop(tp)
+
+    def assigned(self, partitions) -> None:
+        back = set(partitions)
+        handed = []
+        for tp, states in self.parked.items():
+            if tp in back:
+                self.engine.restore(states)
+            else:
+                handed.extend(st.action.id for st in states)
+        for tp, offs in self.parked_offsets.items():
+            if tp in back:
+                self.offsets[tp] = offs
+        self.parked, self.parked_offsets = {}, {}
+        if handed:
+            log.info("%d unfinished actions handed over to another runner: %s", len(handed), ", ".join(handed[:20]))
+
+    def lost(self, partitions) -> None:
+        """Removed from the group: the partitions restart from their committed offsets wherever
+        they go next (here too), so their actions are forgotten, not parked."""
+        gone = set(partitions)
+        dropped = self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone)
         for tp in gone:
             self.offsets.pop(tp, None)
         if dropped:
-            log.info("partitions %s moved to another runner; %d unfinished actions handed over: %s",
-                     sorted(f"{tp.topic}[{tp.partition}]" for tp in gone), len(dropped), ", ".join(dropped[:20]))
+            log.warning("lost partitions %s (session expired); %d unfinished actions dropped",
+                        sorted(f"{tp.topic}[{tp.partition}]" for tp in gone), len(dropped))
 
     def close(self) -> None:
         try:
@@ -420,9 +456,10 @@ class _Listener(ConsumerRebalanceListener):
         self.runner.revoked(revoked)
 
     def on_partitions_lost(self, lost) -> None:
-        self.runner.revoked(lost)
+        self.runner.lost(lost)
 
     def on_partitions_assigned(self, assigned) -> None:
+        self.runner.assigned(assigned)
         log.info("job-action partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
