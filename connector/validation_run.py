@@ -43,6 +43,7 @@ from connector.validation_engine import ValidationEngine, count_verdict
 
 log = logging.getLogger(__name__)
 LEDGER_MARGIN = timedelta(minutes=15)  # clock skew between the job-action producer and runners
+RETRY_SECONDS = 5.0  # before sending results records again that Kafka did not confirm
 
 
 class SystemClock:
@@ -260,6 +261,9 @@ class KafkaValidationRunner:
         self.offsets: dict[Any, _Offsets] = {}
         self.parked: dict[Any, list] = {}           # revoked, waiting for the new assignment
         self.parked_offsets: dict[Any, _Offsets] = {}
+        self.retry: dict[Any, list] = {}            # results records Kafka did not confirm
+        self.parked_retry: dict[Any, list] = {}
+        self.retry_at = 0.0
         self.failed_sends = 0
         self.tanium_ok = True
         self.published: list[dict] = []  # verdicts this runner published (tests, summaries)
@@ -311,6 +315,9 @@ class KafkaValidationRunner:
                 wake = self.engine.next_wakeup()
                 if wake is not None and wake <= self.clock.now():
                     finished.extend(self._tick())
+                if self.retry and time.monotonic() >= self.retry_at:
+                    finished.extend((tp, off, rec) for tp, items in self.retry.items() for off, rec in items)
+                    self.retry = {}
                 if finished:
                     self._finish(finished)
                 if self.metrics:
@@ -371,8 +378,12 @@ class KafkaValidationRunner:
                 self.published.append(value)
                 count_verdict(self.metrics, value)
         if failed:
-            # not delivered: leave the offsets open; the action is re-delivered after a restart
-            log.error("%d verdicts were not confirmed by Kafka; their job actions stay uncommitted", len(failed))
+            # not delivered: the offsets stay open and the records are sent again later
+            log.error("%d verdicts were not confirmed by Kafka; retrying in %.0fs", len(failed), RETRY_SECONDS)
+            for i in failed:
+                tp, offset, rec = finished[i]
+                self.retry.setdefault(tp, []).append((offset, rec))
+            self.retry_at = time.monotonic() + RETRY_SECONDS
         for i, (tp, offset, _) in enumerate(finished):
             if i not in failed and tp in self.offsets:
                 self.offsets[tp].open.discard(offset)
@@ -406,6 +417,8 @@ class KafkaValidationRunner:
         for tp in gone:
             if tp in self.offsets:
                 self.parked_offsets[tp] = self.offsets.pop(tp)
+            if tp in self.retry:
+                self.parked_retry[tp] = self.retry.pop(tp)
 
     def assigned(self, partitions) -> None:
         back = set(partitions)
@@ -418,7 +431,10 @@ class KafkaValidationRunner:
         for tp, offs in self.parked_offsets.items():
             if tp in back:
                 self.offsets[tp] = offs
-        self.parked, self.parked_offsets = {}, {}
+        for tp, items in self.parked_retry.items():
+            if tp in back:
+                self.retry[tp] = items
+        self.parked, self.parked_offsets, self.parked_retry = {}, {}, {}
         if handed:
             log.info("%d unfinished actions handed over to another runner: %s", len(handed), ", ".join(handed[:20]))
 
@@ -429,6 +445,7 @@ class KafkaValidationRunner:
         dropped = self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone)
         for tp in gone:
             self.offsets.pop(tp, None)
+            self.retry.pop(tp, None)
         if dropped:
             log.warning("lost partitions %s (session expired); %d unfinished actions dropped",
                         sorted(f"{tp.topic}[{tp.partition}]" for tp in gone), len(dropped))
@@ -464,5 +481,16 @@ class _Listener(ConsumerRebalanceListener):
 
 
 def run_validation(cfg, stop_event: threading.Event, metrics=None, **kw) -> int:
-    """`tanium-connector run PIPELINE` for mode = "validation": runs until stop_event is set."""
-    return KafkaValidationRunner(cfg, stop_event, metrics, **kw).run()
+    """`tanium-connector run PIPELINE` for mode = "validation": runs until stop_event is set.
+    Exit code 0 after a stop, 1 when Kafka cannot be used at start."""
+    from kafka.errors import KafkaError
+
+    from connector.sink import SinkError
+
+    try:
+        runner = KafkaValidationRunner(cfg, stop_event, metrics, **kw)
+    except (SinkError, KafkaError) as e:
+        print(f"error: validation mode cannot use Kafka at {', '.join(cfg.kafka.bootstrap_servers)}: {e}",
+              file=sys.stderr)
+        return 1
+    return runner.run()

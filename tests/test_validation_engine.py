@@ -390,6 +390,18 @@ def test_human_output_has_one_line_per_action(sim, tmp_path):
     assert next(ln for ln in lines if "hu2" in ln).startswith("MISSED    hu2")
 
 
+def test_tanium_failure_in_file_mode_is_a_clear_error_without_the_key(sim, tmp_path, capsys):
+    cfg = make_cfg(sim, tanium={"api_key": "wrong-secret-key-123"})
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(action("x", [host()], id="e1")) + "\n")
+    out = io.StringIO()
+    assert validate_file(cfg, path, True, out, FakeClock(T - M)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Tanium query failed:") and "token" in err.lower(), err
+    assert "wrong-secret-key-123" not in err + out.getvalue()
+    assert out.getvalue() == ""  # no verdict when Tanium could not be asked
+
+
 def test_missing_job_actions_file_is_a_config_error(sim, tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         validate_file(make_cfg(sim), tmp_path / "nope.jsonl", out=io.StringIO())
