@@ -35,6 +35,7 @@ _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$", re.IGNORECASE)
 _HOSTNAME = re.compile(r"^[^\s/\\@]{1,255}$")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 _US = timedelta(microseconds=1)
+MAX_ECHO = 65536  # bytes of a rejected input repeated in its rejection record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +81,16 @@ class Rejection:
     action_id: str | None = None
 
     def record(self, pipeline: str) -> dict:
+        shown = self.input
+        try:
+            size = len(orjson.dumps(shown))
+        except TypeError:
+            shown, size = repr(shown), len(repr(shown))
+        if size > MAX_ECHO:  # the results topic is no place for a megabyte of garbage
+            text = shown if isinstance(shown, str) else orjson.dumps(shown).decode()
+            shown = text[:MAX_ECHO] + f"… (truncated, {size} bytes)"
         return {"action_id": self.action_id, "result": "rejected", "reason": self.reason,
-                "input": self.input, "pipeline": pipeline, "decided_at": format_ts(utcnow())}
+                "input": shown, "pipeline": pipeline, "decided_at": format_ts(utcnow())}
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -7,7 +7,8 @@ sorted by createdAt,id so alerts stored meanwhile land at the end instead of shi
 alert is enriched and normalized once and then handed to every action whose due window covers it
 (an index of host names / IPs picks the candidate actions). Ticks are at least one query interval
 apart, so the number of queries over a period depends on its length, not on how many actions it
-holds; a window can therefore run up to one interval after its scheduled time, never before.
+holds; a window can therefore run up to one interval (at most a minute) after its scheduled time,
+never before.
 
 Overlapping windows return the same alert many times: per action, each event counts once (uid).
 A failed Tanium call leaves the due windows pending; the next tick re-runs them and the uid sets
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, "str | None", dict], None]  # (topic, key, value)
 SORT = "createdAt,id"
 _MS = timedelta(milliseconds=1)
+MAX_GAP_SECONDS = 60.0
 
 
 @dataclass
@@ -87,7 +89,8 @@ class ValidationEngine:
         self.cfg, self.client, self.publish, self.metrics = cfg, client, publish, metrics
         self.pipeline = cfg.pipeline.name
         self.adjust = timedelta(seconds=v.event_time_adjustment)
-        self.gap = timedelta(seconds=v.query_interval)
+        # ticks are at least this far apart: queries per period then depend on its length only
+        self.gap = timedelta(seconds=min(v.query_interval, MAX_GAP_SECONDS))
         self.corr_params: list[tuple[str, str]] | None = None
         if v.correlation_query_enabled:
             try:
@@ -412,6 +415,7 @@ class ValidationEngine:
                         "last_query_at": format_ts(st.last_query_at) if st.last_query_at else None},
             "requests": st.requests,
             "notes": notes,
+            **({"metadata": a.raw["metadata"]} if isinstance(a.raw.get("metadata"), dict) else {}),
             "pipeline": self.pipeline,
             "decided_at": format_ts(now),
         }

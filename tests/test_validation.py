@@ -96,6 +96,12 @@ def test_rejection_lists_every_bad_field_and_keeps_the_id():
     assert rec["result"] == "rejected" and rec["action_id"] == "a1" and rec["input"]["dest_port"] == -1
 
 
+def test_huge_rejected_input_is_truncated_in_the_record():
+    r = parse_job_action_bytes(b'{"id": "a", "junk": "' + b"x" * 200_000 + b'"')
+    rec = r.record("p")
+    assert "not valid JSON" in rec["reason"] and len(rec["input"]) < 70_000 and "truncated" in rec["input"]
+
+
 def test_non_object_and_bad_json_are_rejected_not_raised():
     assert "must be a JSON object" in parse_job_action([1, 2]).reason
     r = parse_job_action_bytes(b'{"id": "a1", ')

@@ -121,9 +121,10 @@ def test_delay_shifts_execution_not_windows(sim, tmp_path):
     h = host()
     sim.inject(computer_name=h, alerted_at=T + 20 * S)
     cfg = make_cfg(sim, delay_time=10)
-    code, v, _ = judge(cfg, [action("delayed", [h], id="d1")], tmp_path)
+    code, v, _ = judge(cfg, [action("delayed", [h], id="d1", metadata={"vid": "A101-123"})], tmp_path)
     assert code == 0
     d = v["d1"]
+    assert d["metadata"] == {"vid": "A101-123"}  # carried through to the verdict
     assert d["detected"] and d["windows"]["first_query_at"] == format_ts(T + 10 * M)
     assert d["windows"]["last_query_at"] == format_ts(T + 15 * M)
     assert (d["windows"]["first_start"], d["windows"]["last_end"]) == (format_ts(T - 5 * M), format_ts(T + 5 * M))
