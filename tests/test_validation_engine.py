@@ -19,7 +19,7 @@ from connector.config import ConfigError, parse_pipeline
 from connector.metrics import Metrics
 from connector.simulator import Simulator
 from connector.tanium import TaniumClient
-from connector.timeutil import format_ts, parse_ts
+from connector.timeutil import format_ts
 from connector.validation import parse_job_action
 from connector.validation_engine import ValidationEngine
 from connector.validation_run import FakeClock, SystemClock, drive, validate_file
