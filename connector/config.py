@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from connector.normalize import DEFAULT_FIELD_MAP
+from connector.normalize import DEFAULT_FIELD_MAP, compile_path
 
 # Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
 ALERT_FILTERS = frozenset({
@@ -252,6 +252,11 @@ def _field_map(v: Any) -> dict[str, list[str]]:
         if not isinstance(cands, list) or not all(isinstance(c, str) and c.strip() for c in cands):
             raise ValueError(f"{field}: must be a list of non-empty column paths")
         out[field] = [c.strip() for c in cands]
+        for c in out[field]:
+            try:
+                compile_path(c)
+            except ValueError as e:
+                raise ValueError(f"{field}: {e}") from None
     return out
 
 

@@ -24,7 +24,7 @@ import orjson
 from connector import __version__
 from connector.config import ConfigError
 from connector.enrich import Enricher
-from connector.normalize import NormalizeError, Normalizer, SCHEMA_VERSION
+from connector.normalize import NormalizeError, Normalizer, SCHEMA_VERSION, serialize
 from connector.sink import AckWindow, DryRunSink, KafkaSink
 from connector.source import AlertSource, Position
 from connector.state import open_store
@@ -153,12 +153,12 @@ class StreamPipeline:
             seq = self.window.add(pos)
             try:
                 event = self.normalizer.normalize(alert)
+                value = serialize(event)
             except NormalizeError as e:
                 self._to_dlq(alert, e.reason, seq)
                 continue
             key = str(event.get("uid") or "").encode() or None
-            self.sink.send(self.topic, key, orjson.dumps(event), self.headers,
-                           self._on_done(seq, "published"))
+            self.sink.send(self.topic, key, value, self.headers, self._on_done(seq, "published"))
         if m:
             m.records_sent.labels(m.pipeline, "source").inc(len(page))
 

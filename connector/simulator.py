@@ -393,6 +393,7 @@ class _Data:
         self.extra_alerted: list[int] = []
         self.extra_doc: list[_Doc | None] = []
         self.lock = threading.Lock()
+        self.pruned = 0  # the oldest `pruned` alerts are deleted (Simulator.prune)
 
     # -- positions and times ----------------------------------------------------------------------
     def total(self) -> int:
@@ -821,6 +822,12 @@ class Simulator:
         d = self.data.doc_by_id.get(doc_id)
         return d.body(self.data.n_base) if d else None
 
+    def prune(self, n: int) -> int:
+        """Delete the `n` oldest alerts, as TR's periodic pruning does: offsets of the rest shift left."""
+        with self.data.lock:
+            self.data.pruned = min(self.data.total(), self.data.pruned + max(0, n))
+            return self.data.pruned
+
     def bump_revision(self, doc_id: int) -> int:
         """New revision of an IntelDoc: later alerts carry it and /intels/{id} serves it."""
         d = self.data.doc_by_id[doc_id]
@@ -1041,24 +1048,23 @@ class Simulator:
             elif k in EXACT_FILTERS or k in NUMBER_FILTERS or k in CONTAINS_FILTERS or k in DOC_FILTERS:
                 filters.setdefault(k, []).append(v)
         with data.lock:
-            n_total = data.total()
+            n_total, p0 = data.total(), data.pruned
         # candidate positions: a createdAt range for history alerts (alertedAt ≤ createdAt ≤ alertedAt
         # + 5 min there), every stored alert (those may be late by hours)
-        lo, hi = 0, data.n_base
+        lo, hi = min(p0, data.n_base), data.n_base
         if t_from is not None:
-            lo = data.first_pos_created_at_least(t_from)
-            lo = min(lo, data.n_base)
+            lo = max(lo, min(data.first_pos_created_at_least(t_from), data.n_base))
         if t_until is not None:
             hi = min(hi, data.first_pos_created_at_least(t_until + MAX_ALERT_DELAY_MS))
         timed = t_from is not None or t_until is not None
 
         def positions(reverse: bool):
             if reverse:
-                yield from range(n_total - 1, data.n_base - 1, -1)
+                yield from range(n_total - 1, max(data.n_base, p0) - 1, -1)
                 yield from range(hi - 1, lo - 1, -1)
             else:
                 yield from range(lo, hi)
-                yield from range(data.n_base, n_total)
+                yield from range(max(data.n_base, p0), n_total)
 
         def alerted_ok(pos: int) -> bool:
             a = data.base_alerted(pos) if pos < data.n_base else data.extra_alerted[pos - data.n_base]
@@ -1066,11 +1072,11 @@ class Simulator:
 
         natural = _natural(keys)
         if natural is not None and not filters and not timed:
-            count = n_total
+            count = n_total - p0
             if natural == "asc":
-                chosen = range(offset, min(offset + limit, n_total))
+                chosen = range(p0 + offset, min(p0 + offset + limit, n_total))
             else:
-                chosen = range(n_total - 1 - offset, max(n_total - 1 - offset - limit, -1), -1)
+                chosen = range(n_total - 1 - offset, max(n_total - 1 - offset - limit, p0 - 1), -1)
         elif natural is not None:
             chosen, count = [], 0
             for pos in positions(natural == "desc"):
@@ -1094,7 +1100,7 @@ class Simulator:
         items = [data.alert(p) for p in chosen]
         if "intelDoc" in expand:
             items = [self._expanded(a) for a in items]
-        return items, n_total, count
+        return items, n_total - p0, count
 
     def _expanded(self, alert: dict) -> dict:
         d = self.data.doc_by_id.get(alert.get("intelDocId"))

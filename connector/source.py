@@ -57,9 +57,14 @@ def sort_key(alert) -> tuple[str, int] | None:
     if not isinstance(alert, dict):
         return None
     created, ident = alert.get("createdAt"), alert.get("id")
-    if not isinstance(created, str) or not isinstance(ident, int) or isinstance(ident, bool):
+    if not isinstance(created, str) or not isinstance(ident, int) or isinstance(ident, bool) or ident <= 0:
         return None
     return created, ident
+
+
+def _created(items: list) -> str:
+    """createdAt of the first placeable record of a probe page ("~" sorts after any time)."""
+    return next((k[0] for k in map(sort_key, items) if k is not None), "~")
 
 
 class AlertSource:
@@ -68,8 +73,9 @@ class AlertSource:
         self.page_size = page_size
         self.limit = limit
         self.metrics = metrics
-        self.key: tuple[str, int] | None = None  # in-memory cursor
-        self.offset = 0
+        self.key: tuple[str, int] | None = None  # in-memory cursor: greatest key read
+        self.offset = 0  # records up to and including the last one read
+        self.anchor: tuple[str, int] | None = None  # key of the last record read
         self.start_at: datetime | None = None  # used while no key is known
 
     def resume(self, checkpoint: dict | None, start_at: datetime) -> None:
@@ -78,23 +84,19 @@ class AlertSource:
             self.key, self.offset, self.start_at = (pos.created_at, pos.id), pos.offset, None
         else:
             self.key, self.offset, self.start_at = None, 0, start_at
+        self.anchor = self.key
 
     def _first_offset_at(self, when: datetime) -> int:
         """Index of the first alert with createdAt >= when (binary search with limit=1 probes)."""
         target = format_ts(when)
         probe = self.client.list_alerts([], offset=0, limit=1, sort=SORT)
         total = probe.filtered if probe.filtered is not None else probe.total
-        if total is None:
-            return 0  # no meta: scan from the start, the cycle filters by time
+        if total is None or _created(probe.items) >= target:
+            return 0  # everything is new enough, or no meta: scan from the start, the cycle filters by time
         lo, hi = 0, total
         while lo < hi:
             mid = (lo + hi) // 2
-            items = self.client.list_alerts([], offset=mid, limit=1, sort=SORT).items
-            if not items:
-                hi = mid
-                continue
-            created = items[0].get("createdAt") if isinstance(items[0], dict) else None
-            if isinstance(created, str) and created < target:
+            if _created(self.client.list_alerts([], offset=mid, limit=1, sort=SORT).items) < target:
                 lo = mid + 1
             else:
                 hi = mid
@@ -121,39 +123,51 @@ class AlertSource:
             if not page:
                 break
             first = sort_key(page[0])
-            if self.key is not None and start > 0 and first is not None and first > self.key:
+            # aligned: the page starts exactly on the last record read, so the rest is new by position
+            aligned = self.key is not None and start == self.offset - 1 and first == self.anchor
+            # a page that should start at or before the cursor record but starts after it: records were
+            # pruned below us since we counted, so step back until the cursor record is in view again
+            if (not aligned and self.key is not None and 0 < start < self.offset and first is not None
+                    and first > self.key):
                 log.warning("alert list shifted (pruning?) at offset %d; stepping back %d", start, step_back)
                 start = max(0, start - step_back)
                 step_back *= 2
                 continue
-            key_before, out = self.key, []
+            saved, out = (self.key, self.offset, self.anchor), []
+            index = start - 1  # list index of the last placeable record seen; unplaceable ones hold none
             for i, alert in enumerate(page):
                 k = sort_key(alert)
-                if k is None:
-                    if self.key is None or start + i >= self.offset:
-                        self.offset = start + i + 1
-                        out.append((alert, Position(*(self.key or (None, None)), self.offset)))
+                if k is not None:
+                    index += 1
+                if aligned:
+                    new = i > 0
+                elif k is None:
+                    new = True  # cannot be placed or deduplicated: deliver it (the DLQ explains it)
+                else:
+                    new = (self.key is None or k > self.key) and (min_created is None or k[0] >= min_created)
+                if not new:
                     continue
-                if self.key is not None and k <= self.key:
-                    continue
-                if min_created is not None and k[0] < min_created:
-                    continue
-                self.key, self.offset = k, start + i + 1
-                out.append((alert, Position(k[0], k[1], start + i + 1)))
-            if emitted + len(out) >= self.limit:
+                if k is not None:
+                    self.offset, self.anchor = max(self.offset, index + 1), k
+                if k is not None and (self.key is None or k > self.key):
+                    self.key = k  # never backwards: an out-of-order record keeps the cursor where it is
+                out.append((alert, Position(*(self.key or (None, None)), self.offset)))
+            if emitted + len(out) > self.limit:
                 out = out[: self.limit - emitted]
-                if out:  # the rest of the page is read again next cycle
-                    last = out[-1][1]
-                    self.key = (last.created_at, last.id) if last.id is not None else key_before
-                    self.offset = last.offset
+                # the rest of the page is read again next cycle
+                self.key, self.offset, self.anchor = saved
+                for alert, pos in out:
+                    self.offset, self.anchor = pos.offset, sort_key(alert)
+                    self.key = (pos.created_at, pos.id) if pos.id is not None else self.key
             emitted += len(out)
             if self.metrics and out:
                 self.metrics.records_received.labels(self.metrics.pipeline, "source").inc(len(out))
             if out:
                 yield out
-            if len(page) < self.page_size:
+            placed = index - start + 1
+            if placed < self.page_size:
                 break
-            start = start + len(page) - overlap
+            start = start + placed - overlap
         self.hit_limit = emitted >= self.limit
         if self.hit_limit:
             log.info("cycle stopped at tanium.limit=%d records; polling again at once", self.limit)
