@@ -58,6 +58,8 @@ class StreamPipeline:
                  since: str | None = None, out=None, client=None, sink=None, store=None):
         self.cfg = cfg
         self.metrics = metrics
+        if metrics:
+            metrics.init_from_config(cfg)
         self.dry_run, self.once = dry_run, once
         self.stop_event = threading.Event()
         self.summary = Summary()

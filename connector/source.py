@@ -118,8 +118,6 @@ class AlertSource:
         emitted = 0
         while emitted < self.limit:
             page = self.client.list_alerts([], offset=start, limit=self.page_size, sort=SORT).items
-            if self.metrics:
-                self.metrics.pages.labels(self.metrics.pipeline).inc()
             if not page:
                 break
             first = sort_key(page[0])

@@ -42,12 +42,14 @@ def read_topic(bootstrap: str, topic: str, expect: int | None = None, timeout: f
         consumer.seek_to_beginning(*tps)
         out = []
         while time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=200).values():
-                out.extend(recs)
+            batch = [r for recs in consumer.poll(timeout_ms=300).values() for r in recs]
+            out.extend(batch)
             if expect is not None:
                 if len(out) >= expect:
                     break
-            elif all(consumer.position(tp) >= end for tp, end in consumer.end_offsets(tps).items()):
+            # tansu may report end offsets below what it serves: also wait for an empty poll
+            elif not batch and all(consumer.position(tp) >= end
+                                   for tp, end in consumer.end_offsets(tps).items()):
                 break
         return out
     finally:
