@@ -146,7 +146,7 @@ def test_field_map_array_string_form_and_errors():
     assert "unknown field 'colour'" in error_of(base(field_map={"colour": ["x"]}))
     assert "is not a list such as" in error_of(base(field_map={"user": "['a',"}))
     assert "must be a list of non-empty column paths" in error_of(base(field_map={"user": [1]}))
-    assert "field_map: user: 'a..b' is not a column path" in error_of(base(field_map={"user": ["a..b"]}))
+    assert "field_map.user = ['a..b']: 'a..b' is not a column path" in error_of(base(field_map={"user": ["a..b"]}))
 
 
 def test_correlation_query_needed_when_enabled_and_valid_form():
