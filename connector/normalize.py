@@ -502,6 +502,10 @@ class _Compiler:
         return "\n".join(self.lines) + "\n"
 
 
+# notes the client and the enricher leave on an alert → normalization warning prefixes
+_NOTES = (("detailsError", "details"), ("enrichment_error", "intelDoc"), ("encodingError", "encoding"))
+
+
 class Normalizer:
     def __init__(self, field_map: dict[str, list[str]], pipeline: str, time_adjustment: float = 0,
                  include_raw: bool = True, observer_host: str = "", metrics=None):
@@ -538,8 +542,8 @@ class Normalizer:
                 self._m.records_dropped.labels(self._m.pipeline, "normalize", e.code).inc()
             raise
         warnings: list[str] = []
-        if "detailsError" in alert or "enrichment_error" in alert:
-            for key, label in (("detailsError", "details"), ("enrichment_error", "intelDoc")):
+        if "detailsError" in alert or "enrichment_error" in alert or "encodingError" in alert:
+            for key, label in _NOTES:
                 note = alert.get(key)
                 if note is not None:
                     warnings.append(f"{label}: {note if isinstance(note, str) else _show(note)}"[:400])

@@ -1,0 +1,224 @@
+"""Reliability under real damage: kill -9 at random points, a black-holed broker, a slow broker.
+
+Everything runs against the project's TR simulator over HTTP and the real broker (tansu); the
+connector runs as the `tanium-connector` CLI in a subprocess where a crash must be real.
+Helpers here (`write_pipeline`, `Cli`, `scrape`) are shared with test_hostile*/test_security*.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import read_topic
+from connector.embedded import free_port
+from connector.simulator import Simulator
+from connector.state import FileCheckpointStore
+from test_pipeline import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_pipeline(path: Path, sections: dict[str, dict]) -> Path:
+    """A pipeline file from {section: {key: value}} (flat sections only)."""
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def stream_sections(name: str, sim, bootstrap: str, state_dir: Path, *, metrics_port: int | None = None,
+                    **over) -> dict[str, dict]:
+    sections = {"pipeline": {"name": name, "shutdown_timeout": 20},
+                "tanium": {**sim.settings(), "poll_interval": 0.2},
+                "source": {"start_from": "30d"},
+                "kafka": {"bootstrap_servers": bootstrap, "topic": f"{name}.events", "linger_ms": 5},
+                "state": {"path": str(state_dir)},
+                "metrics": ({"listen": f"127.0.0.1:{metrics_port}"} if metrics_port else {"enabled": False})}
+    for section, values in over.items():
+        sections.setdefault(section, {}).update(values)
+    return sections
+
+
+class Cli:
+    """`python -m connector.cli ARGS` with its stderr (logs) in a file, so a full pipe never
+    blocks it and the logs survive the kill."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log, self.out = log, log.with_suffix(".out")
+        self._files = [open(log, "ab"), open(self.out, "wb")]
+        self.proc = subprocess.Popen([sys.executable, "-m", "connector.cli", *args], cwd=ROOT,
+                                     stdout=self._files[1], stderr=self._files[0], stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> int:
+        self.proc.kill()  # SIGKILL: no handler, no flush, no goodbye
+        code = self.proc.wait(30)
+        self._close()
+        return code
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """(exit code, stdout); kills the process if it runs past `timeout`."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        return self.proc.returncode, self.out.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.alive:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._close()
+
+    def _close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def logs(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def scrape(port: int, path: str = "/metrics", timeout: float = 2) -> tuple[int, str]:
+    """(HTTP status, body) of the connector's health server; (0, "") when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def metric(text: str, family: str, **labels) -> float | None:
+    """Sum of the samples of `tanium_connector_<family>` whose labels include `labels`."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(f"tanium_connector_{family}") or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{") if "{" in line.split(" ")[0] else (line.split(" ")[0], "", "")
+        if name != f"tanium_connector_{family}":
+            continue
+        if rest and any(f'{k}="{v}"' not in rest.split("}")[0] for k, v in labels.items()):
+            continue
+        total += float(line.rsplit(" ", 1)[1])
+        seen = True
+    return total if seen else None
+
+
+def event_ids(records) -> list[int]:
+    return [json.loads(r.value)["raw"]["id"] for r in records]
+
+
+# ---- 1. kill -9 twenty times --------------------------------------------------------------------
+
+KILL_KINDS = ("random", "after_checkpoint", "in_flight", "mid_request")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_twenty_times_loses_no_alert(broker, topic_prefix, tmp_path):
+    """The stream CLI is SIGKILLed 20 times against a live simulator (new alerts all the time) and
+    restarted each time; then live creation stops and a `--once` run drains. Every alert the
+    simulator created is in the topic (at least once), nothing else is, and the checkpoint never
+    went backwards. Kill points, drawn from a seeded RNG, cover: a random moment after start-up,
+    just after the checkpoint file changed, while records are handed to Kafka and unacknowledged
+    (small page, small max_unacked, linger: mid-page and mid-flush), and while an alerts request is
+    in flight at the simulator (mid-page fetch)."""
+    rng = random.Random(7_2024)
+    kinds = [k for k in KILL_KINDS for _ in range(5)]
+    rng.shuffle(kinds)
+    with Simulator(alerts=1500, intel_docs=12, seed=17, history=3600, live_rate=60) as sim:
+        port = free_port()
+        state_dir = tmp_path / "state"
+        cfg_file = write_pipeline(tmp_path / "p.toml", stream_sections(
+            topic_prefix, sim, broker.bootstrap, state_dir, metrics_port=port,
+            tanium={"page_size": 40, "limit": 400},
+            kafka={"linger_ms": 40, "max_unacked": 30}))
+        store = FileCheckpointStore(state_dir, topic_prefix)
+        kills, counts = 0, {k: 0 for k in KILL_KINDS}
+        checkpoints: list[int] = []
+        logs: list[str] = []
+        for i, kind in enumerate(kinds):
+            cli = Cli(["--log-format", "json", "run", str(cfg_file)], tmp_path / f"run{i}.log")
+            try:
+                served = sim.stats["alerts"]
+                # the process is up and polling (the first restart re-reads from the checkpoint)
+                wait_until(lambda: sim.stats["alerts"] > served or not cli.alive, timeout=30,
+                           what=f"run {i} to poll")
+                assert cli.alive, cli.logs()[-3000:]
+                if kind == "random":
+                    time.sleep(rng.uniform(0.0, 2.0))  # the kill point itself, not a synchronisation
+                elif kind == "after_checkpoint":
+                    before = store.load()
+                    wait_until(lambda: store.load() != before, timeout=30, what="the checkpoint to move")
+                    time.sleep(rng.uniform(0.0, 0.05))
+                elif kind == "in_flight":
+                    wait_until(lambda: (metric(scrape(port)[1], "sink_inflight_records") or 0) > 0,
+                               timeout=30, what="records in flight to Kafka")
+                else:  # mid_request: slow replies so the kill lands while a page is on the wire
+                    sim.faults.latency = 0.3
+                    served = sim.stats["alerts"]
+                    wait_until(lambda: sim.stats["alerts"] > served, timeout=30, what="an alerts request")
+                    time.sleep(rng.uniform(0.0, 0.2))
+                assert cli.alive, f"run {i} exited by itself before the kill:\n{cli.logs()[-3000:]}"
+                assert cli.kill9() == -9
+                kills += 1
+                counts[kind] += 1
+            finally:
+                sim.faults.latency = 0
+                cli.stop()
+            logs.append(cli.logs())
+            checkpoints.append((store.load() or {}).get("offset", 0))
+        # stop live creation, then drain what exists
+        sim.live_total = sim.live_created
+        wait_until(lambda: not any(t.name == "simulator-live" for t in threading.enumerate()),
+                   what="the simulator to stop creating alerts")
+        created = sim.alert_count
+        drain = Cli(["--log-format", "json", "run", str(cfg_file), "--once"], tmp_path / "drain.log")
+        code, _ = drain.wait(120)
+        logs.append(drain.logs())
+        assert code == 0, drain.logs()[-3000:]
+        assert store.load()["id"] == created and store.load()["offset"] == created
+
+    ids = event_ids(read_topic(broker.bootstrap, f"{topic_prefix}.events", timeout=90))
+    missing = set(range(1, created + 1)) - set(ids)
+    assert not missing, f"{len(missing)} alerts lost, e.g. {sorted(missing)[:10]}"
+    assert set(ids) <= set(range(1, created + 1)), "an event that the simulator never created"
+    assert checkpoints == sorted(checkpoints), f"the checkpoint went backwards: {checkpoints}"
+    assert checkpoints[-1] > 1500, "the killed runs made progress"
+    for text in logs:
+        assert "Traceback" not in text
+    assert read_topic(broker.bootstrap, f"{topic_prefix}.events.dlq", timeout=2) == []
+    figures = {"kills": kills, "kill_points": counts, "alerts": created, "events_in_topic": len(ids),
+               "duplicates": len(ids) - len(set(ids)), "lost": 0,
+               "duplicate_ratio": round((len(ids) - len(set(ids))) / created, 4),
+               "live_rate_per_s": 60, "page_size": 40, "max_unacked": 30, "linger_ms": 40,
+               "checkpoints_after_each_kill": checkpoints}
+    (tmp_path / "crash_figures.json").write_text(json.dumps(figures, indent=2))
+    print(f"\nCRASH TEST FIGURES: {json.dumps(figures)}")
