@@ -120,16 +120,17 @@ def cmd_run(args) -> int:
 
     cfg = load(args.pipeline)
     if cfg.pipeline.mode == "validation":
-        from connector.validation import run_validation
+        from connector.validation_run import run_validation
 
         metrics = Metrics(cfg.pipeline.name)
         stop = threading.Event()
         _stop_on_signals(stop.set)
-        server = _serve_metrics(cfg, metrics, lambda: (True, "ready"))
+        servers = []
         try:
-            return run_validation(cfg, stop, metrics)
+            return run_validation(cfg, stop, metrics,
+                                  serve=lambda ready: servers.append(_serve_metrics(cfg, metrics, ready)))
         finally:
-            if server:
+            for server in filter(None, servers):
                 server.stop()
     if args.since:
         from connector.timeutil import parse_start
@@ -186,7 +187,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from connector.validation import validate_file
+    from connector.validation_run import validate_file
 
     cfg = load(args.pipeline)
     return validate_file(cfg, args.job_actions, args.json)

@@ -1,7 +1,7 @@
 """Security Validation: job actions, their query windows, and matching normalized events to them.
 
 This module is the pure core (no I/O). `validation_engine.py` runs the shared alert queries and
-`validation_run.py` the file and Kafka runners; `validate_file` and `run_validation` below are
+`validation_run.py` the file and Kafka runners (`validate_file`, `run_validation`) are
 their entry points.
 
 Query schedule (issue 4, reference security-validation.md 8.2): with action start T, query time Q
@@ -527,18 +527,3 @@ def identity_tokens(event: dict) -> set[str]:
 def action_tokens(action: JobAction) -> set[str]:
     a = _merge(action.source, action.destination)
     return {_norm_host(h).split(".", 1)[0] for h in a.hostnames} | set(a.ips)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runners (implemented in validation_run.py; imported lazily to keep this core free of I/O)
-
-def validate_file(cfg, job_actions_path, json_output: bool = False, out=None, clock=None, **kw) -> int:
-    from connector.validation_run import validate_file as run
-
-    return run(cfg, job_actions_path, json_output=json_output, out=out, clock=clock, **kw)
-
-
-def run_validation(cfg, stop_event, metrics=None, **kw) -> int:
-    from connector.validation_run import run_validation as run
-
-    return run(cfg, stop_event, metrics, **kw)

@@ -480,9 +480,10 @@ class _Listener(ConsumerRebalanceListener):
         log.info("job-action partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
-def run_validation(cfg, stop_event: threading.Event, metrics=None, **kw) -> int:
+def run_validation(cfg, stop_event: threading.Event, metrics=None, serve=None, **kw) -> int:
     """`tanium-connector run PIPELINE` for mode = "validation": runs until stop_event is set.
-    Exit code 0 after a stop, 1 when Kafka cannot be used at start."""
+    `serve(readiness)` starts the health listener once the runner exists. Exit code 0 after a
+    stop, 1 when Kafka cannot be used at start."""
     from kafka.errors import KafkaError
 
     from connector.sink import SinkError
@@ -493,4 +494,6 @@ def run_validation(cfg, stop_event: threading.Event, metrics=None, **kw) -> int:
         print(f"error: validation mode cannot use Kafka at {', '.join(cfg.kafka.bootstrap_servers)}: {e}",
               file=sys.stderr)
         return 1
+    if serve:
+        serve(runner.readiness)
     return runner.run()
