@@ -1,6 +1,7 @@
 """The stream pipeline end to end: TR simulator over HTTP → pipeline → real broker (tansu)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -178,19 +179,11 @@ def test_back_pressure_bounds_what_is_held_when_the_broker_stalls(proxied, proxy
 def test_start_from_finds_the_first_alert_by_binary_search(broker, topic_prefix, tmp_path):
     with Simulator(alerts=3000, intel_docs=5, seed=2, history=10 * 3600) as sim:
         cfg = make_cfg(sim, broker.bootstrap, topic_prefix, tmp_path, source={"start_from": "1h"})
-        lines = []
-
-        class Out:
-            def write(self, s):
-                lines.append(s)
-
-            def flush(self):
-                pass
-
-        pipe = StreamPipeline(cfg, once=True, dry_run=True, out=Out())
+        out = io.StringIO()
+        pipe = StreamPipeline(cfg, once=True, dry_run=True, out=out)
         threshold = time.time() - 3600
         assert pipe.run() == 0
-        events = [json.loads(x) for x in "".join(lines).splitlines()]
+        events = [json.loads(x) for x in out.getvalue().splitlines()]
         expect = [i for i in range(1, 3001) if time_of(sim.get_alert(i)["createdAt"]) >= threshold]
         got = [e["raw"]["id"] for e in events]
         assert abs(len(expect) - len(got)) <= 2 and set(got) <= set(range(expect[0] - 2, 3001))
@@ -270,16 +263,7 @@ def test_paging_boundaries_have_no_gaps_or_duplicates(page_size, broker, topic_p
     with Simulator(alerts=60, intel_docs=3, seed=6, history=600) as sim:
         cfg = make_cfg(sim, broker.bootstrap, topic_prefix, tmp_path,
                        tanium={"page_size": page_size, "limit": 25})
-        lines = []
-
-        class Out:
-            def write(self, s):
-                lines.append(s)
-
-            def flush(self):
-                pass
-
-        pipe = StreamPipeline(cfg, once=True, dry_run=True, out=Out())
-        assert pipe.run() == 0
-        got = [json.loads(x)["raw"]["id"] for x in "".join(lines).splitlines()]
+        out = io.StringIO()
+        assert StreamPipeline(cfg, once=True, dry_run=True, out=out).run() == 0
+        got = [json.loads(x)["raw"]["id"] for x in out.getvalue().splitlines()]
         assert got == list(range(1, 61))
