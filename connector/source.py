@@ -9,12 +9,15 @@ breaks ties between alerts inserted in the same millisecond.
 
 There is no `createdAtFrom` filter in the API, so the position in the sorted list is an offset.
 The cursor is (createdAt, id, offset): the key of the last record read and how many records up
-to and including it the list held. Offsets drift when Tanium prunes old alerts (the list shifts
-left), so every page is requested with a one-record overlap (it starts at the last record
-already read) and checked: its first record must sort at or before the cursor key. If it sorts
-after, records were pruned below us and we may have skipped some, so we step the offset back
-(doubling) until the check holds. Records at or before the cursor key are filtered out, so page
-and poll boundaries produce no duplicates; new alerts only ever append at the end.
+to and including it the list held. Every page is requested with a one-record overlap: it starts
+at the last record already read. If that first record is the one we read last, the page is
+aligned and everything after it is new. If it is not, the offset drifted (Tanium prunes old
+alerts, shifting the list left): when the page starts after the cursor key we may have skipped
+records, so we step the offset back (doubling) until the cursor record is in view again, and
+records at or before the cursor key are filtered out. So page and poll boundaries produce no
+duplicates and no gaps; new alerts only ever append at the end. A record without a usable
+(createdAt, id) cannot be placed or deduplicated: it is delivered (the DLQ explains it) and does
+not move the cursor.
 
 With no checkpoint yet, the first record created at or after `source.start_from` is found by
 binary search over offsets with `limit=1` probes (about log2(total) requests).
