@@ -189,6 +189,20 @@ class StateSection(_Section):
     topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "tanium-connector.state"
 
 
+class HaSection(_Section):
+    """HA poller (connector/leader.py): processes running the same stream pipeline elect one poller."""
+    enabled: bool = False
+    session_timeout_ms: Annotated[int, Field(ge=1000, le=300000)] = 10000
+    heartbeat_interval_ms: Annotated[int, Field(ge=100, le=100000)] = 3000
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> "HaSection":
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(f"heartbeat_interval_ms: {self.heartbeat_interval_ms} must be at most a third of "
+                             f"session_timeout_ms ({self.session_timeout_ms})")
+        return self
+
+
 class MetricsSection(_Section):
     listen: Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]*):\d{1,5}$")] = "127.0.0.1:9464"
     enabled: bool = True
@@ -269,6 +283,7 @@ class PipelineConfig(_Section):
     output: OutputSection = OutputSection()
     kafka: KafkaSection | None = None
     state: StateSection = StateSection()
+    ha: HaSection = HaSection()
     metrics: MetricsSection = MetricsSection()
     validation: ValidationSection = ValidationSection()
 
@@ -281,6 +296,11 @@ class PipelineConfig(_Section):
     def _modes(self) -> "PipelineConfig":
         if self.pipeline.delivery == "exactly-once" and self.state.backend != "kafka":
             raise ValueError('pipeline.delivery: "exactly-once" requires state.backend = "kafka"')
+        if self.ha.enabled:
+            if self.pipeline.mode != "stream":
+                raise ValueError('ha.enabled: the HA poller is for pipeline.mode = "stream" only')
+            if self.state.backend != "kafka":
+                raise ValueError('ha.enabled: requires state.backend = "kafka" (the processes share the checkpoint)')
         return self
 
     @property
@@ -324,9 +344,9 @@ def _describe(err: dict, raw: dict) -> str:
     loc = [str(p) for p in err["loc"]]
     msg = err["msg"].removeprefix("Value error, ")
     # model validators report "key: message" against the section; fold the key into the location
-    if err["type"] == "value_error" and re.match(r"^[a-z_]+: ", msg):
+    if err["type"] == "value_error" and re.match(r"^[a-z_][a-z_.]*: ", msg):
         sub, msg = msg.split(": ", 1)
-        loc = loc + [sub]
+        loc = loc + sub.split(".")
     key = ".".join(loc)
     if err["type"] == "missing":
         return f"{key}: required setting is missing"

@@ -7,6 +7,14 @@ the store adds `saved_at`. Two backends:
   checkpoint, never a torn one.
 - kafka: a compacted single-partition topic keyed by pipeline name, so any machine can resume
   the pipeline; `load()` reads to the end offset (read_committed) and keeps the last value.
+
+Exactly-once mode writes the checkpoint inside the pipeline's Kafka transaction, so the store
+must never return a checkpoint of an aborted transaction. A broker hides those from
+read_committed consumers through the `aborted_transactions` list of its Fetch answer; tansu
+0.6.0 leaves that list empty, although it does write the COMMIT/ABORT markers into the log and
+does stop read_committed fetches at open transactions. `read_committed_log` therefore decides
+from the markers themselves (a transactional batch counts once its producer's next marker is
+COMMIT), which is what a broker's index encodes, so it is right on any broker.
 """
 from __future__ import annotations
 
@@ -19,9 +27,13 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Protocol
 
+from dataclasses import dataclass
+
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from kafka.protocol.consumer.fetch import FetchRequest
+from kafka.record.memory_records import MemoryRecords
 
 from connector.config import ConfigError, KafkaSection
 from connector.sink import SinkError, client_settings, describe_servers, make_producer
@@ -107,8 +119,13 @@ class FileCheckpointStore:
 
 
 class KafkaCheckpointStore:
-    def __init__(self, kafka: KafkaSection, topic: str, pipeline: str, timeout: float = 30):
+    """`transactional`: checkpoints are written inside Kafka transactions (exactly-once mode);
+    load() then decides from the log's transaction markers (read_committed_log)."""
+
+    def __init__(self, kafka: KafkaSection, topic: str, pipeline: str, timeout: float = 30,
+                 transactional: bool = False):
         self.kafka = kafka
+        self.transactional = transactional
         self.topic = topic
         self.pipeline = pipeline
         self.key = pipeline.encode("utf-8")
@@ -155,6 +172,26 @@ class KafkaCheckpointStore:
 
     def load(self) -> dict | None:
         self.ensure_topic()
+        last = self._last_committed() if self.transactional else self._last_read()
+        if last is None or last.value is None:  # never saved, or a tombstone (reset)
+            return None
+        try:
+            data = json.loads(last.value)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"the checkpoint for {self.pipeline!r} at offset {last.offset} of the "
+                                  f"{self._where()} is not a JSON object; save a new one or delete it")
+        return data
+
+    def _last_committed(self) -> LogRecord | None:
+        try:
+            records = read_committed_log(self.kafka, self.topic, self.timeout)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot read the {self._where()}: {e}") from None
+        return next((r for r in reversed(records) if r.key == self.key), None)
+
+    def _last_read(self):
         deadline = time.monotonic() + self.timeout
         try:
             consumer = KafkaConsumer(**client_settings(self.kafka), group_id=None, enable_auto_commit=False,
@@ -187,16 +224,7 @@ class KafkaCheckpointStore:
             raise CheckpointError(f"cannot read the {self._where()}: {e}") from None
         finally:
             consumer.close()
-        if last is None or last.value is None:  # never saved, or a tombstone (reset)
-            return None
-        try:
-            data = json.loads(last.value)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"the checkpoint for {self.pipeline!r} at offset {last.offset} of the "
-                                  f"{self._where()} is not a JSON object; save a new one or delete it")
-        return data
+        return last
 
     def record(self, checkpoint: dict) -> tuple[str, bytes, bytes]:
         """(topic, key, value) of this checkpoint, for KafkaSink.commit(records=…) in exactly-once mode."""
@@ -223,10 +251,111 @@ class KafkaCheckpointStore:
             self._producer = None
 
 
+@dataclass(frozen=True)
+class LogRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list
+
+
+_ABORT, _COMMIT = 0, 1
+_FETCH_BYTES = 32 * 1024 * 1024
+
+
+def read_committed_log(kafka: KafkaSection, topic: str, timeout: float = 30) -> list[LogRecord]:
+    """Every record of `topic` that a read_committed consumer may see: non-transactional ones and
+    those of committed transactions, up to the last stable offset, in (partition, offset) order.
+
+    Reads raw record batches (kafka-python's protocol classes, through an admin client's
+    connection) and applies the transaction markers found in the log; see the module docstring
+    for why the broker's own filtering is not trusted."""
+    deadline = time.monotonic() + timeout
+    try:
+        admin = KafkaAdminClient(**client_settings(kafka), request_timeout_ms=int(timeout * 1000),
+                                 bootstrap_timeout_ms=int(timeout * 1000))
+    except (KafkaError, OSError) as e:
+        raise CheckpointError(f"cannot reach Kafka at {describe_servers(kafka)} to read {topic}: {e}") from None
+    try:
+        meta = admin.describe_topics([topic])[0]
+        if meta["error_code"]:
+            raise CheckpointError(f"cannot read topic {topic} on {describe_servers(kafka)}: "
+                                  f"{for_code(meta['error_code']).__name__}")
+        out: list[LogRecord] = []
+        for part in sorted(meta["partitions"], key=lambda p: p["partition_index"]):
+            out.extend(_read_partition(admin, topic, part["partition_index"], part["leader_id"], deadline))
+        return out
+    except KafkaError as e:
+        raise CheckpointError(f"cannot read topic {topic} on {describe_servers(kafka)}: {e}") from None
+    finally:
+        admin.close()
+
+
+def _read_partition(admin: KafkaAdminClient, topic: str, partition: int, leader: int,
+                    deadline: float) -> list[LogRecord]:
+    FT = FetchRequest.FetchTopic
+    offset = 0
+    # producer id -> [(epoch, records)] written since that producer's last marker
+    open_tx: dict[int, list[tuple[int, list[LogRecord]]]] = {}
+    done: list[LogRecord] = []
+    while True:
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"reading {topic}[{partition}] did not reach its end in time")
+        req = FetchRequest(
+            # min_bytes=1: tansu answers min_bytes=0 with no partition at all
+            replica_id=-1, max_wait_ms=50, min_bytes=1, max_bytes=_FETCH_BYTES,
+            isolation_level=1,  # the broker stops at the last stable offset
+            session_id=0, session_epoch=-1, forgotten_topics_data=[], rack_id="", max_version=11,
+            topics=[FT(topic=topic, partitions=[FT.FetchPartition(
+                partition=partition, fetch_offset=offset, partition_max_bytes=_FETCH_BYTES,
+                log_start_offset=-1, current_leader_epoch=-1)])])
+
+        async def fetch():
+            return await admin._manager.send(req, node_id=leader)  # noqa: B023 (awaited at once)
+
+        resp = admin._manager.run(fetch)
+        data = next((p for t in resp.responses for p in t.partitions if p.partition_index == partition), None)
+        if data is None:  # tansu leaves out a partition that has nothing to send
+            return sorted(done, key=lambda r: r.offset)
+        if data.error_code:
+            err = for_code(data.error_code)
+            if err.__name__ == "OffsetOutOfRangeError" and offset == 0:
+                offset = max(0, data.log_start_offset)  # compaction/retention moved the start
+                continue
+            raise CheckpointError(f"reading {topic}[{partition}] at offset {offset}: {err.__name__}")
+        records = MemoryRecords(data.records) if data.records else None
+        batches = 0
+        while records is not None and (batch := records.next_batch()) is not None:
+            batches += 1
+            offset = batch.next_offset
+            if batch.is_control_batch:
+                commit = int.from_bytes(next(iter(batch)).key[2:4], "big") == _COMMIT
+                epoch, keep = batch.producer_epoch, []
+                for e, rows in open_tx.pop(batch.producer_id, []):
+                    if e > epoch:
+                        keep.append((e, rows))
+                    elif e == epoch and commit:
+                        done.extend(rows)
+                    # an older epoch was fenced: its writes never commit
+                if keep:
+                    open_tx[batch.producer_id] = keep
+                continue
+            rows = [LogRecord(partition, r.offset, r.key, r.value, list(r.headers)) for r in batch]
+            if batch.is_transactional:
+                open_tx.setdefault(batch.producer_id, []).append((batch.producer_epoch, rows))
+            else:
+                done.extend(rows)
+        if not batches:
+            # nothing more below the last stable offset; what is still open is not committed
+            return sorted(done, key=lambda r: r.offset)
+
+
 def open_store(cfg) -> CheckpointStore:
     """The checkpoint store chosen by cfg.state for pipeline cfg.pipeline.name."""
     if cfg.state.backend == "kafka":
         if cfg.kafka is None:
             raise ConfigError('state.backend = "kafka" needs a [kafka] section with bootstrap_servers')
-        return KafkaCheckpointStore(cfg.kafka, cfg.state.topic, cfg.pipeline.name)
+        return KafkaCheckpointStore(cfg.kafka, cfg.state.topic, cfg.pipeline.name,
+                                    transactional=cfg.pipeline.delivery == "exactly-once")
     return FileCheckpointStore(cfg.state.path, cfg.pipeline.name)
