@@ -9,6 +9,16 @@ Delivery: every record (events and DLQ records alike) enters an AckWindow in rea
 checkpoint moves only to the last record of the contiguous acknowledged prefix. When Kafka fails
 to confirm a record, the pipeline stops reading, rewinds the source to the durable checkpoint and
 reads again (at-least-once: records after the checkpoint may repeat, none are lost).
+
+Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka transaction holding
+its events, its DLQ records and the checkpoint of its last record (transactional_id
+`tanium-connector.<pipeline name>`, so a restarted instance fences the old one and aborts its
+open transaction). A transaction that fails is aborted and the source rewinds to the checkpoint
+read back from Kafka, i.e. to the last committed transaction.
+
+HA (`ha.enabled`): the pipeline polls only while connector/leader.py says this process is the
+leader; on losing the lead it stops the source and the sink at once and stands by again. Each
+term starts from the shared Kafka checkpoint.
 """
 from __future__ import annotations
 
@@ -20,14 +30,16 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
+from kafka.errors import KafkaError
 
 from connector import __version__
 from connector.config import ConfigError
 from connector.enrich import Enricher
+from connector.leader import LeaderElection, LeaderError, group_id, leader_topic
 from connector.normalize import NormalizeError, Normalizer, SCHEMA_VERSION, serialize
-from connector.sink import AckWindow, DryRunSink, KafkaSink
+from connector.sink import AckWindow, DryRunSink, KafkaSink, SinkError
 from connector.source import AlertSource, Position
-from connector.state import open_store
+from connector.state import CheckpointError, open_store
 from connector.tanium import TaniumClient, TaniumError
 from connector.timeutil import parse_start, parse_ts, utcnow
 
@@ -64,14 +76,24 @@ class StreamPipeline:
         self.stop_event = threading.Event()
         self.summary = Summary()
         self.client = client or TaniumClient(cfg.tanium, metrics)
+        self.exactly_once = cfg.pipeline.delivery == "exactly-once" and not dry_run
+        # one id per pipeline: a restarted (or newly elected) instance fences the previous one
+        self.transactional_id = f"tanium-connector.{cfg.pipeline.name}" if self.exactly_once else None
+        ha = cfg.ha.enabled and not dry_run
         if sink is None:
             if dry_run:
                 sink = DryRunSink(out or sys.stdout)
             elif cfg.kafka is None:
                 raise ConfigError(f"{cfg.pipeline.name}: the pipeline has no [kafka] section: add one, or use --dry-run")
-            else:
-                sink = KafkaSink(cfg.kafka, metrics)
+            elif not ha:  # with HA, each term as leader opens its own sink (see _run_ha)
+                sink = self._new_sink()
         self.sink = sink
+        self.election = None
+        if ha:
+            self.election = LeaderElection(cfg.kafka, leader_topic(cfg.state.topic), group_id(cfg.pipeline.name),
+                                           session_timeout_ms=cfg.ha.session_timeout_ms,
+                                           heartbeat_interval_ms=cfg.ha.heartbeat_interval_ms,
+                                           metrics=metrics, on_change=self._leadership)
         self.store = store if store is not None else open_store(cfg)
         self.enricher = None
         if cfg.tanium.enrich_intel_docs:
@@ -94,10 +116,27 @@ class StreamPipeline:
         self.window = AckWindow()
         self.delivery_failed = threading.Event()
 
+    def _new_sink(self) -> KafkaSink:
+        return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
+
+    def _active(self) -> bool:
+        """False while another process is the HA leader: then nothing may poll or publish."""
+        return self.election is None or self.election.is_leader
+
+    def _leadership(self, leader: bool) -> None:
+        # on the election thread: refuse every further record at once; the processing thread
+        # sees _active() turn false and ends the term
+        if not leader and self.sink is not None:
+            self.sink.stop()
+
     # ---- health -------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
+        if not self._active():
+            return True, "standing by: another process is the HA leader"
         if not self.tanium_ok:
             return False, "last Tanium call failed"
+        if self.sink is None:
+            return False, "opening the Kafka producer"
         ok, why = self.sink.health()
         if not ok:
             return False, why
@@ -113,17 +152,17 @@ class StreamPipeline:
     # ---- source thread ----------------------------------------------------------------------
     def _poll(self, pages: queue.Queue, stop: threading.Event) -> None:
         backoff = 1.0
-        while not stop.is_set():
+        while not stop.is_set() and self._active():
             try:
                 for page in self.source.cycle():
                     self.tanium_ok = True
-                    while not stop.is_set():
+                    while not stop.is_set() and self._active():
                         try:
                             pages.put(page, timeout=0.5)
                             break
                         except queue.Full:
                             continue
-                    if stop.is_set():
+                    if stop.is_set() or not self._active():
                         return
                 self.tanium_ok = True
                 backoff = 1.0
@@ -146,31 +185,113 @@ class StreamPipeline:
                 backoff = min(backoff * 2, 300)
 
     # ---- processing -------------------------------------------------------------------------
-    def _process(self, page: list) -> None:
+    def _records(self, page: list):
+        """(position, topic, key, value, headers, kind) per alert of the page, in read order;
+        kind is "published" (an event) or "dlq"."""
         m = self.metrics
         self.summary.fetched += len(page)
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
         for alert, pos in page:
-            seq = self.window.add(pos)
             try:
                 event = self.normalizer.normalize(alert)
                 value = serialize(event)
             except NormalizeError as e:
-                self._to_dlq(alert, e.reason, seq)
+                yield (pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq")
                 continue
             key = str(event.get("uid") or "").encode() or None
-            self.sink.send(self.topic, key, value, self.headers, self._on_done(seq, "published"))
+            yield pos, self.topic, key, value, self.headers, "published"
         if m:
             m.records_sent.labels(m.pipeline, "source").inc(len(page))
 
-    def _to_dlq(self, alert, reason: str, seq: int) -> None:
+    def _process(self, page: list) -> None:
+        for pos, topic, key, value, headers, kind in self._records(page):
+            seq = self.window.add(pos)
+            self.sink.send(topic, key, value, headers, self._on_done(seq, kind))
+
+    def _dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
         if self.metrics:
             self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
         record = {"reason": reason, "pipeline": self.cfg.pipeline.name, "received_at": utcnow().isoformat(),
                   "raw": orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()}
-        self.sink.send(self.dlq_topic, None, orjson.dumps(record), self.headers + [("reason", reason.encode())],
-                       self._on_done(seq, "dlq"))
+        return orjson.dumps(record), self.headers + [("reason", reason.encode())]
+
+    # ---- exactly-once -----------------------------------------------------------------------
+    def _process_tx(self, page: list) -> None:
+        """One transaction: the page's events and DLQ records plus the checkpoint of its last
+        record. On any failure the transaction is aborted and delivery_failed set (→ rewind)."""
+        sink, failed, counts, last = self.sink, [], {"published": 0, "dlq": 0}, None
+
+        def on_done(ok: bool, exc: Exception | None = None) -> None:
+            if not ok:
+                failed.append(exc)
+
+        try:
+            sink.begin()
+            for pos, topic, key, value, headers, kind in self._records(page):
+                last = pos
+                counts[kind] += 1
+                if not sink.send(topic, key, value, headers, on_done):
+                    break
+            if failed:
+                raise SinkError(f"Kafka did not take a record: {failed[0]}")
+            checkpoint = last.to_checkpoint()
+            sink.commit(records=[self.store.record(checkpoint)], timeout=self._tx_timeout())
+        except (SinkError, CheckpointError, KafkaError) as e:
+            self.summary.delivery_failures += 1
+            if self._active() and not self.stop_event.is_set():
+                log.error("Kafka transaction failed, aborting it: %s", e)
+            self._abort()
+            self.delivery_failed.set()
+            return
+        self.summary.published += counts["published"]
+        self.summary.dlq += counts["dlq"]
+        self._committed(checkpoint, last)
+
+    def _tx_timeout(self) -> float:
+        return self.cfg.kafka.delivery_timeout_ms / 1000 + 5
+
+    def _abort(self) -> None:
+        try:
+            self.sink.abort(timeout=self._tx_timeout())
+        except (SinkError, KafkaError) as e:
+            # a producer that cannot abort (fenced, timed out, broken) is replaced: the new one's
+            # init_transactions aborts whatever the old one left open
+            log.warning("could not abort the Kafka transaction (%s); opening a new producer", e)
+            self._replace_sink()
+
+    def _replace_sink(self) -> None:
+        old, self.sink = self.sink, None
+        old.stop()
+        try:
+            old.close(1)
+        except Exception as e:  # noqa: BLE001 (a broken producer; the new one takes over)
+            log.debug("closing the old producer: %s", e)
+        self.sink = self._open_sink()
+
+    def _open_sink(self) -> KafkaSink | None:
+        """A new sink, retried while Kafka refuses; None when stopped or no longer leader."""
+        backoff = 1.0
+        while not self.stop_event.is_set() and self._active():
+            try:
+                return self._new_sink()
+            except SinkError as e:
+                log.error("%s; retrying in %.0fs", e, backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 30)
+        return None
+
+    def _reload(self) -> tuple[dict | None, bool]:
+        """(checkpoint, ok) read back from the store, retried while Kafka fails."""
+        backoff = 1.0
+        while not self.stop_event.is_set() and self._active():
+            try:
+                return self.store.load(), True
+            except CheckpointError as e:
+                log.error("%s; retrying in %.0fs", e, backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 30)
+        return None, False
 
     def _on_done(self, seq: int, kind: str):
         def done(ok: bool, exc: Exception | None = None) -> None:
@@ -188,12 +309,15 @@ class StreamPipeline:
 
     def _commit(self) -> None:
         pos: Position | None = self.window.committable()
-        if pos is None or self.dry_run:
+        if pos is None or self.dry_run or self.exactly_once:
             return
         checkpoint = pos.to_checkpoint()
         if checkpoint == self.committed:
             return
         self.store.save(checkpoint)
+        self._committed(checkpoint, pos)
+
+    def _committed(self, checkpoint: dict, pos: Position) -> None:
         self.committed = checkpoint
         self.summary.checkpoint = checkpoint
         self.last_commit = time.monotonic()
@@ -204,23 +328,82 @@ class StreamPipeline:
 
     # ---- main loop --------------------------------------------------------------------------
     def run(self) -> int:
+        self.start_at = parse_start(self.since or self.cfg.source.start_from)
+        if self.election is None:
+            self._term()
+        else:
+            self._run_ha()
+        self._shutdown()
+        return 1 if self.summary.errors else 0
+
+    def _term(self) -> bool:
+        """Polls and publishes from the durable checkpoint until stopped, finished (--once) or
+        the HA lead is lost. True when the pipeline is done (stopped or finished)."""
         checkpoint = None if self.since else self.store.load()
+        self.since = None  # a later HA term resumes from the shared checkpoint
         self.committed = checkpoint
         self.summary.checkpoint = checkpoint
-        start_at = parse_start(self.since or self.cfg.source.start_from)
+        start_at = self.start_at
         self.source.resume(checkpoint, start_at)
         log.info("pipeline %s starting from %s", self.cfg.pipeline.name,
                  f"checkpoint {checkpoint}" if checkpoint else f"createdAt >= {start_at.isoformat()}")
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and self._active():
             finished = self._session()
             if finished:
+                return True
+            if self.stop_event.is_set() or not self._active():
                 break
             # Kafka failed a delivery: read again from the durable checkpoint
             self.summary.rewinds += 1
+            if self.exactly_once:  # the last committed transaction's checkpoint, as Kafka has it
+                loaded, ok = self._reload()
+                if not ok:
+                    break
+                if loaded is not None or self.committed is not None:
+                    self.committed = loaded
             log.warning("rewinding to checkpoint %s after a failed delivery", self.committed)
             self.source.resume(self.committed, start_at)
-        self._shutdown()
-        return 1 if self.summary.errors else 0
+        return self.stop_event.is_set()
+
+    def _run_ha(self) -> None:
+        try:
+            self.election.start()
+        except LeaderError as e:
+            log.error("%s", e)
+            self.summary.errors.append(str(e))
+            return
+        log.info("HA: pipeline %s waits to be elected (group %s)", self.cfg.pipeline.name, self.election.group)
+        try:
+            while not self.stop_event.is_set():
+                if not self.election.wait_leader(0.5):
+                    self._report_ready()
+                    continue
+                # in exactly-once mode this fences the previous leader's producer
+                self.sink = self._open_sink()
+                if self.sink is None:
+                    continue
+                try:
+                    if self._term():
+                        break
+                except CheckpointError as e:  # Kafka trouble while loading: try again as leader
+                    log.error("%s", e)
+                    self.stop_event.wait(1)
+                log.warning("HA: lost the lead; stopped polling and publishing, standing by")
+                self._end_term()
+        finally:
+            self.election.close()
+
+    def _end_term(self) -> None:
+        # records this term already handed to Kafka may still land (at-least-once: duplicates
+        # of what the next leader re-reads after the checkpoint); no checkpoint is written now
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.stop()
+            try:
+                sink.close(1)
+            except Exception as e:  # noqa: BLE001 (the producer of a finished term)
+                log.debug("closing the producer of the last term: %s", e)
+        self.window = AckWindow()
 
     def _session(self) -> bool:
         """Runs until stopped, finished (--once), or a delivery fails (returns False)."""
@@ -231,8 +414,9 @@ class StreamPipeline:
         poller = threading.Thread(target=self._poll, args=(pages, stop_source), name="source", daemon=True)
         poller.start()
         finished = False
+        process = self._process_tx if self.exactly_once else self._process
         try:
-            while not self.stop_event.is_set() and not self.delivery_failed.is_set():
+            while not self.stop_event.is_set() and not self.delivery_failed.is_set() and self._active():
                 try:
                     page = pages.get(timeout=0.5)
                 except queue.Empty:
@@ -242,12 +426,14 @@ class StreamPipeline:
                 if page is _DONE:
                     finished = True
                     break
-                self._process(page)
+                process(page)
                 self._commit()
                 self._report_ready()
         finally:
             stop_source.set()
             poller.join(timeout=self.cfg.tanium.timeout + 5)
+        if self.stop_event.is_set() and self.exactly_once:
+            return True  # every processed page is committed; what waits is re-read next time
         if self.stop_event.is_set():
             # drain what was already fetched, so the checkpoint lands on the last delivered record
             while True:
@@ -260,14 +446,19 @@ class StreamPipeline:
             return True
         if finished:
             return True
-        self.sink.flush(self.cfg.pipeline.shutdown_timeout)
-        self._commit()
+        if not self._active():
+            return False  # lost the HA lead: no checkpoint from here on
+        if not self.exactly_once:
+            self.sink.flush(self.cfg.pipeline.shutdown_timeout)
+            self._commit()
         return False
 
     def _shutdown(self) -> None:
-        self.sink.flush(self.cfg.pipeline.shutdown_timeout)
-        self._commit()
-        self.sink.close(5)
+        if self.sink is not None:
+            if not self.exactly_once and self._active():
+                self.sink.flush(self.cfg.pipeline.shutdown_timeout)
+                self._commit()
+            self.sink.close(5)
         if self.enricher:
             self.enricher.close()
             stats = self.enricher.stats
@@ -280,6 +471,10 @@ class StreamPipeline:
         if self.stop_event.is_set():
             return
         self.stop_event.set()
-        timer = threading.Timer(0.8 * self.cfg.pipeline.shutdown_timeout, self.sink.stop)
+        timer = threading.Timer(0.8 * self.cfg.pipeline.shutdown_timeout, self._stop_sink)
         timer.daemon = True
         timer.start()
+
+    def _stop_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.stop()
