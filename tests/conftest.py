@@ -176,3 +176,63 @@ def proxied(tmp_path_factory):
 def proxy(proxied):
     yield proxied.proxy
     proxied.proxy.resume()
+
+
+# -- appended by the reliability engineer: a broker behind a *slow* link (latency per chunk instead
+# of a stall), for the slow-consumer-side back-pressure test (issue 7) ------------------------------
+class SlowProxy(StallProxy):
+    """A StallProxy that also holds every chunk it forwards for `delay` seconds, in both
+    directions: a slow broker or link. Each direction of a connection forwards one chunk at a
+    time, so throughput per connection drops to about chunk size / delay. `delay = 0` is full speed;
+    stall()/resume() still work."""
+
+    delay = 0.0
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self.delay:
+                    time.sleep(self.delay)  # the injected latency itself
+                self.flowing.wait()
+                if self.closed:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def slowed(tmp_path_factory):
+    """Like `proxied`, with a SlowProxy in front of the broker: `.proxy.delay = seconds`. Use the
+    `slow_link` fixture too: it sets the delay back to 0 after each test."""
+    real, front = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("tansu-slowed") / "tansu.log", "ab")
+    proc = subprocess.Popen(
+        [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_port("127.0.0.1", real, 20), "slowed tansu did not start"
+        proxy = SlowProxy(front, ("127.0.0.1", real))
+        yield ProxiedBroker(proxy, front, proc)
+        proxy.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def slow_link(slowed):
+    yield slowed.proxy
+    slowed.proxy.delay = 0.0
+    slowed.proxy.resume()

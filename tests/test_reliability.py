@@ -222,3 +222,145 @@ def test_kill_9_twenty_times_loses_no_alert(broker, topic_prefix, tmp_path):
                "checkpoints_after_each_kill": checkpoints}
     (tmp_path / "crash_figures.json").write_text(json.dumps(figures, indent=2))
     print(f"\nCRASH TEST FIGURES: {json.dumps(figures)}")
+
+
+def stop_live(sim) -> int:
+    """Stop the simulator's live alerts; → how many alerts exist from now on."""
+    sim.live_total = sim.live_created
+    wait_until(lambda: not any(t.name == "simulator-live" for t in threading.enumerate()),
+               what="the simulator to stop creating alerts")
+    return sim.alert_count
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# ---- 2. the broker black-holed for 30 s ---------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_broker_black_holed_for_30s_then_healed(proxied, proxy, topic_prefix, tmp_path):
+    """The CLI streams live alerts through a proxy that then black-holes the broker for 30 s (every
+    connection held open, no byte moves). Meanwhile the process stays up, /healthz answers, /readyz
+    turns 503 with the reason, Tanium is still polled, and the checkpoint stays where it was. After
+    the proxy heals, /readyz is 200 again, every alert arrives, SIGTERM exits 0, and no traceback
+    was ever logged."""
+    with Simulator(alerts=1000, intel_docs=6, seed=41, history=3600, live_rate=40) as sim:
+        port = free_port()
+        state_dir = tmp_path / "state"
+        cfg_file = write_pipeline(tmp_path / "p.toml", stream_sections(
+            topic_prefix, sim, proxied.bootstrap, state_dir, metrics_port=port, tanium={"page_size": 100}))
+        store = FileCheckpointStore(state_dir, topic_prefix)
+        cli = Cli(["--log-format", "json", "run", str(cfg_file)], tmp_path / "run.log")
+        try:
+            wait_until(lambda: (store.load() or {}).get("offset", 0) >= 1000, what="the history delivered")
+            wait_until(lambda: scrape(port, "/readyz")[0] == 200, what="ready")
+            proxy.stall()
+            t0 = time.monotonic()
+            wait_until(lambda: scrape(port, "/readyz")[0] == 503, timeout=40, what="/readyz to turn 503")
+            assert "Kafka" in scrape(port, "/readyz")[1]
+            held, polls = store.load(), sim.stats["alerts"]
+            samples = 0
+            while time.monotonic() - t0 < 30:  # the rest of the 30 s black hole, sampled
+                assert cli.alive, cli.logs()[-3000:]
+                assert store.load() == held, "the checkpoint moved while Kafka was unreachable"
+                assert scrape(port, "/healthz")[0] == 200
+                assert scrape(port, "/readyz")[0] == 503
+                samples += 1
+                time.sleep(0.5)  # sampling interval, not a synchronisation
+            assert samples >= 10
+            assert sim.stats["alerts"] > polls, "Tanium is still polled during the outage"
+            text = scrape(port)[1]
+            assert metric(text, "ready") == 0
+            assert (metric(text, "sink_inflight_records") or 0) > 0
+            proxy.resume()
+            wait_until(lambda: scrape(port, "/readyz")[0] == 200, timeout=120, what="ready again after healing")
+            created = stop_live(sim)
+            wait_until(lambda: (store.load() or {}).get("offset") == created, timeout=120,
+                       what="everything delivered after healing")
+            assert store.load()["offset"] > held["offset"]
+        finally:
+            cli.proc.terminate()
+            code, _ = cli.wait(60)
+        assert code == 0, cli.logs()[-3000:]
+        logs = cli.logs()
+        assert "Traceback" not in logs and '"level": "critical"' not in logs
+    records = read_topic(proxied.bootstrap, f"{topic_prefix}.events", expect=created, timeout=60)
+    ids = event_ids(records)
+    assert set(ids) == set(range(1, created + 1))
+    print(f"\nPARTITION TEST: {created} alerts, {len(ids) - len(set(ids))} duplicates")
+
+
+# ---- 4. a slow broker: back pressure ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slow_broker_bounds_memory_and_slows_polling(slowed, slow_link, topic_prefix, tmp_path):
+    """The broker link is slowed (every chunk held 0.1 s). Sampled from the CLI's /metrics and
+    /proc: records held (fetched from Tanium − acknowledged by Kafka) never exceed max_unacked +
+    the page queue, RSS stays under 160 MB (about 70 MB in practice), and Tanium pages fetched never run ahead of what Kafka
+    acknowledged. Over equal sampling windows, the slowed phase makes a fraction of the Tanium
+    requests of the full-speed phase that follows. At the end every alert is in the topic."""
+    total, page, max_unacked = 15000, 100, 200
+    bound = max_unacked + (4 + 2) * page  # pipeline.QUEUE_PAGES pages queued, one in hand, one being put
+    with Simulator(alerts=total, intel_docs=6, seed=42, history=3600) as sim:
+        port = free_port()
+        state_dir = tmp_path / "state"
+        cfg_file = write_pipeline(tmp_path / "p.toml", stream_sections(
+            topic_prefix, sim, slowed.bootstrap, state_dir, metrics_port=port,
+            tanium={"page_size": page, "poll_interval": 5},
+            kafka={"max_unacked": max_unacked, "batch_size": 16384}))
+        slow_link.delay = 0.1
+        cli = Cli(["--log-format", "json", "run", str(cfg_file)], tmp_path / "run.log")
+        store = FileCheckpointStore(state_dir, topic_prefix)
+
+        def sample():
+            text = scrape(port)[1]
+            fetched = metric(text, "records_received_total", stage="source") or 0
+            acked = metric(text, "records_sent_total", stage="sink") or 0
+            return fetched, acked, metric(text, "source_pages_total") or 0
+
+        peak_rss = [0]
+
+        def window(seconds: float) -> tuple[int, float, float]:
+            """Tanium requests, records acknowledged, max held, during `seconds` of sampling."""
+            r0, (_, a0, _) = sim.stats["alerts"], sample()
+            most_held = 0.0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                fetched, acked, pages = sample()
+                held = fetched - acked
+                most_held = max(most_held, held)
+                assert held <= bound, f"{held} records held (bound {bound})"
+                # polling follows acknowledgements: no page is fetched that could not be held (the
+                # first request is the start probe; later pages repeat one record: the overlap)
+                assert (pages - 1) * (page - 1) <= acked + bound, (pages, acked)
+                peak_rss[0] = max(peak_rss[0], rss_bytes(cli.proc.pid))
+                assert peak_rss[0] < 160 * 2**20
+                assert cli.alive, cli.logs()[-3000:]
+                time.sleep(0.2)  # sampling interval
+            return sim.stats["alerts"] - r0, sample()[1] - a0, most_held
+
+        try:
+            wait_until(lambda: (store.load() or {}).get("offset", 0) > 0, timeout=60, what="a first delivery")
+            slow_requests, slow_acked, slow_held = window(8)
+            assert slow_held > max_unacked, "the slow link never made the pipeline hold back"
+            slow_link.delay = 0
+            fast_requests, fast_acked, _ = window(8)
+            assert fast_acked > 3 * slow_acked, (slow_acked, fast_acked)
+            assert slow_requests * 3 < fast_requests, (slow_requests, fast_requests)
+            wait_until(lambda: (store.load() or {}).get("offset") == total, timeout=120, what="all delivered")
+        finally:
+            cli.proc.terminate()
+            code, _ = cli.wait(60)
+        assert code == 0, cli.logs()[-3000:]
+        assert "Traceback" not in cli.logs()
+    ids = event_ids(read_topic(slowed.bootstrap, f"{topic_prefix}.events", expect=total, timeout=90))
+    assert set(ids) == set(range(1, total + 1))
+    print(f"\nSLOW BROKER: Tanium requests slowed {slow_requests} vs full speed {fast_requests}; "
+          f"acked {slow_acked} vs {fast_acked}; most held {slow_held} (bound {bound}); "
+          f"peak RSS {peak_rss[0] / 2**20:.0f} MB")
