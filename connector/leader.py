@@ -23,6 +23,7 @@ from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, To
 from kafka.admin import NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import MemberState
 from prometheus_client import Gauge
 
 from connector.config import KafkaSection
@@ -76,6 +77,7 @@ class LeaderElection:
         self._consumer: KafkaConsumer | None = None
         self._thread: threading.Thread | None = None
         self.terms = 0  # times this process became leader
+        self.joined = threading.Event()  # set once this member is in a stable group
         self.error: str | None = None
 
     # -- public ------------------------------------------------------------------------------
@@ -150,10 +152,18 @@ class LeaderElection:
                 log.debug("closing the HA consumer: %s", e)
 
     def _check_lease(self) -> None:
-        last = self._last_heartbeat()
-        if last is None:
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        last = getattr(getattr(coordinator, "heartbeat", None), "last_receive", None)
+        state = getattr(coordinator, "state", None)
+        if not isinstance(last, (int, float)) or state is None:
             return  # no clock to read (another kafka-python version): rely on the group alone
         now = time.monotonic()
+        if state != MemberState.STABLE:
+            # joining or syncing: heartbeats pause, and the coordinator keeps the member (and
+            # its partition, cooperative protocol) while the rebalance runs; the lease restarts after
+            self._since = now
+            return
+        self.joined.set()
         if self.is_leader and (now - max(last, self._since)) * 1000 >= self._lease_ms():
             log.warning("HA: no heartbeat answer for %d ms; stepping down before the group can give "
                         "the lead to another process", self._lease_ms())
@@ -166,11 +176,6 @@ class LeaderElection:
             self._lapsed_at = None
             self._since = now
             self._set(True)
-
-    def _last_heartbeat(self) -> float | None:
-        hb = getattr(getattr(self._consumer, "_coordinator", None), "heartbeat", None)
-        last = getattr(hb, "last_receive", None)
-        return last if isinstance(last, (int, float)) else None
 
     def _lease_ms(self) -> int:
         return self.session_timeout_ms - self.heartbeat_interval_ms
