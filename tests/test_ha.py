@@ -215,8 +215,9 @@ def test_a_frozen_leader_is_replaced_and_fenced_when_it_wakes(broker, topic_pref
             created = sim.alert_count
             wait_until(lambda: (store.load() or {}).get("id") == created, timeout=90,
                        what="the new leader to deliver everything")
-            # the old process stands by: it has not polled since it stepped down
-            assert _alert_requests(pair.ports[old]) == polls_after_waking
+            # the old process stands by: no poll since it stepped down, except at most the one
+            # request that was already on the wire when it froze (it completes on waking)
+            assert _alert_requests(pair.ports[old]) <= polls_after_waking + 1
             assert _leader_gauge(pair.ports[old]) == 0.0
             old_log = pair.clis[old].logs()
             assert "standing by" in old_log
