@@ -17,6 +17,8 @@ the contiguous prefix (in send order) that Kafka confirmed.
 from __future__ import annotations
 
 import logging
+import random
+import struct
 import threading
 import time
 from collections import deque
@@ -25,6 +27,7 @@ from typing import Callable, Hashable, TextIO
 from kafka import KafkaProducer
 from kafka import codec
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.partitioner.abc import Partitioner
 
 from connector.config import KafkaSection
 
@@ -64,6 +67,53 @@ def client_settings(kafka: KafkaSection) -> dict:
     return out
 
 
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """The Java client's murmur2 (as kafka-python's, same results) at half its cost: the 4-byte words
+    are unpacked in one call instead of assembled byte by byte."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    n = length >> 2
+    if n:
+        for k in struct.unpack_from(f"<{n}I", data):
+            k = (k * _M) & _MASK
+            h = ((h * _M) & _MASK) ^ (((k ^ (k >> 24)) * _M) & _MASK)
+    rest = length & 3
+    if rest:
+        base = length - rest
+        if rest == 3:
+            h ^= data[base + 2] << 16
+        if rest >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+
+
+class KeyPartitioner(Partitioner):
+    """kafka-python's DefaultPartitioner (keyed records: murmur2 of the key, as the Java client, so
+    a key lands where every other client puts it; no key: a random available partition) without
+    its per-record costs: it built a set of every topic name and hashed in pure Python byte by byte
+    (~10 µs of ~100 µs per record on the send path)."""
+
+    def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
+        parts = cluster.partitions_for_topic(topic)
+        if parts is None:
+            raise ValueError(f"Topic {topic} not found in ClusterMetadata")
+        if serialized_key is None:
+            available = cluster.available_partitions_for_topic(topic)
+            return random.choice(sorted(available or parts))
+        if len(parts) == 1:
+            for p in parts:
+                return p
+        ordered = sorted(parts)
+        return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
+
+
 def describe_servers(kafka: KafkaSection) -> str:
     return f"{','.join(kafka.bootstrap_servers)} ({kafka.security_protocol})"
 
@@ -94,6 +144,7 @@ def producer_settings(kafka: KafkaSection, transactional_id: str | None = None,
         "max_block_ms": max_block_ms,
         "bootstrap_timeout_ms": max_block_ms,
         "metrics_enabled": False,
+        "partitioner": KeyPartitioner(),
     }
 
 
@@ -142,6 +193,12 @@ class KafkaSink:
         self._last_fail: float | None = None
         self._busy_since = 0.0
         self._last_error = ""
+        if metrics:  # label lookups cost more than the increments: once here, not per record
+            p = metrics.pipeline
+            self._m_received = metrics.records_received.labels(p, "sink")
+            self._m_sent = metrics.records_sent.labels(p, "sink")
+            self._m_inflight = metrics.inflight.labels(p)
+            self._m_produce = metrics.produce_duration.labels(p)
         self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
         if transactional_id:
             try:
@@ -163,9 +220,8 @@ class KafkaSink:
         seconds passed without room, or the producer refused the record.
         """
         rec = _Record(topic, on_done)
-        m = self.metrics
-        if m:
-            m.records_received.labels(m.pipeline, "sink").inc()
+        if self.metrics:
+            self._m_received.inc()
         refused: Exception | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -225,19 +281,19 @@ class KafkaSink:
             self._gauge()
             self._cond.notify_all()
         if ok and self.metrics:
-            self.metrics.produce_duration.labels(self.metrics.pipeline).observe(now - rec.t0)
+            self._m_produce.observe(now - rec.t0)
         self._notify(rec, ok, exc)
 
     def _gauge(self) -> None:
         # under self._cond, so the gauge never shows an older count than the last change
         if self.metrics:
-            self.metrics.inflight.labels(self.metrics.pipeline).set(len(self._pending))
+            self._m_inflight.set(len(self._pending))
 
     def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
         m = self.metrics
         if m:
             if ok:
-                m.records_sent.labels(m.pipeline, "sink").inc()
+                self._m_sent.inc()
             elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
                 m.delivery_failures.labels(m.pipeline, rec.topic).inc()
         try:

@@ -92,3 +92,41 @@ def test_bad_options_are_clear_errors(args, message):
     r = bench(*args, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- hot-path replacements give the same results as what they replace ---------------------------
+
+def test_key_partitioner_puts_every_key_where_kafka_python_does(broker, topic_prefix):
+    import random
+    import uuid
+
+    from kafka.partitioner.default import DefaultPartitioner
+    from kafka.partitioner.default import murmur2 as reference
+
+    from connector.config import KafkaSection
+    from connector.sink import KeyPartitioner, make_producer, murmur2
+
+    rng = random.Random(7)
+    for n in range(70):  # every tail length, words and no words
+        for _ in range(8):
+            data = rng.randbytes(n)
+            assert murmur2(data) == reference(data), data
+    topic = f"{topic_prefix}.keys"
+    producer = make_producer(KafkaSection(bootstrap_servers=broker.bootstrap, topic=topic, linger_ms=0))
+    try:
+        parts = producer.partitions_for(topic)
+        assert len(parts) > 1, "needs a topic with several partitions"
+        cluster = producer._metadata  # the producer's real metadata, as send() passes it
+        ours, theirs = KeyPartitioner(), DefaultPartitioner()
+        keys = [str(uuid.UUID(int=rng.getrandbits(128))).encode() for _ in range(400)] + [b"", b"7", b"12345"]
+        expected = [theirs.partition(topic, k, k, None, None, cluster) for k in keys]
+        assert [ours.partition(topic, k, k, None, None, cluster) for k in keys] == expected
+        assert len(set(expected)) == len(parts)  # the keys do spread
+        assert ours.partition(topic, None, None, b"v", b"v", cluster) in parts
+        with pytest.raises(ValueError, match="not found"):
+            ours.partition(f"{topic_prefix}.unknown", b"k", b"k", None, None, cluster)
+        futures = [producer.send(topic, key=k, value=b"v") for k in keys[:40]]
+        producer.flush(30)
+        assert [f.get(30).partition for f in futures] == expected[:40]
+    finally:
+        producer.close(5)
