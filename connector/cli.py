@@ -273,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # Kafka unusable at start, an unreadable checkpoint: the message says what to check
+        from connector.sink import SinkError
+        from connector.state import CheckpointError
+
+        if not isinstance(e, (SinkError, CheckpointError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

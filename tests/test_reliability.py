@@ -303,8 +303,9 @@ def test_slow_broker_bounds_memory_and_slows_polling(slowed, slow_link, topic_pr
     """The broker link is slowed (every chunk held 0.1 s). Sampled from the CLI's /metrics and
     /proc: records held (fetched from Tanium − acknowledged by Kafka) never exceed max_unacked +
     the page queue, RSS stays under 160 MB (about 70 MB in practice), and Tanium pages fetched
-    never run ahead of what Kafka acknowledged. Over equal sampling windows, the slowed phase makes a fraction of the Tanium
-    requests of the full-speed phase that follows. At the end every alert is in the topic."""
+    never run ahead of what Kafka acknowledged. Over equal sampling windows, the slowed phase
+    makes a fraction of the Tanium requests of the full-speed phase that follows. At the end
+    every alert is in the topic."""
     total, page, max_unacked = 15000, 100, 200
     bound = max_unacked + (4 + 2) * page  # pipeline.QUEUE_PAGES pages queued, one in hand, one being put
     with Simulator(alerts=total, intel_docs=6, seed=42, history=3600) as sim:
