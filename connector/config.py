@@ -152,6 +152,8 @@ class KafkaSection(_Section):
     batch_size: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 262144
     max_unacked: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
     delivery_timeout_ms: Annotated[int, Field(ge=1000)] = 120000
+    # producer library: kafka-python (default) or confluent (librdkafka, optional extra)
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -174,6 +176,17 @@ class KafkaSection(_Section):
             except ImportError:
                 raise ValueError(f"needs the Python package {module!r} (pip install {module}); "
                                  "gzip and none work without extra packages") from None
+        return v
+
+    @field_validator("client")
+    @classmethod
+    def _client(cls, v: str) -> str:
+        if v == "confluent":
+            try:
+                __import__("confluent_kafka")
+            except ImportError:
+                raise ValueError("'confluent' needs the Python package 'confluent-kafka' "
+                                 "(pip install 'tanium-tr-connector[confluent]'); or use 'kafka-python'") from None
         return v
 
     @model_validator(mode="after")

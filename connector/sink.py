@@ -1,4 +1,5 @@
-"""Kafka sink (kafka-python producer), the confirmation window and the dry-run sink.
+"""Kafka sink (kafka-python producer, or librdkafka's with kafka.client = "confluent": see
+confluent_producer.py), the confirmation window and the dry-run sink.
 
 Back pressure: kafka-python queues records without any bound (no buffer memory limit since
 2.1.5), so the sink counts records handed to the producer and not yet acknowledged; `send`
@@ -118,11 +119,15 @@ def describe_servers(kafka: KafkaSection) -> str:
     return f"{','.join(kafka.bootstrap_servers)} ({kafka.security_protocol})"
 
 
-def producer_settings(kafka: KafkaSection, transactional_id: str | None = None,
-                      max_block_ms: int = 10000) -> dict:
+def check_timeouts(kafka: KafkaSection) -> None:
     if kafka.delivery_timeout_ms < kafka.linger_ms + 1000:
         raise SinkError(f"kafka.delivery_timeout_ms = {kafka.delivery_timeout_ms} must be at least "
                         f"kafka.linger_ms + 1000 (= {kafka.linger_ms + 1000})")
+
+
+def producer_settings(kafka: KafkaSection, transactional_id: str | None = None,
+                      max_block_ms: int = 10000) -> dict:
+    check_timeouts(kafka)
     if kafka.compression in _EXTRA_PACKAGE and not _EXTRA_PACKAGE[kafka.compression][1]():
         raise SinkError(f"kafka.compression = {kafka.compression!r} needs the Python package "
                         f"{_EXTRA_PACKAGE[kafka.compression][0]!r}, which is not installed; install it "
@@ -199,7 +204,14 @@ class KafkaSink:
             self._m_sent = metrics.records_sent.labels(p, "sink")
             self._m_inflight = metrics.inflight.labels(p)
             self._m_produce = metrics.produce_duration.labels(p)
-        self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
+        if kafka.client == "confluent":
+            from connector.confluent_producer import ConfluentProducer
+
+            self._producer = ConfluentProducer(kafka, transactional_id, max_block_ms)
+            self._produce = self._produce_confluent
+        else:
+            self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
+            self._produce = self._produce_kafka_python
         if transactional_id:
             try:
                 # fences any older producer with the same id and aborts its open transaction
@@ -251,14 +263,20 @@ class KafkaSink:
             self._notify(rec, False, refused)
             return False
         try:
-            future = self._producer.send(topic, value=value, key=key, headers=headers)
+            self._produce(topic, key, value, headers, seq)
         except Exception as e:  # metadata timeout, record too large, closed producer, bad types
             log.warning("Kafka refused a record for topic %s: %s", topic, e)
             self._complete(seq, False, e)
             return False
+        return True
+
+    def _produce_kafka_python(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+        future = self._producer.send(topic, value=value, key=key, headers=headers)
         future.add_callback(self._acked, seq)
         future.add_errback(self._failed, seq)
-        return True
+
+    def _produce_confluent(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+        self._producer.produce(topic, key, value, headers, lambda ok, exc: self._complete(seq, ok, exc))
 
     def _acked(self, seq: int, _metadata) -> None:
         self._complete(seq, True, None)
