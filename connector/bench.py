@@ -21,6 +21,7 @@ Each phase topic is deleted afterwards: the in-memory broker would otherwise hol
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -102,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="SMALL,LARGE",
                         help="only compare the pipeline's peak RSS for SMALL and LARGE alerts "
                              "(default 100000,1000000; takes minutes)")
+    parser.add_argument("--client", choices=["kafka-python", "both"], default=None,
+                        help="Kafka clients measured: kafka-python (the default client) or both it and "
+                             "confluent (librdkafka); default: both when confluent-kafka is installed")
+    parser.add_argument("--gc-threshold", type=_count, default=0, metavar="N",
+                        help="what-if: every phase process runs gc.freeze() and gc.set_threshold(N, 10, 10) "
+                             "first (default 0: Python's collector settings, as the connector ships)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -137,6 +144,8 @@ def _phase_sink(raw: dict, pool: list[tuple[bytes, bytes]], count: int) -> dict:
     from connector.sink import make_producer
 
     cfg = parse_pipeline(raw)
+    if cfg.kafka.client == "confluent":
+        return _sink_confluent(cfg, pool, count)
     producer = make_producer(cfg.kafka)
     topic = cfg.kafka.topic
     headers = _headers(cfg)
@@ -149,6 +158,40 @@ def _phase_sink(raw: dict, pool: list[tuple[bytes, bytes]], count: int) -> dict:
     out = _measured(count, t0, c0)
     out["failed"] = sum(1 for f in futures if not f.succeeded())
     producer.close(5)
+    return out
+
+
+def _sink_confluent(cfg, pool: list[tuple[bytes, bytes]], count: int) -> dict:
+    from confluent_kafka import Producer
+
+    from connector.confluent_producer import confluent_settings
+
+    producer = Producer(confluent_settings(cfg.kafka))
+    topic = cfg.kafka.topic
+    headers = _headers(cfg)
+    producer.list_topics(topic, timeout=30)  # metadata stays outside the timing
+    failed = [0]
+
+    def report(err, _msg):
+        if err is not None:
+            failed[0] += 1
+
+    n = len(pool)
+    t0, c0 = time.perf_counter(), time.process_time()
+    produce, poll = producer.produce, producer.poll
+    for i in range(count):
+        key, value = pool[i % n]
+        while True:
+            try:
+                produce(topic, value, key, headers=headers, on_delivery=report)
+                break
+            except BufferError:
+                poll(0.05)
+        if not i % 500:
+            poll(0)
+    left = producer.flush(120)
+    out = _measured(count, t0, c0)
+    out["failed"] = failed[0] + left
     return out
 
 
@@ -198,9 +241,14 @@ def _phase_pipeline(raw: dict) -> dict:
 _PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline}
 
 
-def _child(name: str, args: tuple, conn) -> None:
+def _child(name: str, args: tuple, conn, gc_threshold: int = 0) -> None:
     logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    if gc_threshold:
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(gc_threshold, 10, 10)
     try:
         result = _PHASES[name](*args)
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
@@ -209,11 +257,11 @@ def _child(name: str, args: tuple, conn) -> None:
     conn.close()
 
 
-def run_phase(name: str, args: tuple, timeout: float) -> dict:
+def run_phase(name: str, args: tuple, timeout: float, gc_threshold: int = 0) -> dict:
     """Runs one phase in a fresh spawned process and returns its figures (raises BenchError)."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(name, args, send), name=f"bench-{name}", daemon=True)
+    proc = ctx.Process(target=_child, args=(name, args, send, gc_threshold), name=f"bench-{name}", daemon=True)
     proc.start()
     send.close()
     try:
@@ -334,54 +382,76 @@ def one_run(sim, topics: _Topics, bootstrap: str, workdir: Path, pool, opts) -> 
     timeout = _phase_timeout(opts.alerts, opts.latency_ms)
     out: dict = {}
 
-    name = f"bench-{run_id}-sink"
-    raw = _pipeline_raw(sim, bootstrap, name, workdir / name)
-    topics.create(f"{name}.events")
-    try:
-        out["sink"] = run_phase("sink", (raw, pool, opts.alerts), timeout)
-    finally:
-        topics.delete(f"{name}.events")
-    if out["sink"]["failed"]:
-        raise BenchError(f"sink ceiling: Kafka did not confirm {out['sink']['failed']} records")
-
     name = f"bench-{run_id}-source"
     before = _tanium_requests(sim)
-    out["source"] = run_phase("source", (_pipeline_raw(sim, bootstrap, name, workdir / name),), timeout)
+    out["source"] = run_phase("source", (_pipeline_raw(sim, bootstrap, name, workdir / name),), timeout,
+                              opts.gc_threshold)
     out["source"]["tanium_requests"] = _tanium_requests(sim) - before
     if out["source"]["events"] != opts.alerts:
         raise BenchError(f"source ceiling: fetched {out['source']['events']} alerts, expected {opts.alerts}")
 
-    name = f"bench-{run_id}-pipeline"
-    raw = _pipeline_raw(sim, bootstrap, name, workdir / name)
+    out["source"]["tanium_requests_per_1k"] = out["source"]["tanium_requests"] / opts.alerts * 1000
+    for client in opts.clients:
+        res = _client_phases(sim, topics, bootstrap, workdir, pool, opts, f"{run_id}-{client}", client, timeout,
+                             out["source"])
+        if client == "kafka-python":
+            out.update(res)
+        else:
+            out[client] = res
+    return out
+
+
+def _client_phases(sim, topics: _Topics, bootstrap: str, workdir: Path, pool, opts, tag: str, client: str,
+                   timeout: float, source: dict) -> dict:
+    """Sink ceiling and pipeline with one Kafka client (same producer settings for both)."""
+    out: dict = {}
+    kafka = {"client": client}
+    name = f"bench-{tag}-sink"
+    raw = _pipeline_raw(sim, bootstrap, name, workdir / name, kafka=kafka)
+    topics.create(f"{name}.events")
+    try:
+        out["sink"] = run_phase("sink", (raw, pool, opts.alerts), timeout, opts.gc_threshold)
+    finally:
+        topics.delete(f"{name}.events")
+    if out["sink"]["failed"]:
+        raise BenchError(f"sink ceiling ({client}): Kafka did not confirm {out['sink']['failed']} records")
+
+    name = f"bench-{tag}-pipeline"
+    raw = _pipeline_raw(sim, bootstrap, name, workdir / name, kafka=kafka)
     topics.create(f"{name}.events", f"{name}.events.dlq")
     before, intel_before = _tanium_requests(sim), sim.stats["intel"]
     try:
-        p = out["pipeline"] = run_phase("pipeline", (raw,), timeout)
+        p = out["pipeline"] = run_phase("pipeline", (raw,), timeout, opts.gc_threshold)
     finally:
         topics.delete(f"{name}.events", f"{name}.events.dlq")
     p["tanium_requests"] = _tanium_requests(sim) - before
     p["intel_requests_seen_by_simulator"] = sim.stats["intel"] - intel_before
     if p["errors"] or p["published"] != opts.alerts or p["code"] != 0:
-        raise BenchError(f"pipeline: published {p['published']} of {opts.alerts} alerts "
+        raise BenchError(f"pipeline ({client}): published {p['published']} of {opts.alerts} alerts "
                          f"(dlq {p['dlq']}, errors: {'; '.join(p['errors']) or 'none'})")
-    for phase in ("source", "pipeline"):
-        ph = out[phase]
-        ph["tanium_requests_per_1k"] = ph["tanium_requests"] / ph["events"] * 1000
-    pairs = out["source"]["doc_revisions"]
+    p["tanium_requests_per_1k"] = p["tanium_requests"] / p["events"] * 1000
+    pairs = source["doc_revisions"]
     p["doc_revisions"] = pairs
     p["intel_requests_per_doc_revision"] = p["intel_requests_seen_by_simulator"] / pairs if pairs else 0.0
     p["alerts_per_intel_request"] = (opts.alerts / p["intel_requests_seen_by_simulator"]
                                      if p["intel_requests_seen_by_simulator"] else float(opts.alerts))
-    out["ratio"] = p["events_per_s"] / min(out["sink"]["events_per_s"], out["source"]["events_per_s"])
+    out["ratio"] = p["events_per_s"] / min(out["sink"]["events_per_s"], source["events_per_s"])
     return out
 
 
 def _median_run(runs: list[dict]) -> dict:
     """Median of every numeric figure over the runs (the ratio: median of the per-run ratios)."""
-    med: dict = {"ratio": statistics.median(r["ratio"] for r in runs)}
-    for phase in ("sink", "source", "pipeline"):
-        keys = [k for k, v in runs[0][phase].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        med[phase] = {k: statistics.median(r[phase][k] for r in runs) for k in keys}
+
+    def median_of(items: list[dict], phases) -> dict:
+        med: dict = {"ratio": statistics.median(r["ratio"] for r in items)}
+        for phase in phases:
+            keys = [k for k, v in items[0][phase].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            med[phase] = {k: statistics.median(r[phase][k] for r in items) for k in keys}
+        return med
+
+    med = median_of(runs, ("sink", "source", "pipeline"))
+    if "confluent" in runs[0]:
+        med["confluent"] = median_of([r["confluent"] for r in runs], ("sink", "pipeline"))
     return med
 
 
@@ -451,7 +521,7 @@ def measure_rss_scale(opts, bootstrap: str, workdir: Path) -> dict:
                 raw = _pipeline_raw(sim, bootstrap, name, workdir / name, output={"include_raw": False})
                 topics.create(f"{name}.events", f"{name}.events.dlq")
                 try:
-                    p = run_phase("pipeline", (raw,), _phase_timeout(n, opts.latency_ms))
+                    p = run_phase("pipeline", (raw,), _phase_timeout(n, opts.latency_ms), opts.gc_threshold)
                 finally:
                     topics.delete(f"{name}.events", f"{name}.events.dlq")
             finally:
@@ -513,6 +583,9 @@ def _targets(report: dict) -> dict:
          "intel_requests_per_doc_revision": {"value": m["pipeline"]["intel_requests_per_doc_revision"],
                                              "target": "<= 1 (+ TTL refreshes)",
                                              "met": m["pipeline"]["intel_requests_per_doc_revision"] <= 1}}
+    if "confluent" in m:
+        r = m["confluent"]["ratio"]
+        t["ratio_confluent"] = {"value": r, "target": ">= 0.85", "met": r >= 0.85}
     if report.get("validation"):
         v = report["validation"]
         t["validation_ratio"] = {"value": v["ratio"], "target": "<= 2", "met": v["ratio"] <= 2}
@@ -524,16 +597,23 @@ def print_report(report: dict, out) -> None:
     runs = f"median of {c['repeat']} runs" if c["repeat"] > 1 else "1 run"
     w = out.write
     w(f"tanium-connector bench: {c['alerts']} alerts, {c['intel_docs']} IntelDocs, simulator latency "
-      f"{c['latency_ms']:g} ms/request, page size {c['page_size']}, {runs}\n")
+      f"{c['latency_ms']:g} ms/request, page size {c['page_size']}, {runs}"
+      + (f", WHAT-IF gc.set_threshold({c['gc_threshold']}, 10, 10)" if c.get("gc_threshold") else "") + "\n")
     w(f"hardware: {hardware_line(report['hardware'])}\n\n")
-    w(f"{'phase':<16}{'events/s':>10}{'CPU s/1k ev':>13}{'peak RSS MiB':>14}{'Tanium req/1k ev':>18}\n")
-    for phase, label in (("sink", "sink ceiling"), ("source", "source ceiling"), ("pipeline", "pipeline")):
-        ph = m[phase]
+    w(f"{'phase':<28}{'events/s':>10}{'CPU s/1k ev':>13}{'peak RSS MiB':>14}{'Tanium req/1k ev':>18}\n")
+    rows = [(m["sink"], "sink ceiling (kafka-python)"), (m["source"], "source ceiling"),
+            (m["pipeline"], "pipeline (kafka-python)")]
+    if "confluent" in m:
+        rows += [(m["confluent"]["sink"], "sink ceiling (confluent)"), (m["confluent"]["pipeline"], "pipeline (confluent)")]
+    for ph, label in rows:
         req = f"{ph['tanium_requests_per_1k']:.2f}" if "tanium_requests_per_1k" in ph else "-"
-        w(f"{label:<16}{ph['events_per_s']:>10.0f}{ph['cpu_per_1k']:>13.3f}{ph['peak_rss_mib']:>14.1f}{req:>18}\n")
+        w(f"{label:<28}{ph['events_per_s']:>10.0f}{ph['cpu_per_1k']:>13.3f}{ph['peak_rss_mib']:>14.1f}{req:>18}\n")
     t = report["targets"]
     ok = {True: "met", False: "NOT MET"}
-    w(f"\npipeline / min(ceilings)   {m['ratio']:.3f}   (target >= 0.85: {ok[t['ratio']['met']]})\n")
+    w(f"\npipeline / min(ceilings)   {m['ratio']:.3f} kafka-python (target >= 0.85: {ok[t['ratio']['met']]})")
+    if "confluent" in m:
+        w(f", {m['confluent']['ratio']:.3f} confluent ({ok[t['ratio_confluent']['met']]})")
+    w("\n")
     p = m["pipeline"]
     w(f"IntelDoc requests          {p['intel_requests_seen_by_simulator']:.0f} for {p['doc_revisions']:.0f} distinct "
       f"(doc, revision) = {p['intel_requests_per_doc_revision']:.2f} per pair, "
@@ -546,7 +626,10 @@ def print_report(report: dict, out) -> None:
     if c["repeat"] > 1:
         w("per run (sink / source / pipeline events/s, ratio): " + "; ".join(
             f"{r['sink']['events_per_s']:.0f} / {r['source']['events_per_s']:.0f} / "
-            f"{r['pipeline']['events_per_s']:.0f}, {r['ratio']:.3f}" for r in report["runs"]) + "\n")
+            f"{r['pipeline']['events_per_s']:.0f}, {r['ratio']:.3f}"
+            + (f" | confluent {r['confluent']['sink']['events_per_s']:.0f} / {r['confluent']['pipeline']['events_per_s']:.0f}"
+               f", {r['confluent']['ratio']:.3f}" if "confluent" in r else "")
+            for r in report["runs"]) + "\n")
     w("(shared machine: other processes compete for the same cores; compare ratios from one run)\n")
 
 
@@ -569,9 +652,16 @@ def run_bench(args) -> int:
     from connector.simulator import Simulator
 
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    have_confluent = importlib.util.find_spec("confluent_kafka") is not None
+    if args.client == "both" and not have_confluent:
+        print("bench: --client both needs the confluent-kafka package "
+              "(pip install 'tanium-tr-connector[confluent]')", file=sys.stderr)
+        return 2
+    args.clients = ["kafka-python"] + (["confluent"] if (args.client or "both") == "both" and have_confluent else [])
     hw = hardware()
     config = {"alerts": args.alerts, "intel_docs": args.intel_docs, "latency_ms": args.latency_ms,
-              "repeat": args.repeat, "page_size": PAGE_SIZE, "validation_actions": args.validation_actions}
+              "repeat": args.repeat, "page_size": PAGE_SIZE, "validation_actions": args.validation_actions,
+              "gc_threshold": args.gc_threshold or None, "clients": args.clients}
     report: dict = {"config": config, "hardware": hw}
     try:
         with tempfile.TemporaryDirectory(prefix="tanium-bench-") as tmp:

@@ -53,18 +53,29 @@ def test_bench_json_has_every_figure_and_they_agree():
     assert p["tanium_requests"] >= 1 + p["intel_requests_seen_by_simulator"]
     assert p["tanium_requests_per_1k"] == pytest.approx(p["tanium_requests"] / 300 * 1000)
     assert run["source"]["tanium_requests"] >= 1
+    if "confluent" in rep["config"]["clients"]:  # the optional client: its own sink ceiling and pipeline
+        c = run["confluent"]
+        for phase in ("sink", "pipeline"):
+            assert c[phase]["events"] == 300 and positive(c[phase]["events_per_s"]), phase
+            assert positive(c[phase]["cpu_per_1k"]) and positive(c[phase]["peak_rss_mib"]), phase
+        assert c["pipeline"]["published"] == 300
+        assert c["ratio"] == pytest.approx(
+            c["pipeline"]["events_per_s"] / min(c["sink"]["events_per_s"], run["source"]["events_per_s"]))
+        assert rep["targets"]["ratio_confluent"]["value"] == med["confluent"]["ratio"]
     v = rep["validation"]
     assert v["actions"] == 5 and positive(v["requests_1"]) and positive(v["requests_n"])
     assert v["ratio"] == pytest.approx(v["requests_n"] / v["requests_1"])
-    assert set(rep["targets"]) == {"ratio", "intel_requests_per_doc_revision", "validation_ratio"}
+    assert {"ratio", "intel_requests_per_doc_revision", "validation_ratio"} <= set(rep["targets"])
     assert rep["targets"]["ratio"]["value"] == med["ratio"]
 
 
 def test_bench_table_names_every_figure():
-    r = bench("--alerts", "200", "--intel-docs", "4", "--latency-ms", "0", "--validation-actions", "0")
+    r = bench("--alerts", "200", "--intel-docs", "4", "--latency-ms", "0", "--validation-actions", "0",
+              "--client", "kafka-python")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for text in ("sink ceiling", "source ceiling", "pipeline", "pipeline / min(ceilings)", "IntelDoc requests",
+    assert "confluent" not in out
+    for text in ("sink ceiling (kafka-python)", "source ceiling", "pipeline", "pipeline / min(ceilings)", "IntelDoc requests",
                  "CPU s/1k ev", "peak RSS MiB", "Tanium req/1k ev", "hardware: ", "kafka-python 3", "Python 3"):
         assert text in out, text
     assert "validation requests" not in out
