@@ -359,7 +359,7 @@ class StreamPipeline:
                 loaded, ok = self._reload()
                 if not ok:
                     break
-                if loaded is not None or self.committed is not None:
+                if loaded is not None:
                     self.committed = loaded
             log.warning("rewinding to checkpoint %s after a failed delivery", self.committed)
             self.source.resume(self.committed, start_at)
@@ -385,10 +385,11 @@ class StreamPipeline:
                 try:
                     if self._term():
                         break
-                except CheckpointError as e:  # Kafka trouble while loading: try again as leader
+                except CheckpointError as e:  # Kafka trouble while loading: a new term tries again
                     log.error("%s", e)
                     self.stop_event.wait(1)
-                log.warning("HA: lost the lead; stopped polling and publishing, standing by")
+                if not self._active():
+                    log.warning("HA: lost the lead; stopped polling and publishing, standing by")
                 self._end_term()
         finally:
             self.election.close()

@@ -11,10 +11,12 @@ the store adds `saved_at`. Two backends:
 Exactly-once mode writes the checkpoint inside the pipeline's Kafka transaction, so the store
 must never return a checkpoint of an aborted transaction. A broker hides those from
 read_committed consumers through the `aborted_transactions` list of its Fetch answer; tansu
-0.6.0 leaves that list empty, although it does write the COMMIT/ABORT markers into the log and
-does stop read_committed fetches at open transactions. `read_committed_log` therefore decides
-from the markers themselves (a transactional batch counts once its producer's next marker is
-COMMIT), which is what a broker's index encodes, so it is right on any broker.
+0.6.0 leaves that list empty, although it does write the COMMIT/ABORT markers into the log; and
+after a producer is fenced during a network outage its last stable offset can stay behind
+transactions that did commit, stalling read_committed fetches. `read_committed_log` therefore
+reads the whole log and decides from the markers themselves (a transactional batch counts once
+its producer's next marker of the same epoch is COMMIT), which is what a broker's index encodes,
+so it is right on any broker.
 """
 from __future__ import annotations
 
@@ -265,8 +267,9 @@ _FETCH_BYTES = 32 * 1024 * 1024
 
 
 def read_committed_log(kafka: KafkaSection, topic: str, timeout: float = 30) -> list[LogRecord]:
-    """Every record of `topic` that a read_committed consumer may see: non-transactional ones and
-    those of committed transactions, up to the last stable offset, in (partition, offset) order.
+    """Every non-transactional record of `topic` and every record of a committed transaction, in
+    (partition, offset) order. Records of transactions still open are left out (a broker's
+    read_committed consumer would also hold back what follows them until they end).
 
     Reads raw record batches (kafka-python's protocol classes, through an admin client's
     connection) and applies the transaction markers found in the log; see the module docstring
@@ -305,7 +308,7 @@ def _read_partition(admin: KafkaAdminClient, topic: str, partition: int, leader:
         req = FetchRequest(
             # min_bytes=1: tansu answers min_bytes=0 with no partition at all
             replica_id=-1, max_wait_ms=50, min_bytes=1, max_bytes=_FETCH_BYTES,
-            isolation_level=1,  # the broker stops at the last stable offset
+            isolation_level=0,  # to the high watermark: the markers decide, not the broker's LSO
             session_id=0, session_epoch=-1, forgotten_topics_data=[], rack_id="", max_version=11,
             topics=[FT(topic=topic, partitions=[FT.FetchPartition(
                 partition=partition, fetch_offset=offset, partition_max_bytes=_FETCH_BYTES,
@@ -347,7 +350,7 @@ def _read_partition(admin: KafkaAdminClient, topic: str, partition: int, leader:
             else:
                 done.extend(rows)
         if not batches:
-            # nothing more below the last stable offset; what is still open is not committed
+            # the end of the log; what is still open is not committed
             return sorted(done, key=lambda r: r.offset)
 
 
