@@ -274,8 +274,8 @@ def _field_map(v: Any) -> dict[str, list[str]]:
         if isinstance(cands, str):  # the integration's string form "['msg_s','SyslogMessage']"
             try:
                 cands = ast.literal_eval(cands.strip()) if cands.strip().startswith("[") else [cands]
-            except (ValueError, SyntaxError):
-                raise ValueError(f"{field}: {cands!r} is not a list such as \"['a','b.c']\"") from None
+            except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: absurd nesting
+                raise ValueError(f"{field}: {cands[:200]!r} is not a list such as \"['a','b.c']\"") from None
         if not isinstance(cands, list) or not all(isinstance(c, str) and c.strip() for c in cands):
             raise ValueError(f"{field}: must be a list of non-empty column paths")
         out[field] = [c.strip() for c in cands]
@@ -370,7 +370,9 @@ def _describe(err: dict, raw: dict) -> str:
     value = raw
     for p in loc:
         value = value.get(p) if isinstance(value, dict) else None
-    shown = f" = {value!r}" if value is not None and not isinstance(value, dict) else ""
+    text = repr(value)
+    text = text if len(text) <= 200 else text[:199] + "…"  # a pasted blob must not flood the error
+    shown = f" = {text}" if value is not None and not isinstance(value, dict) else ""
     return f"{key}{shown}: {msg}"
 
 

@@ -1,6 +1,7 @@
 """Timestamps: Tanium writes ISO-8601 UTC with milliseconds and `Z`; so do we."""
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -33,7 +34,10 @@ def parse_duration(value: str) -> float:
     m = _DURATION.match(value.strip())
     if not m:
         raise ValueError(f"{value!r} is not a duration such as 30s, 15m, 24h or 7d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is too long a duration")
+    return seconds
 
 
 def parse_start(value: str, now: datetime | None = None) -> datetime:
@@ -43,7 +47,10 @@ def parse_start(value: str, now: datetime | None = None) -> datetime:
     if v == "now":
         return now
     if _DURATION.match(v):
-        return now - timedelta(seconds=parse_duration(v))
+        try:
+            return now - timedelta(seconds=parse_duration(v))
+        except OverflowError:  # more days than timedelta holds, or before the year 1
+            raise ValueError(f"{value!r} reaches back further than dates go; use a shorter duration") from None
     try:
         return parse_ts(v)
     except ValueError:
