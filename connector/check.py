@@ -97,9 +97,10 @@ def _intels(client) -> str:
 def _kafka(kafka) -> str:
     from kafka import KafkaAdminClient  # noqa: PLC0415 (only when a sink is configured)
 
-    from connector.sink import client_settings  # noqa: PLC0415
+    from connector.sink import bounded_start, client_settings  # noqa: PLC0415
 
-    admin = KafkaAdminClient(**client_settings(kafka), request_timeout_ms=10000)
+    # bounded: kafka-python waits forever on a TLS handshake that never completes
+    admin = bounded_start(lambda: KafkaAdminClient(**client_settings(kafka), request_timeout_ms=10000), kafka, 40)
     try:
         topics = admin.list_topics()
     finally:

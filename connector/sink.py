@@ -153,12 +153,50 @@ def producer_settings(kafka: KafkaSection, transactional_id: str | None = None,
     }
 
 
+def bounded_start(make: Callable[[], object], kafka: KafkaSection, seconds: float):
+    """`make()` (a kafka-python client constructor) with a deadline. kafka-python 3.0.12 bounds the
+    TCP connect and the API-version exchange by bootstrap_timeout_ms, but not a TLS handshake that
+    never completes (security_protocol SSL against a plaintext listener, a hung TLS terminator):
+    the constructor would wait forever. A client that arrives after the deadline is closed."""
+    lock = threading.Lock()
+    finished = threading.Event()
+    state: dict = {"abandoned": False}
+
+    def run():
+        try:
+            client, error = make(), None
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            client, error = None, e
+        with lock:
+            if not state["abandoned"]:
+                state["client"], state["error"] = client, error
+                finished.set()
+                return
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 (nobody is waiting for it any more)
+                pass
+
+    threading.Thread(target=run, name="kafka-start", daemon=True).start()
+    finished.wait(seconds)
+    with lock:
+        if not finished.is_set():
+            state["abandoned"] = True
+            raise SinkError(f"cannot reach Kafka at {describe_servers(kafka)}: no answer within {seconds:g}s "
+                            "while connecting (a TLS handshake that never completes looks like this: check that "
+                            "kafka.security_protocol matches the listener, and the port)")
+    if state["error"] is not None:
+        raise state["error"]
+    return state["client"]
+
+
 def make_producer(kafka: KafkaSection, **overrides) -> KafkaProducer:
     """A KafkaProducer with the connector's settings; start-up failures become SinkError."""
     settings = {**producer_settings(kafka, overrides.pop("transactional_id", None),
                                     overrides.pop("max_block_ms", 10000)), **overrides}
     try:
-        return KafkaProducer(**settings)
+        return bounded_start(lambda: KafkaProducer(**settings), kafka, settings["max_block_ms"] / 1000 + 5)
     except KafkaTimeoutError:
         raise SinkError(f"cannot reach Kafka at {describe_servers(kafka)}: no broker answered within "
                         f"{settings['max_block_ms'] / 1000:g}s (check kafka.bootstrap_servers, "
