@@ -37,7 +37,11 @@ def _warmed(sim, broker, prefix, tmp_path, **tanium):
     cfg = make_cfg(sim, broker.bootstrap, prefix, tmp_path,
                    tanium={"page_size": 50, "timeout": 3, "max_retries": 3, **tanium})
     run = Running(cfg).__enter__()
-    wait_until(lambda: run.committed_offset() == sim.alert_count, what="the history delivered")
+    try:
+        wait_until(lambda: run.committed_offset() == sim.alert_count, what="the history delivered")
+    except AssertionError:
+        run.__exit__(None, None, None)
+        raise
     return cfg, run
 
 
