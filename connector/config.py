@@ -152,6 +152,7 @@ class KafkaSection(_Section):
     batch_size: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 262144
     max_unacked: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
     delivery_timeout_ms: Annotated[int, Field(ge=1000)] = 120000
+    max_request_size: Annotated[int, Field(ge=65536, le=100 * 1024 * 1024)] = 1048576
     # producer library: kafka-python (default) or confluent (librdkafka, optional extra)
     client: Literal["kafka-python", "confluent"] = "kafka-python"
 

@@ -46,6 +46,8 @@ from connector.timeutil import parse_start, parse_ts, utcnow
 log = logging.getLogger(__name__)
 
 QUEUE_PAGES = 4
+RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
+DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the raw record
 _DONE = object()  # source finished (--once)
 
 
@@ -106,6 +108,7 @@ class StreamPipeline:
         self.source = AlertSource(self.client, cfg.tanium.page_size, cfg.tanium.limit, metrics)
         self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
         self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
+        self.max_value = (cfg.kafka.max_request_size if cfg.kafka else 1024 * 1024) - RECORD_OVERHEAD
         self.headers = [("schema_version", str(SCHEMA_VERSION).encode()),
                         ("pipeline", cfg.pipeline.name.encode()),
                         ("connector_version", __version__.encode())]
@@ -195,7 +198,7 @@ class StreamPipeline:
         for alert, pos in page:
             try:
                 event = self.normalizer.normalize(alert)
-                value = serialize(event)
+                value = self._fit(event, serialize(event))
             except NormalizeError as e:
                 yield (pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq")
                 continue
@@ -209,11 +212,30 @@ class StreamPipeline:
             seq = self.window.add(pos)
             self.sink.send(topic, key, value, headers, self._on_done(seq, kind))
 
+    def _fit(self, event: dict, value: bytes) -> bytes:
+        """Kafka refuses records over max_request_size, and a refused record would be re-read
+        forever: an oversized event goes without `raw` (normalized fields intact, warning noted);
+        if even that is too big, NormalizeError sends it to the DLQ."""
+        if len(value) <= self.max_value:
+            return value
+        size = len(value)
+        if event.get("raw") is not None:
+            event["raw"] = None
+            event["normalization_warnings"].append(
+                f"raw: left out, the event was {size} bytes and kafka.max_request_size is "
+                f"{self.max_value + RECORD_OVERHEAD}")
+            value = serialize(event)
+        if len(value) > self.max_value:
+            raise NormalizeError(f"too large: the event is {len(value)} bytes even without raw "
+                                 f"(kafka.max_request_size {self.max_value + RECORD_OVERHEAD})")
+        return value
+
     def _dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
         if self.metrics:
             self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
+        raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
         record = {"reason": reason, "pipeline": self.cfg.pipeline.name, "received_at": utcnow().isoformat(),
-                  "raw": orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()}
+                  "raw": raw[:DLQ_RAW_MAX], "raw_bytes": len(raw), "raw_truncated": len(raw) > DLQ_RAW_MAX}
         return orjson.dumps(record), self.headers + [("reason", reason.encode())]
 
     # ---- exactly-once -----------------------------------------------------------------------

@@ -143,6 +143,7 @@ def producer_settings(kafka: KafkaSection, transactional_id: str | None = None,
         "linger_ms": kafka.linger_ms,
         "batch_size": kafka.batch_size,
         "delivery_timeout_ms": kafka.delivery_timeout_ms,
+        "max_request_size": kafka.max_request_size,
         # kafka-python requires delivery_timeout >= linger + request_timeout
         "request_timeout_ms": min(30000, kafka.delivery_timeout_ms - kafka.linger_ms),
         # bounds send() waiting for topic metadata, and start-up waiting for a broker

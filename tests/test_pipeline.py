@@ -267,3 +267,34 @@ def test_paging_boundaries_have_no_gaps_or_duplicates(page_size, broker, topic_p
         assert StreamPipeline(cfg, once=True, dry_run=True, out=out).run() == 0
         got = [json.loads(x)["raw"]["id"] for x in out.getvalue().splitlines()]
         assert got == list(range(1, 61))
+
+
+def test_events_too_large_for_kafka_lose_raw_or_go_to_the_dlq_and_the_stream_goes_on(broker, topic_prefix,
+                                                                                   tmp_path):
+    """Kafka refuses records over max_request_size (1 MiB here). An alert with 2 MB of unmapped
+    details is published without `raw` (its normalized fields intact, a warning says why); one whose
+    mapped field alone is 2 MB goes to the DLQ with a reason and a truncated raw; both are passed,
+    so the alerts after them arrive and the checkpoint moves on (a refused record would be re-read
+    forever)."""
+    with Simulator(alerts=50, intel_docs=3, seed=12, history=3600) as sim:
+        cfg = make_cfg(sim, broker.bootstrap, topic_prefix, tmp_path,
+                       field_map={"description": ["details.match.note", "intelDoc.name"]})
+        assert StreamPipeline(cfg, once=True).run() == 0
+        big_raw = sim.inject(details={"match": {"type": "file", "blob": "A" * 2_000_000}})
+        big_field = sim.inject(details={"match": {"type": "file", "note": "B" * 2_000_000}})
+        for _ in range(20):
+            sim.inject()
+        pipe = StreamPipeline(cfg, once=True)
+        assert pipe.run() == 0
+        assert pipe.summary.rewinds == 0 and pipe.summary.dlq == 1
+        assert pipe.committed["id"] == 72
+    events = {json.loads(r.value)["uid"]: json.loads(r.value)
+              for r in read_topic(broker.bootstrap, cfg.kafka.topic, expect=71)}
+    assert len(events) == 71
+    slim = events[big_raw["guid"]]
+    assert slim["raw"] is None and any(w.startswith("raw: left out") for w in slim["normalization_warnings"])
+    assert slim["computer"] == big_raw["computerName"]
+    dlq = read_topic(broker.bootstrap, cfg.kafka.dlq_topic, expect=1)
+    doc = json.loads(dlq[0].value)
+    assert doc["reason"].startswith("too large") and doc["raw_truncated"] is True
+    assert len(dlq[0].value) < 1024 * 1024 and str(big_field["id"]) in doc["raw"][:200]
