@@ -24,7 +24,6 @@ from kafka.admin import NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import MemberState
-from prometheus_client import Gauge
 
 from connector.config import KafkaSection
 from connector.sink import client_settings, describe_servers
@@ -44,18 +43,6 @@ def group_id(pipeline: str) -> str:
     return f"tanium-connector.{pipeline}.leader"
 
 
-def leader_gauge(metrics):
-    """`tanium_connector_ha_leader{pipeline}`: 1 while this process is the active poller."""
-    if metrics is None:
-        return None
-    gauge = getattr(metrics, "ha_leader", None)
-    if gauge is None:
-        gauge = Gauge("tanium_connector_ha_leader", "1 while this process is the HA leader (the one polling)",
-                      ["pipeline"], registry=metrics.registry)
-        metrics.ha_leader = gauge
-    return gauge.labels(metrics.pipeline)
-
-
 class LeaderElection:
     """`start()`, then `is_leader` / `wait_leader(timeout)`; `on_change(leader: bool)` is called
     on the election thread at every change (keep it short); `close()` leaves the group so a
@@ -68,7 +55,7 @@ class LeaderElection:
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.on_change = on_change
-        self.gauge = leader_gauge(metrics)
+        self.gauge = metrics.ha_leader.labels(metrics.pipeline) if metrics else None
         if self.gauge is not None:
             self.gauge.set(0)
         self._leader = threading.Event()

@@ -85,6 +85,8 @@ class Metrics:
             P + "validation_detection_latency_seconds", "First detection time minus job action start",
             lp, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800), registry=r)
         self.validation_queries = counter("validation_queries_total", "Alert queries run for validation windows")
+        # HA (set only when ha.enabled)
+        self.ha_leader = gauge("ha_leader", "1 while this process is the HA leader (the one polling)")
 
         self.build_info.labels(pipeline, __version__).set(1)
         self.ready.labels(pipeline).set(0)
