@@ -109,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gc-threshold", type=_count, default=0, metavar="N",
                         help="what-if: every phase process runs gc.freeze() and gc.set_threshold(N, 10, 10) "
                              "first (default 0: Python's collector settings, as the connector ships)")
+    parser.add_argument("--switch-interval", type=_latency, default=0, metavar="MS",
+                        help="what-if: every phase process runs sys.setswitchinterval(MS / 1000) first "
+                             "(default 0: Python's 5 ms)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -241,7 +244,7 @@ def _phase_pipeline(raw: dict) -> dict:
 _PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline}
 
 
-def _child(name: str, args: tuple, conn, gc_threshold: int = 0) -> None:
+def _child(name: str, args: tuple, conn, gc_threshold: int = 0, switch_ms: float = 0) -> None:
     logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
     if gc_threshold:
@@ -249,6 +252,8 @@ def _child(name: str, args: tuple, conn, gc_threshold: int = 0) -> None:
 
         gc.freeze()
         gc.set_threshold(gc_threshold, 10, 10)
+    if switch_ms:
+        sys.setswitchinterval(switch_ms / 1000)
     try:
         result = _PHASES[name](*args)
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
@@ -257,11 +262,11 @@ def _child(name: str, args: tuple, conn, gc_threshold: int = 0) -> None:
     conn.close()
 
 
-def run_phase(name: str, args: tuple, timeout: float, gc_threshold: int = 0) -> dict:
+def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (0, 0)) -> dict:
     """Runs one phase in a fresh spawned process and returns its figures (raises BenchError)."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(name, args, send, gc_threshold), name=f"bench-{name}", daemon=True)
+    proc = ctx.Process(target=_child, args=(name, args, send, *what_if), name=f"bench-{name}", daemon=True)
     proc.start()
     send.close()
     try:
@@ -368,6 +373,10 @@ class _Topics:
 
 # ---- one run ---------------------------------------------------------------------------------------
 
+def _what_if(opts) -> tuple:
+    return opts.gc_threshold, opts.switch_interval
+
+
 def _tanium_requests(sim) -> int:
     return sum(sim.stats.values())
 
@@ -385,7 +394,7 @@ def one_run(sim, topics: _Topics, bootstrap: str, workdir: Path, pool, opts) -> 
     name = f"bench-{run_id}-source"
     before = _tanium_requests(sim)
     out["source"] = run_phase("source", (_pipeline_raw(sim, bootstrap, name, workdir / name),), timeout,
-                              opts.gc_threshold)
+                              _what_if(opts))
     out["source"]["tanium_requests"] = _tanium_requests(sim) - before
     if out["source"]["events"] != opts.alerts:
         raise BenchError(f"source ceiling: fetched {out['source']['events']} alerts, expected {opts.alerts}")
@@ -410,7 +419,7 @@ def _client_phases(sim, topics: _Topics, bootstrap: str, workdir: Path, pool, op
     raw = _pipeline_raw(sim, bootstrap, name, workdir / name, kafka=kafka)
     topics.create(f"{name}.events")
     try:
-        out["sink"] = run_phase("sink", (raw, pool, opts.alerts), timeout, opts.gc_threshold)
+        out["sink"] = run_phase("sink", (raw, pool, opts.alerts), timeout, _what_if(opts))
     finally:
         topics.delete(f"{name}.events")
     if out["sink"]["failed"]:
@@ -421,7 +430,7 @@ def _client_phases(sim, topics: _Topics, bootstrap: str, workdir: Path, pool, op
     topics.create(f"{name}.events", f"{name}.events.dlq")
     before, intel_before = _tanium_requests(sim), sim.stats["intel"]
     try:
-        p = out["pipeline"] = run_phase("pipeline", (raw,), timeout, opts.gc_threshold)
+        p = out["pipeline"] = run_phase("pipeline", (raw,), timeout, _what_if(opts))
     finally:
         topics.delete(f"{name}.events", f"{name}.events.dlq")
     p["tanium_requests"] = _tanium_requests(sim) - before
@@ -521,7 +530,7 @@ def measure_rss_scale(opts, bootstrap: str, workdir: Path) -> dict:
                 raw = _pipeline_raw(sim, bootstrap, name, workdir / name, output={"include_raw": False})
                 topics.create(f"{name}.events", f"{name}.events.dlq")
                 try:
-                    p = run_phase("pipeline", (raw,), _phase_timeout(n, opts.latency_ms), opts.gc_threshold)
+                    p = run_phase("pipeline", (raw,), _phase_timeout(n, opts.latency_ms), _what_if(opts))
                 finally:
                     topics.delete(f"{name}.events", f"{name}.events.dlq")
             finally:
@@ -598,7 +607,9 @@ def print_report(report: dict, out) -> None:
     w = out.write
     w(f"tanium-connector bench: {c['alerts']} alerts, {c['intel_docs']} IntelDocs, simulator latency "
       f"{c['latency_ms']:g} ms/request, page size {c['page_size']}, {runs}"
-      + (f", WHAT-IF gc.set_threshold({c['gc_threshold']}, 10, 10)" if c.get("gc_threshold") else "") + "\n")
+      + (f", WHAT-IF gc.set_threshold({c['gc_threshold']}, 10, 10)" if c.get("gc_threshold") else "")
+      + (f", WHAT-IF sys.setswitchinterval({c['switch_interval_ms']:g} ms)" if c.get("switch_interval_ms") else "")
+      + "\n")
     w(f"hardware: {hardware_line(report['hardware'])}\n\n")
     w(f"{'phase':<28}{'events/s':>10}{'CPU s/1k ev':>13}{'peak RSS MiB':>14}{'Tanium req/1k ev':>18}\n")
     rows = [(m["sink"], "sink ceiling (kafka-python)"), (m["source"], "source ceiling"),
@@ -661,7 +672,8 @@ def run_bench(args) -> int:
     hw = hardware()
     config = {"alerts": args.alerts, "intel_docs": args.intel_docs, "latency_ms": args.latency_ms,
               "repeat": args.repeat, "page_size": PAGE_SIZE, "validation_actions": args.validation_actions,
-              "gc_threshold": args.gc_threshold or None, "clients": args.clients}
+              "gc_threshold": args.gc_threshold or None, "switch_interval_ms": args.switch_interval or None,
+              "clients": args.clients}
     report: dict = {"config": config, "hardware": hw}
     try:
         with tempfile.TemporaryDirectory(prefix="tanium-bench-") as tmp:
