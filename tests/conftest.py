@@ -1,6 +1,7 @@
 """Shared fixtures: the real embedded broker (tansu) and helpers to read topics back."""
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -78,7 +79,11 @@ from connector.embedded import free_port, tansu_binary, wait_port  # noqa: E402
 class StallProxy:
     """Forwards 127.0.0.1:port → target. stall() stops moving bytes in both directions while
     keeping every connection open (new ones are accepted and held): a black-holed network.
-    resume() lets the held bytes flow again, so connections survive the outage intact."""
+    resume() lets the held bytes flow again, so connections survive the outage intact.
+    `delay` (seconds) holds every chunk before forwarding it: a slow broker or link (each direction
+    of a connection forwards one chunk at a time, so throughput drops to about chunk size / delay)."""
+
+    delay = 0.0
 
     def __init__(self, port: int, target: tuple[str, int]):
         self.target = target
@@ -131,6 +136,8 @@ class StallProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self.delay:
+                    time.sleep(self.delay)  # the injected latency itself
                 self.flowing.wait()
                 if self.closed:
                     break
@@ -150,19 +157,18 @@ class ProxiedBroker:
         self.proxy, self.bootstrap, self.proc = proxy, f"127.0.0.1:{port}", proc
 
 
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory):
-    """A tansu broker (module-wide) that advertises a StallProxy's address, so every client
-    connection goes through the proxy: `.bootstrap`, `.proxy.stall()`, `.proxy.resume()`.
-    Use the `proxy` fixture too: it resumes the proxy after each test."""
+@contextlib.contextmanager
+def _broker_behind_proxy(tmp_path_factory, name: str):
+    """A tansu broker that advertises a StallProxy's address, so every client connection goes
+    through the proxy."""
     real, front = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("tansu-proxied") / "tansu.log", "ab")
+    log = open(tmp_path_factory.mktemp(name) / "tansu.log", "ab")
     proc = subprocess.Popen(
         [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}",
          "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        assert wait_port("127.0.0.1", real, 20), "proxied tansu did not start"
+        assert wait_port("127.0.0.1", real, 20), f"{name} tansu did not start"
         proxy = StallProxy(front, ("127.0.0.1", real))
         yield ProxiedBroker(proxy, front, proc)
         proxy.close()
@@ -172,63 +178,26 @@ def proxied(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    """A broker (module-wide) reachable only through a proxy: `.bootstrap`, `.proxy.stall()`,
+    `.proxy.resume()`. Use the `proxy` fixture too: it resumes the proxy after each test."""
+    with _broker_behind_proxy(tmp_path_factory, "tansu-proxied") as b:
+        yield b
+
+
 @pytest.fixture
 def proxy(proxied):
     yield proxied.proxy
     proxied.proxy.resume()
 
 
-# -- appended by the reliability engineer: a broker behind a *slow* link (latency per chunk instead
-# of a stall), for the slow-consumer-side back-pressure test (issue 7) ------------------------------
-class SlowProxy(StallProxy):
-    """A StallProxy that also holds every chunk it forwards for `delay` seconds, in both
-    directions: a slow broker or link. Each direction of a connection forwards one chunk at a
-    time, so throughput per connection drops to about chunk size / delay. `delay = 0` is full speed;
-    stall()/resume() still work."""
-
-    delay = 0.0
-
-    def _pump(self, src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if self.delay:
-                    time.sleep(self.delay)  # the injected latency itself
-                self.flowing.wait()
-                if self.closed:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 @pytest.fixture(scope="module")
 def slowed(tmp_path_factory):
-    """Like `proxied`, with a SlowProxy in front of the broker: `.proxy.delay = seconds`. Use the
-    `slow_link` fixture too: it sets the delay back to 0 after each test."""
-    real, front = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("tansu-slowed") / "tansu.log", "ab")
-    proc = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        assert wait_port("127.0.0.1", real, 20), "slowed tansu did not start"
-        proxy = SlowProxy(front, ("127.0.0.1", real))
-        yield ProxiedBroker(proxy, front, proc)
-        proxy.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    """Like `proxied`, for slow-link tests: `.proxy.delay = seconds`. Use the `slow_link`
+    fixture too: it sets the delay back to 0 after each test."""
+    with _broker_behind_proxy(tmp_path_factory, "tansu-slowed") as b:
+        yield b
 
 
 @pytest.fixture
