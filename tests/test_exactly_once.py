@@ -16,8 +16,6 @@ import json
 import random
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -26,7 +24,7 @@ from connector.config import KafkaSection
 from connector.metrics import Metrics
 from connector.pipeline import StreamPipeline
 from connector.simulator import Simulator
-from connector.sink import KafkaSink, SinkError
+from connector.sink import KafkaSink
 from connector.state import KafkaCheckpointStore, open_store, read_committed_log
 from test_pipeline import Running, make_cfg, wait_until
 
@@ -165,7 +163,6 @@ def test_each_page_is_one_transaction_with_its_checkpoint(broker, topic_prefix, 
 
 # ---- kill -9 twenty times ------------------------------------------------------------------------
 
-KILL_KINDS = ("random", "after_commit", "in_transaction", "mid_request")
 TANSU_READ_COMMITTED = ("tansu 0.6.0 sends no aborted_transactions in Fetch answers, so kafka-python's "
                         "read_committed consumer also returns the records of transactions that a killed "
                         "instance left open and its successor aborted; a correct broker hides them")
@@ -178,7 +175,7 @@ def crash_run(broker, tmp_path_factory):
     Kill points (seeded): a random moment; just after a transaction committed (the commit counter
     moved); inside a transaction (records handed to Kafka, not yet acknowledged: mid-page); while
     an alerts request is on the wire."""
-    from test_reliability import Cli, metric, scrape, stream_sections, write_pipeline
+    from test_reliability import KILL_KINDS, Cli, kill_and_restart, stop_live, stream_sections, write_pipeline
     from connector.embedded import free_port
 
     tmp_path = tmp_path_factory.mktemp("eo-crash")
@@ -195,42 +192,9 @@ def crash_run(broker, tmp_path_factory):
             tanium={"page_size": 40, "limit": 400},
             kafka={"linger_ms": 40, "max_unacked": 30}))
         store = KafkaCheckpointStore(kafka(broker.bootstrap), f"{name}.state", name, transactional=True)
-        kills, counts, checkpoints, logs = 0, {k: 0 for k in KILL_KINDS}, [], []
-        for i, kind in enumerate(kinds):
-            cli = Cli(["--log-format", "json", "run", str(cfg_file)], tmp_path / f"run{i}.log")
-            try:
-                served = sim.stats["alerts"]
-                wait_until(lambda: sim.stats["alerts"] > served or not cli.alive, timeout=60,
-                           what=f"run {i} to poll")
-                assert cli.alive, cli.logs()[-3000:]
-                if kind == "random":
-                    time.sleep(rng.uniform(0.0, 2.0))  # the kill point itself, not a synchronisation
-                elif kind == "after_commit":
-                    before = metric(scrape(port)[1], "checkpoint_commits_total") or 0
-                    wait_until(lambda: (metric(scrape(port)[1], "checkpoint_commits_total") or 0) > before,
-                               timeout=30, what="a transaction to commit")
-                    time.sleep(rng.uniform(0.0, 0.05))
-                elif kind == "in_transaction":
-                    wait_until(lambda: (metric(scrape(port)[1], "sink_inflight_records") or 0) > 0,
-                               timeout=30, what="records in flight inside a transaction")
-                else:
-                    sim.faults.latency = 0.3
-                    served = sim.stats["alerts"]
-                    wait_until(lambda: sim.stats["alerts"] > served, timeout=30, what="an alerts request")
-                    time.sleep(rng.uniform(0.0, 0.2))
-                assert cli.alive, f"run {i} exited by itself before the kill:\n{cli.logs()[-3000:]}"
-                assert cli.kill9() == -9
-                kills += 1
-                counts[kind] += 1
-            finally:
-                sim.faults.latency = 0
-                cli.stop()
-            logs.append(cli.logs())
-            checkpoints.append((store.load() or {}).get("offset", 0))
-        sim.live_total = sim.live_created
-        wait_until(lambda: not any(t.name == "simulator-live" for t in threading.enumerate()),
-                   what="the simulator to stop creating alerts")
-        created = sim.alert_count
+        kills, counts, checkpoints, logs = kill_and_restart(sim, cfg_file, tmp_path, port, store, kinds, rng,
+                                                             poll_timeout=60)
+        created = stop_live(sim)
         drain = Cli(["--log-format", "json", "run", str(cfg_file), "--once"], tmp_path / "drain.log")
         code, _ = drain.wait(180)
         logs.append(drain.logs())

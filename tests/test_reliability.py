@@ -140,6 +140,48 @@ def event_ids(records) -> list[int]:
 KILL_KINDS = ("random", "after_checkpoint", "in_flight", "mid_request")
 
 
+def kill_and_restart(sim, cfg_file, tmp_path, port, store, kinds, rng, poll_timeout=30):
+    """Runs the CLI and kill -9s it once per entry of `kinds`, restarting each time. Kill points:
+    "random" (a random moment), "after_checkpoint" (right after a checkpoint commit),
+    "in_flight" (records handed to Kafka and unacknowledged: mid-page, mid-flush or inside a
+    transaction), "mid_request" (an alerts request on the wire). → (kills, kills per kind,
+    checkpoint offset after each kill, logs)."""
+    kills, counts, checkpoints, logs = 0, {k: 0 for k in KILL_KINDS}, [], []
+    for i, kind in enumerate(kinds):
+        cli = Cli(["--log-format", "json", "run", str(cfg_file)], tmp_path / f"run{i}.log")
+        try:
+            served = sim.stats["alerts"]
+            # the process is up and polling (each restart re-reads from the checkpoint)
+            wait_until(lambda: sim.stats["alerts"] > served or not cli.alive, timeout=poll_timeout,
+                       what=f"run {i} to poll")
+            assert cli.alive, cli.logs()[-3000:]
+            if kind == "random":
+                time.sleep(rng.uniform(0.0, 2.0))  # the kill point itself, not a synchronisation
+            elif kind == "after_checkpoint":
+                before = metric(scrape(port)[1], "checkpoint_commits_total") or 0
+                wait_until(lambda: (metric(scrape(port)[1], "checkpoint_commits_total") or 0) > before,
+                           timeout=30, what="a checkpoint commit")
+                time.sleep(rng.uniform(0.0, 0.05))
+            elif kind == "in_flight":
+                wait_until(lambda: (metric(scrape(port)[1], "sink_inflight_records") or 0) > 0,
+                           timeout=30, what="records in flight to Kafka")
+            else:  # mid_request: slow replies so the kill lands while a page is on the wire
+                sim.faults.latency = 0.3
+                served = sim.stats["alerts"]
+                wait_until(lambda: sim.stats["alerts"] > served, timeout=30, what="an alerts request")
+                time.sleep(rng.uniform(0.0, 0.2))
+            assert cli.alive, f"run {i} exited by itself before the kill:\n{cli.logs()[-3000:]}"
+            assert cli.kill9() == -9
+            kills += 1
+            counts[kind] += 1
+        finally:
+            sim.faults.latency = 0
+            cli.stop()
+        logs.append(cli.logs())
+        checkpoints.append((store.load() or {}).get("offset", 0))
+    return kills, counts, checkpoints, logs
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_9_twenty_times_loses_no_alert(broker, topic_prefix, tmp_path):
@@ -161,45 +203,8 @@ def test_kill_9_twenty_times_loses_no_alert(broker, topic_prefix, tmp_path):
             tanium={"page_size": 40, "limit": 400},
             kafka={"linger_ms": 40, "max_unacked": 30}))
         store = FileCheckpointStore(state_dir, topic_prefix)
-        kills, counts = 0, {k: 0 for k in KILL_KINDS}
-        checkpoints: list[int] = []
-        logs: list[str] = []
-        for i, kind in enumerate(kinds):
-            cli = Cli(["--log-format", "json", "run", str(cfg_file)], tmp_path / f"run{i}.log")
-            try:
-                served = sim.stats["alerts"]
-                # the process is up and polling (the first restart re-reads from the checkpoint)
-                wait_until(lambda: sim.stats["alerts"] > served or not cli.alive, timeout=30,
-                           what=f"run {i} to poll")
-                assert cli.alive, cli.logs()[-3000:]
-                if kind == "random":
-                    time.sleep(rng.uniform(0.0, 2.0))  # the kill point itself, not a synchronisation
-                elif kind == "after_checkpoint":
-                    before = store.load()
-                    wait_until(lambda: store.load() != before, timeout=30, what="the checkpoint to move")
-                    time.sleep(rng.uniform(0.0, 0.05))
-                elif kind == "in_flight":
-                    wait_until(lambda: (metric(scrape(port)[1], "sink_inflight_records") or 0) > 0,
-                               timeout=30, what="records in flight to Kafka")
-                else:  # mid_request: slow replies so the kill lands while a page is on the wire
-                    sim.faults.latency = 0.3
-                    served = sim.stats["alerts"]
-                    wait_until(lambda: sim.stats["alerts"] > served, timeout=30, what="an alerts request")
-                    time.sleep(rng.uniform(0.0, 0.2))
-                assert cli.alive, f"run {i} exited by itself before the kill:\n{cli.logs()[-3000:]}"
-                assert cli.kill9() == -9
-                kills += 1
-                counts[kind] += 1
-            finally:
-                sim.faults.latency = 0
-                cli.stop()
-            logs.append(cli.logs())
-            checkpoints.append((store.load() or {}).get("offset", 0))
-        # stop live creation, then drain what exists
-        sim.live_total = sim.live_created
-        wait_until(lambda: not any(t.name == "simulator-live" for t in threading.enumerate()),
-                   what="the simulator to stop creating alerts")
-        created = sim.alert_count
+        kills, counts, checkpoints, logs = kill_and_restart(sim, cfg_file, tmp_path, port, store, kinds, rng)
+        created = stop_live(sim)
         drain = Cli(["--log-format", "json", "run", str(cfg_file), "--once"], tmp_path / "drain.log")
         code, _ = drain.wait(120)
         logs.append(drain.logs())
