@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Callable
 
 from kafka.errors import KafkaError
@@ -186,7 +187,9 @@ class ConfluentProducer:
         self._poller.join(5)
         self._p.purge()
         self._p.poll(0)
-        self._p.close()
+        with warnings.catch_warnings():  # "abort failed during close": a fenced producer's open transaction
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self._p.close()
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -202,8 +205,8 @@ class ConfluentProducer:
     def begin_transaction(self) -> None:
         self._call("begin_transaction", self._p.begin_transaction)
 
-    def commit_transaction(self) -> None:
-        self._call("commit_transaction", self._p.commit_transaction, self._timeout)
+    def commit_transaction(self, timeout: float | None = None) -> None:
+        self._call("commit_transaction", self._p.commit_transaction, self._timeout if timeout is None else timeout)
 
-    def abort_transaction(self) -> None:
-        self._call("abort_transaction", self._p.abort_transaction, self._timeout)
+    def abort_transaction(self, timeout: float | None = None) -> None:
+        self._call("abort_transaction", self._p.abort_transaction, self._timeout if timeout is None else timeout)

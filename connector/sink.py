@@ -458,11 +458,17 @@ class KafkaSink:
                 self._producer.send(topic, value=value, key=key)
             except KafkaError as e:
                 raise SinkError(f"could not add a record for topic {topic} to the transaction: {e}") from None
-        self._run_bounded(self._producer.commit_transaction, "commit", timeout)
+        self._run_bounded(self._tx_call("commit_transaction", timeout), "commit", timeout)
 
     def abort(self, timeout: float = 60) -> None:
         self._require_tx()
-        self._run_bounded(self._producer.abort_transaction, "abort", timeout)
+        self._run_bounded(self._tx_call("abort_transaction", timeout), "abort", timeout)
+
+    def _tx_call(self, name: str, timeout: float) -> Callable[[], None]:
+        fn = getattr(self._producer, name)
+        if self.kafka.client == "confluent":  # librdkafka takes the bound itself, so no call outlives it
+            return lambda: fn(timeout)
+        return fn
 
     def _require_tx(self) -> None:
         if not self.transactional_id:
