@@ -56,7 +56,8 @@ def confluent_settings(kafka: KafkaSection, transactional_id: str | None = None)
         "enable.idempotence": True,
         "compression.type": kafka.compression,
         "linger.ms": kafka.linger_ms,
-        "batch.size": kafka.batch_size,
+        "batch.size": min(kafka.batch_size, kafka.max_request_size),  # librdkafka wants batch <= request
+        "message.max.bytes": kafka.max_request_size,
         "message.timeout.ms": kafka.delivery_timeout_ms,
         "request.timeout.ms": min(30000, kafka.delivery_timeout_ms - kafka.linger_ms),
         # the sink bounds un-acknowledged records itself; librdkafka's queue must hold them all
@@ -168,7 +169,7 @@ class ConfluentProducer:
                 err = ConfluentError.of(e)
                 if err.code is not None and "MSG_SIZE_TOO_LARGE" in str(err):
                     raise ConfluentError(f"the record is {len(value or b'')} bytes, larger than the producer "
-                                         f"accepts ({err})", err.code) from None
+                                         f"accepts (kafka.max_request_size; {err.args[0]})", err.code) from None
                 raise err from None
 
     def send(self, topic: str, value: bytes | None = None, key: bytes | None = None, headers=None) -> None:
