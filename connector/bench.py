@@ -46,24 +46,21 @@ PHASE_START_TIMEOUT = 60.0  # spawning a child and importing the connector
 
 # ---- command line ---------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (give e.g. 20000)") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is too small: give a number of at least 1")
-    return n
+def _whole(low: int, hint: str):
+    """An argparse type: a whole number ≥ low."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ({hint})") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is too small: give {low} or more ({hint})")
+        return n
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 turns it off)") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is negative: give 0 (off) or more")
-    return n
+_positive_int = _whole(1, "e.g. 20000")
+_count = _whole(0, "0 turns it off")
 
 
 def _latency(text: str) -> float:

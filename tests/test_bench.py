@@ -93,11 +93,11 @@ def test_rss_scale_reports_both_sizes_and_their_ratio():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--alerts", "0"], "at least 1"),
+    (["--alerts", "0"], "give 1 or more"),
     (["--alerts", "many"], "not a whole number"),
     (["--latency-ms", "-5"], "outside 0"),
     (["--rss-scale", "1000,10"], "below LARGE"),
-    (["--validation-actions", "-1"], "negative"),
+    (["--validation-actions", "-1"], "give 0 or more"),
 ])
 def test_bad_options_are_clear_errors(args, message):
     r = bench(*args, timeout=60)
