@@ -127,15 +127,19 @@ class StallProxy:
             conn.close()
             return
         self.socks.append(up)
-        threading.Thread(target=self._pump, args=(conn, up), daemon=True).start()
-        threading.Thread(target=self._pump, args=(up, conn), daemon=True).start()
+        threading.Thread(target=self._pump, args=(conn, up, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(up, conn, False), daemon=True).start()
 
-    def _pump(self, src, dst):
+    def seen(self, data: bytes, from_client: bool) -> None:
+        """Called with every chunk before it is forwarded (a subclass may record it)."""
+
+    def _pump(self, src, dst, from_client):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                self.seen(data, from_client)
                 if self.delay:
                     time.sleep(self.delay)  # the injected latency itself
                 self.flowing.wait()
@@ -158,18 +162,19 @@ class ProxiedBroker:
 
 
 @contextlib.contextmanager
-def _broker_behind_proxy(tmp_path_factory, name: str):
-    """A tansu broker that advertises a StallProxy's address, so every client connection goes
+def broker_behind_proxy(tmp_path_factory, name: str, proxy_class=StallProxy, broker_args=()):
+    """A tansu broker that advertises a proxy's address, so every client connection goes
     through the proxy."""
     real, front = free_port(), free_port()
     log = open(tmp_path_factory.mktemp(name) / "tansu.log", "ab")
     proc = subprocess.Popen(
         [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/"],
+         "--advertised-listener-url", f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/",
+         *broker_args],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         assert wait_port("127.0.0.1", real, 20), f"{name} tansu did not start"
-        proxy = StallProxy(front, ("127.0.0.1", real))
+        proxy = proxy_class(front, ("127.0.0.1", real))
         yield ProxiedBroker(proxy, front, proc)
         proxy.close()
     finally:
@@ -182,7 +187,7 @@ def _broker_behind_proxy(tmp_path_factory, name: str):
 def proxied(tmp_path_factory):
     """A broker (module-wide) reachable only through a proxy: `.bootstrap`, `.proxy.stall()`,
     `.proxy.resume()`. Use the `proxy` fixture too: it resumes the proxy after each test."""
-    with _broker_behind_proxy(tmp_path_factory, "tansu-proxied") as b:
+    with broker_behind_proxy(tmp_path_factory, "tansu-proxied") as b:
         yield b
 
 
@@ -196,7 +201,7 @@ def proxy(proxied):
 def slowed(tmp_path_factory):
     """Like `proxied`, for slow-link tests: `.proxy.delay = seconds`. Use the `slow_link`
     fixture too: it sets the delay back to 0 after each test."""
-    with _broker_behind_proxy(tmp_path_factory, "tansu-slowed") as b:
+    with broker_behind_proxy(tmp_path_factory, "tansu-slowed") as b:
         yield b
 
 

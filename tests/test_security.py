@@ -20,9 +20,9 @@ import uuid
 
 import pytest
 
-from conftest import StallProxy, read_topic
+from conftest import StallProxy, broker_behind_proxy, read_topic
 from connector.config import parse_pipeline
-from connector.embedded import free_port, tansu_binary, wait_port
+from connector.embedded import free_port
 from connector.metrics import HealthServer, Metrics
 from connector.simulator import Simulator
 from connector.sink import client_settings, producer_settings
@@ -256,53 +256,17 @@ class RecordingProxy(StallProxy):
         self.lock = threading.Lock()
         super().__init__(port, target)
 
-    def _connect(self, conn):
-        import socket
-
-        try:
-            up = socket.create_connection(self.target)
-        except OSError:
-            conn.close()
-            return
-        self.socks.append(up)
-        threading.Thread(target=self._copy, args=(conn, up, True), daemon=True).start()
-        threading.Thread(target=self._copy, args=(up, conn, False), daemon=True).start()
-
-    def _copy(self, src, dst, record):
-        try:
-            while data := src.recv(65536):
-                if record:
-                    with self.lock:
-                        self.sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    def seen(self, data, from_client):
+        if from_client:
+            with self.lock:
+                self.sent += data
 
 
 @pytest.fixture(scope="module")
 def auth_broker(tmp_path_factory):
     """tansu with `--authentication`, behind a RecordingProxy (advertised)."""
-    real, front = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("tansu-auth") / "tansu.log", "ab")
-    proc = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{real}", "--advertised-listener-url",
-         f"tcp://127.0.0.1:{front}", "--storage-engine", "memory://tansu/", "--authentication"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        assert wait_port("127.0.0.1", real, 20), "tansu --authentication did not start"
-        proxy = RecordingProxy(front, ("127.0.0.1", real))
-        yield f"127.0.0.1:{front}", proxy
-        proxy.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    with broker_behind_proxy(tmp_path_factory, "tansu-auth", RecordingProxy, ["--authentication"]) as b:
+        yield b.bootstrap, b.proxy
 
 
 @pytest.mark.slow
