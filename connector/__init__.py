@@ -1,2 +1,3 @@
 """Tanium Threat Response → Kafka connector."""
+
 __version__ = "0.1.0"

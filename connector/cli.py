@@ -1,4 +1,5 @@
 """`tanium-connector` command line. Logs go to stderr; data (events, verdicts, reports) to stdout."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,21 @@ import time
 
 from connector import __version__
 from connector.config import ConfigError, load_pipeline
+from connector.simulator import command as simulator_command
+from connector.timeutil import parse_ts
+from connector.tools import bench
 
 log = logging.getLogger("connector")
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
@@ -52,8 +60,9 @@ def setup_logging(level: str, fmt: str | None) -> None:
     fmt = fmt or ("text" if sys.stderr.isatty() else "json")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(REDACT)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -77,6 +86,7 @@ def _secrets(cfg) -> list[str]:
 
 # ---- commands ----------------------------------------------------------------------------------
 
+
 def cmd_validate_config(args) -> int:
     cfg = load(args.pipeline)
     print(json.dumps(cfg.masked(), indent=2))
@@ -84,14 +94,13 @@ def cmd_validate_config(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from connector.check import run_checks, verdict
+    from connector.tools.check import run_checks, verdict
 
     cfg = load(args.pipeline)
     steps = run_checks(cfg)
     healthy, line = verdict(steps)
     if args.json:
-        print(json.dumps({"healthy": healthy, "summary": line,
-                          "steps": [s.__dict__ for s in steps]}, indent=2))
+        print(json.dumps({"healthy": healthy, "summary": line, "steps": [s.__dict__ for s in steps]}, indent=2))
     else:
         for s in steps:
             print(f"{'ok    ' if s.ok else 'FAILED'} {s.name:<16} {s.message}")
@@ -117,19 +126,20 @@ def _stop_on_signals(stop) -> None:
 
 def cmd_run(args) -> int:
     from connector.metrics import Metrics
-    from connector.pipeline import StreamPipeline
+    from connector.stream.pipeline import StreamPipeline
 
     cfg = load(args.pipeline)
     if cfg.pipeline.mode == "validation":
-        from connector.validation_run import run_validation
+        from connector.validation.runners import run_validation
 
         metrics = Metrics(cfg.pipeline.name)
         stop = threading.Event()
         _stop_on_signals(stop.set)
         servers = []
         try:
-            return run_validation(cfg, stop, metrics,
-                                  serve=lambda ready: servers.append(_serve_metrics(cfg, metrics, ready)))
+            return run_validation(
+                cfg, stop, metrics, serve=lambda ready: servers.append(_serve_metrics(cfg, metrics, ready))
+            )
         finally:
             for server in filter(None, servers):
                 server.stop()
@@ -145,7 +155,7 @@ def cmd_run(args) -> int:
     _tune_interpreter()
     _stop_on_signals(pipe.stop)
     server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness)
-    progress = _progress(pipe, metrics) if sys.stderr.isatty() and not args.dry_run else None
+    progress = _progress(pipe) if sys.stderr.isatty() and not args.dry_run else None
     try:
         code = pipe.run()
     finally:
@@ -167,7 +177,7 @@ def _tune_interpreter() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _progress(pipe, metrics) -> threading.Event:
+def _progress(pipe) -> threading.Event:
     """One status line on a terminal: rates, totals, lag, cache hit ratio."""
     done = threading.Event()
 
@@ -178,14 +188,15 @@ def _progress(pipe, metrics) -> threading.Event:
             rate = (s.fetched - last) / (now - t0)
             last, t0 = s.fetched, now
             lag = "-"
-            ts = metrics.checkpoint_ts.labels(metrics.pipeline)._value.get()
-            if ts:
-                lag = f"{time.time() - ts:.0f}s"
-            hits = metrics.cache_requests.labels(metrics.pipeline, "hit")._value.get()
-            miss = metrics.cache_requests.labels(metrics.pipeline, "miss")._value.get()
-            ratio = f"{hits / (hits + miss):.0%}" if hits + miss else "-"
-            sys.stderr.write(f"\r{rate:8.0f} alerts/s  published {s.published:>9}  dlq {s.dlq:>5}  "
-                             f"lag {lag:>6}  cache hits {ratio:>4} ")
+            created = (s.checkpoint or {}).get("created_at")
+            if created:
+                lag = f"{time.time() - parse_ts(created).timestamp():.0f}s"
+            stats = pipe.enricher.stats if pipe.enricher else {"lookups": 0, "hits": 0}
+            ratio = f"{stats['hits'] / stats['lookups']:.0%}" if stats["lookups"] else "-"
+            sys.stderr.write(
+                f"\r{rate:8.0f} alerts/s  published {s.published:>9}  dlq {s.dlq:>5}  "
+                f"lag {lag:>6}  cache hits {ratio:>4} "
+            )
             sys.stderr.flush()
 
     threading.Thread(target=loop, daemon=True, name="progress").start()
@@ -193,42 +204,46 @@ def _progress(pipe, metrics) -> threading.Event:
 
 
 def cmd_simulate(args) -> int:
-    from connector import simulator
-
-    return simulator.run(args) or 0
+    return simulator_command.run(args) or 0
 
 
 def cmd_validate(args) -> int:
-    from connector.validation_run import validate_file
+    from connector.validation.runners import validate_file
 
     cfg = load(args.pipeline)
     return validate_file(cfg, args.job_actions, args.json)
 
 
 def cmd_demo(args) -> int:
-    from connector.demo import run_demo
+    from connector.tools.demo import run_demo
 
     return run_demo(args)
 
 
 def cmd_bench(args) -> int:
-    from connector.bench import run_bench
-
-    return run_bench(args)
+    return bench.run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     def global_options(default):
         g = argparse.ArgumentParser(add_help=False)
-        g.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                       default="info" if default else argparse.SUPPRESS)
-        g.add_argument("--log-format", choices=["text", "json"], default=None if default else argparse.SUPPRESS,
-                       help="default: text on a terminal, json otherwise")
+        g.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            default="info" if default else argparse.SUPPRESS,
+        )
+        g.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            default=None if default else argparse.SUPPRESS,
+            help="default: text on a terminal, json otherwise",
+        )
         return g
 
     common = global_options(False)  # accepted after the command too, without resetting the defaults
-    p = argparse.ArgumentParser(prog="tanium-connector", parents=[global_options(True)],
-                                description="Tanium Threat Response → Kafka connector")
+    p = argparse.ArgumentParser(
+        prog="tanium-connector", parents=[global_options(True)], description="Tanium Threat Response → Kafka connector"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -240,10 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("run", cmd_run, "run a pipeline until stopped")
     sp.add_argument("pipeline", help="pipeline file (TOML)")
     sp.add_argument("--once", action="store_true", help="drain what exists now, then exit")
-    sp.add_argument("--since", metavar="TIMESTAMP",
-                    help="start here (RFC 3339, 'now' or a duration such as 7d), ignoring the checkpoint")
-    sp.add_argument("--dry-run", action="store_true",
-                    help="print normalized events as JSON lines; publish nothing, commit no checkpoint")
+    sp.add_argument(
+        "--since",
+        metavar="TIMESTAMP",
+        help="start here (RFC 3339, 'now' or a duration such as 7d), ignoring the checkpoint",
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print normalized events as JSON lines; publish nothing, commit no checkpoint",
+    )
     sp = add("check", cmd_check, "test connectivity to Tanium (and Kafka) step by step")
     sp.add_argument("pipeline")
     sp.add_argument("--json", action="store_true", help="machine-readable report")
@@ -254,24 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--job-actions", required=True, metavar="FILE", help="JSON lines, one job action each")
     sp.add_argument("--json", action="store_true", help="one JSON verdict per line")
     sp = add("simulate", cmd_simulate, "run the Tanium Threat Response simulator")
-    try:
-        from connector import simulator
-
-        simulator.add_arguments(sp)
-    except ImportError:
-        pass
+    simulator_command.add_arguments(sp)
     sp = add("demo", cmd_demo, "simulator + embedded broker + demo pipeline, then a summary")
     sp.add_argument("--pipeline", default="pipelines/demo.toml", help="pipeline file (default: %(default)s)")
     sp.add_argument("--alerts", type=int, default=5000, help="alerts the simulator starts with")
     sp.add_argument("--rate", type=float, default=50, help="new live alerts per second")
     sp.add_argument("--seconds", type=float, default=20, help="how long to stream live alerts")
     sp = add("bench", cmd_bench, "measure sink, source and pipeline throughput")
-    try:
-        from connector import bench
-
-        bench.add_arguments(sp)
-    except ImportError:
-        pass
+    bench.add_arguments(sp)
     return p
 
 
@@ -287,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # Kafka unusable at start, an unreadable checkpoint: the message says what to check
-        from connector.sink import SinkError
-        from connector.state import CheckpointError
+        from connector.kafka import SinkError
+        from connector.stream.checkpoint import CheckpointError
 
         if not isinstance(e, (SinkError, CheckpointError)):
             raise

@@ -3,9 +3,9 @@
 pydantic does the type and range checks; this module turns its errors into one line per problem
 that names the file, the key, the bad value and what is allowed, and never shows a secret.
 """
+
 from __future__ import annotations
 
-import ast
 import os
 import re
 import tomllib
@@ -22,14 +22,33 @@ from pydantic import (
     model_validator,
 )
 
-from connector.normalize import DEFAULT_FIELD_MAP, compile_path
+from connector.fieldmap import DEFAULT_FIELD_MAP, check_field_map
 
 # Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
-ALERT_FILTERS = frozenset({
-    "state", "type", "matchType", "path", "priority", "severity", "intelDocId", "intelType",
-    "intelDocName", "intelSource", "labelName", "mitreId", "scanConfigId", "computerName",
-    "computerIpAddress", "platform", "details", "guid", "alertedAtFrom", "alertedAtUntil",
-})
+ALERT_FILTERS = frozenset(
+    {
+        "state",
+        "type",
+        "matchType",
+        "path",
+        "priority",
+        "severity",
+        "intelDocId",
+        "intelType",
+        "intelDocName",
+        "intelSource",
+        "labelName",
+        "mitreId",
+        "scanConfigId",
+        "computerName",
+        "computerIpAddress",
+        "platform",
+        "details",
+        "guid",
+        "alertedAtFrom",
+        "alertedAtUntil",
+    }
+)
 SECRET_KEYS = ("api_key", "sasl_plain_password", "ssl_password")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -70,8 +89,9 @@ class TaniumSection(_Section):
     def _host(cls, v: str) -> str:
         v = v.strip()
         if not v or re.search(r"[/\s]", v) or v.count(":") == 1:
-            raise ValueError("must be a hostname or IP address only, without scheme, port or path "
-                             "(e.g. tanium.example.com)")
+            raise ValueError(
+                "must be a hostname or IP address only, without scheme, port or path (e.g. tanium.example.com)"
+            )
         return v
 
     @field_validator("proxy")
@@ -89,7 +109,7 @@ class TaniumSection(_Section):
         return v or None
 
     @model_validator(mode="after")
-    def _one_key(self) -> "TaniumSection":
+    def _one_key(self) -> TaniumSection:
         key, path = self.api_key, self.api_key_file
         if (key is None or not key.get_secret_value()) == (not path):
             raise ValueError("api_key: exactly one of tanium.api_key or tanium.api_key_file is required")
@@ -117,7 +137,9 @@ class SourceSection(_Section):
     @field_validator("start_from")
     @classmethod
     def _start(cls, v: str) -> str:
-        from connector.timeutil import parse_start  # checks the value; the source resolves it at start
+        from connector.timeutil import (
+            parse_start,  # checks the value; the source resolves it at start
+        )
 
         parse_start(v)
         return v
@@ -175,8 +197,10 @@ class KafkaSection(_Section):
             try:
                 __import__(module)
             except ImportError:
-                raise ValueError(f"needs the Python package {module!r} (pip install {module}); "
-                                 "gzip and none work without extra packages") from None
+                raise ValueError(
+                    f"needs the Python package {module!r} (pip install {module}); "
+                    "gzip and none work without extra packages"
+                ) from None
         return v
 
     @field_validator("client")
@@ -186,12 +210,14 @@ class KafkaSection(_Section):
             try:
                 __import__("confluent_kafka")
             except ImportError:
-                raise ValueError("'confluent' needs the Python package 'confluent-kafka' "
-                                 "(pip install 'tanium-tr-connector[confluent]'); or use 'kafka-python'") from None
+                raise ValueError(
+                    "'confluent' needs the Python package 'confluent-kafka' "
+                    "(pip install 'tanium-tr-connector[confluent]'); or use 'kafka-python'"
+                ) from None
         return v
 
     @model_validator(mode="after")
-    def _dlq(self) -> "KafkaSection":
+    def _dlq(self) -> KafkaSection:
         if self.dlq_topic is None:
             self.dlq_topic = f"{self.topic}.dlq"
         return self
@@ -204,16 +230,19 @@ class StateSection(_Section):
 
 
 class HaSection(_Section):
-    """HA poller (connector/leader.py): processes running the same stream pipeline elect one poller."""
+    """HA poller (connector/stream/leader.py): processes running the same stream pipeline elect one poller."""
+
     enabled: bool = False
     session_timeout_ms: Annotated[int, Field(ge=1000, le=300000)] = 10000
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=100000)] = 3000
 
     @model_validator(mode="after")
-    def _heartbeat(self) -> "HaSection":
+    def _heartbeat(self) -> HaSection:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
-            raise ValueError(f"heartbeat_interval_ms: {self.heartbeat_interval_ms} must be at most a third of "
-                             f"session_timeout_ms ({self.session_timeout_ms})")
+            raise ValueError(
+                f"heartbeat_interval_ms: {self.heartbeat_interval_ms} must be at most a third of "
+                f"session_timeout_ms ({self.session_timeout_ms})"
+            )
         return self
 
 
@@ -246,7 +275,7 @@ class ValidationSection(_Section):
         return v
 
     @model_validator(mode="after")
-    def _corr_needed(self) -> "ValidationSection":
+    def _corr_needed(self) -> ValidationSection:
         if self.correlation_query_enabled and not self.correlation_query.strip():
             raise ValueError("correlation_query: must be set when correlation_query_enabled = true")
         return self
@@ -265,29 +294,6 @@ def parse_alert_filter(query: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _field_map(v: Any) -> dict[str, list[str]]:
-    if not isinstance(v, dict):
-        raise ValueError("must be a table of field = [candidate, …]")
-    out = {}
-    for field, cands in v.items():
-        if field not in DEFAULT_FIELD_MAP:
-            raise ValueError(f"unknown field {field!r}; allowed: {', '.join(DEFAULT_FIELD_MAP)}")
-        if isinstance(cands, str):  # the integration's string form "['msg_s','SyslogMessage']"
-            try:
-                cands = ast.literal_eval(cands.strip()) if cands.strip().startswith("[") else [cands]
-            except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: absurd nesting
-                raise ValueError(f"{field}: {cands[:200]!r} is not a list such as \"['a','b.c']\"") from None
-        if not isinstance(cands, list) or not all(isinstance(c, str) and c.strip() for c in cands):
-            raise ValueError(f"{field}: must be a list of non-empty column paths")
-        out[field] = [c.strip() for c in cands]
-        for c in out[field]:
-            try:
-                compile_path(c)
-            except ValueError as e:
-                raise ValueError(f"{field}: {e}") from None
-    return out
-
-
 class PipelineConfig(_Section):
     pipeline: PipelineSection
     tanium: TaniumSection
@@ -304,10 +310,10 @@ class PipelineConfig(_Section):
     @field_validator("field_map")
     @classmethod
     def _fm(cls, v: Any) -> dict[str, list[str]]:
-        return _field_map(v)
+        return check_field_map(v)
 
     @model_validator(mode="after")
-    def _modes(self) -> "PipelineConfig":
+    def _modes(self) -> PipelineConfig:
         if self.pipeline.delivery == "exactly-once" and self.state.backend != "kafka":
             raise ValueError('pipeline.delivery: "exactly-once" requires state.backend = "kafka"')
         if self.ha.enabled:
@@ -338,6 +344,7 @@ class PipelineConfig(_Section):
 
 def _interpolate(value: Any, key: str, errors: list[str]) -> Any:
     if isinstance(value, str):
+
         def sub(m: re.Match) -> str:
             name, default = m.group(1), m.group(2)
             if name in os.environ:
@@ -346,6 +353,7 @@ def _interpolate(value: Any, key: str, errors: list[str]) -> Any:
                 return default
             errors.append(f"{key}: environment variable ${{{name}}} is not set")
             return ""
+
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
         return {k: _interpolate(v, f"{key}.{k}" if key else k, errors) for k, v in value.items()}

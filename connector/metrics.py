@@ -5,22 +5,23 @@ dashboard serves many pipelines. Other labels are small fixed sets (stage, endpo
 class, reason, result): never alert ids or hostnames. Each `Metrics` object owns its registry so
 several pipelines (and tests) can live in one process.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
-    CONTENT_TYPE_LATEST,
 )
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from connector import __version__
 
@@ -54,8 +55,9 @@ class Metrics:
         self.records_dropped = counter("records_dropped_total", "Records a stage did not pass on", ["stage", "reason"])
         self.dlq_records = counter("dlq_records_total", "Records written to the dead-letter topic", ["reason"])
         # Tanium API
-        self.requests = counter("source_requests_total", "Tanium API requests by endpoint and status class",
-                                ["endpoint", "code_class"])
+        self.requests = counter(
+            "source_requests_total", "Tanium API requests by endpoint and status class", ["endpoint", "code_class"]
+        )
         self.request_duration = hist("source_request_duration_seconds", "Tanium API request latency", ["endpoint"])
         self.retries = counter("source_retries_total", "Tanium API retries by reason", ["reason"])
         self.rate_limited = counter("source_rate_limited_seconds_total", "Seconds waited because Tanium said 429")
@@ -69,21 +71,27 @@ class Metrics:
         self.lookup_duration = hist("enrich_lookup_duration_seconds", "IntelDoc fetch latency")
         self.enrich_errors = counter("enrich_errors_total", "IntelDoc lookups that failed (alert passes unenriched)")
         # Normalize
-        self.normalize_warnings = counter("normalize_warnings_total", "Mapped values dropped by a type check",
-                                          ["field"])
+        self.normalize_warnings = counter(
+            "normalize_warnings_total", "Mapped values dropped by a type check", ["field"]
+        )
         # Kafka sink
         self.produce_duration = hist("sink_produce_duration_seconds", "Time from send to broker acknowledgement")
         self.inflight = gauge("sink_inflight_records", "Records sent but not yet acknowledged")
         self.delivery_failures = counter("sink_delivery_failures_total", "Records Kafka did not confirm", ["topic"])
-        self.checkpoint_ts = gauge("checkpoint_timestamp_seconds",
-                                   "createdAt of the last alert whose delivery is committed in the checkpoint")
+        self.checkpoint_ts = gauge(
+            "checkpoint_timestamp_seconds", "createdAt of the last alert whose delivery is committed in the checkpoint"
+        )
         self.checkpoint_commits = counter("checkpoint_commits_total", "Checkpoint writes")
         # Validation
         self.actions_in_flight = gauge("validation_actions_in_flight", "Job actions with windows still open")
         self.verdicts = counter("validation_verdicts_total", "Verdicts published by result", ["result"])
         self.detection_latency = Histogram(
-            P + "validation_detection_latency_seconds", "First detection time minus job action start",
-            lp, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800), registry=r)
+            P + "validation_detection_latency_seconds",
+            "First detection time minus job action start",
+            lp,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
         self.validation_queries = counter("validation_queries_total", "Alert queries run for validation windows")
         # HA (set only when ha.enabled)
         self.ha_leader = gauge("ha_leader", "1 while this process is the HA leader (the one polling)")
@@ -99,9 +107,19 @@ class Metrics:
             self.verdicts.labels(pipeline, result)
         # Series exist (at 0) from the first scrape, so rate()/increase() see the first event and
         # dashboards show 0 rather than "No data". Timestamps and poll_interval stay unset until known.
-        for family in (self.rate_limited, self.pages, self.cache_entries, self.lookup_duration,
-                       self.enrich_errors, self.produce_duration, self.inflight, self.checkpoint_commits,
-                       self.actions_in_flight, self.detection_latency, self.validation_queries):
+        for family in (
+            self.rate_limited,
+            self.pages,
+            self.cache_entries,
+            self.lookup_duration,
+            self.enrich_errors,
+            self.produce_duration,
+            self.inflight,
+            self.checkpoint_commits,
+            self.actions_in_flight,
+            self.detection_latency,
+            self.validation_queries,
+        ):
             family.labels(pipeline)
 
     def init_from_config(self, cfg) -> None:
@@ -155,11 +173,10 @@ class HealthServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         self.thread.start()
         return self
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-

@@ -7,6 +7,7 @@ backoff, honouring `Retry-After`; everything else fails at once with a `TaniumEr
 `.message` says what is wrong and what to check. The API key never appears in a message, a log
 record or a metric: messages are built here from scrubbed parts, never from the request headers.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -18,9 +19,10 @@ import ssl
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
@@ -29,6 +31,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from connector.config import TaniumSection
+from connector.text import json_type, shorten
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ SESSION_PATH = "/api/v2/session/current"
 MAX_PAGE = 500
 MODULE_MISSING_MESSAGE = (
     "Tanium returned 404 for the Threat Response API: the Threat Response module is missing or not "
-    "configured on this Tanium server (the Threat Response plugin is required)")
+    "configured on this Tanium server (the Threat Response plugin is required)"
+)
 RETRY_AFTER_CAP = 300.0  # a hostile or confused server must not park us for a day
 
 
@@ -85,8 +89,7 @@ class AlertPage:
 class TaniumClient:
     """One client per pipeline; safe to share between threads (one HTTP session per thread)."""
 
-    def __init__(self, settings: TaniumSection, metrics=None, *, backoff_base: float = 0.5,
-                 backoff_cap: float = 30.0):
+    def __init__(self, settings: TaniumSection, metrics=None, *, backoff_base: float = 0.5, backoff_cap: float = 30.0):
         if settings.api_key is None or not settings.api_key.get_secret_value():
             raise ValueError("tanium.api_key is empty")
         self.settings = settings
@@ -101,16 +104,21 @@ class TaniumClient:
         else:
             self._verify = settings.ca_bundle or True
         self._proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else None
-        self._where = (f"{settings.protocol}://{self.base_url.split('://', 1)[1]} "
-                       f"(host {settings.host}, port {settings.port}, protocol {settings.protocol})")
+        self._where = (
+            f"{settings.protocol}://{self.base_url.split('://', 1)[1]} "
+            f"(host {settings.host}, port {settings.port}, protocol {settings.protocol})"
+        )
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._rng = random.Random()
         if settings.protocol == "https" and not settings.verify_ssl:
-            log.warning("TLS certificate verification is OFF for Tanium at %s (tanium.verify_ssl = false): "
-                        "the connection can be intercepted; prefer tanium.ca_bundle", self.base_url)
+            log.warning(
+                "TLS certificate verification is OFF for Tanium at %s (tanium.verify_ssl = false): "
+                "the connection can be intercepted; prefer tanium.ca_bundle",
+                self.base_url,
+            )
             # we said it once; urllib3 would repeat it on every request
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
@@ -131,13 +139,18 @@ class TaniumClient:
         body = self._get_json("session", SESSION_PATH)
         data, _ = _unwrap(body)
         if not isinstance(data, dict) or not data:
-            raise TaniumAuthError(self._scrub(
-                f"Tanium at {self._where} did not accept the API token: /api/v2/session/current returned no "
-                "session data. Check tanium.api_key (or tanium.api_key_file)."), status=200)
+            raise TaniumAuthError(
+                self._scrub(
+                    f"Tanium at {self._where} did not accept the API token: /api/v2/session/current returned no "
+                    "session data. Check tanium.api_key (or tanium.api_key_file)."
+                ),
+                status=200,
+            )
         return data
 
-    def list_alerts(self, params: list[tuple[str, str]], offset: int, limit: int,
-                    sort: str = "createdAt,id") -> AlertPage:
+    def list_alerts(
+        self, params: list[tuple[str, str]], offset: int, limit: int, sort: str = "createdAt,id"
+    ) -> AlertPage:
         """One page of alerts, `details` decoded (see decode_details)."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
@@ -158,25 +171,6 @@ class TaniumClient:
             filtered = meta.get("filteredCount") if isinstance(meta.get("filteredCount"), int) else None
         return AlertPage(items, total, filtered)
 
-    def iter_alerts(self, params: list[tuple[str, str]], limit: int, page_size: int,
-                    sort: str = "createdAt,id") -> Iterator[list]:
-        """Pages (lists) of alerts until a short page or `limit` alerts; one page in memory at a time.
-        The offset advances by the page size asked for, so records a hostile server adds to a page
-        (more than asked) are passed on but never shift the paging."""
-        page_size = max(1, min(page_size, MAX_PAGE))
-        offset = fetched = 0
-        while fetched < limit:
-            want = min(page_size, limit - fetched)
-            page = self.list_alerts(params, offset, want, sort)
-            items = page.items
-            if items:
-                yield items
-            got = len(items)
-            fetched += min(got, want)
-            offset += want
-            if got < want:
-                return
-
     def get_intel(self, doc_id: int) -> dict | None:
         """One IntelDoc, or None when Tanium says 404 (deleted or unknown doc)."""
         body = self._get_json("intel", f"{TR_PATH}/intels/{quote(str(doc_id), safe='')}", none_on_404=True)
@@ -184,19 +178,11 @@ class TaniumClient:
             return None
         data, _ = _unwrap(body)
         if not isinstance(data, dict):
-            raise TaniumResponseError(self._scrub(
-                f"Tanium sent IntelDoc {doc_id} as {_json_type(data)}, expected an object"), status=200)
-        _decode_json_fields(data)
+            raise TaniumResponseError(
+                self._scrub(f"Tanium sent IntelDoc {doc_id} as {json_type(data)}, expected an object"), status=200
+            )
+        decode_intel_doc(data)
         return data
-
-    def intel_labels(self, doc_id: int) -> list:
-        """Labels attached to an IntelDoc ([] when the doc is gone)."""
-        body = self._get_json("intel_labels", f"{TR_PATH}/intels/{quote(str(doc_id), safe='')}/labels",
-                              none_on_404=True)
-        if body is None:
-            return []
-        data, _ = _unwrap(body)
-        return self._as_list(data, "labels")
 
     def list_intels(self, limit: int = 1) -> list:
         body = self._get_json("intels", f"{TR_PATH}/intels", [("limit", str(limit))])
@@ -204,7 +190,7 @@ class TaniumClient:
         items = self._as_list(data, "intels")
         for doc in items:
             if isinstance(doc, dict):
-                _decode_json_fields(doc)
+                decode_intel_doc(doc)
         return items
 
     # -- transport -----------------------------------------------------------------------------------
@@ -214,8 +200,7 @@ class TaniumClient:
             if self._closed.is_set():
                 raise TaniumError("the Tanium client is closed")
             s = requests.Session()
-            s.headers.update({"session": self._key, "Accept": "application/json",
-                              "User-Agent": "tanium-tr-connector"})
+            s.headers.update({"session": self._key, "Accept": "application/json", "User-Agent": "tanium-tr-connector"})
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
@@ -224,8 +209,9 @@ class TaniumClient:
                 self._sessions.append(s)
         return s
 
-    def _get_json(self, endpoint: str, path: str, params: list[tuple[str, str]] | None = None,
-                  none_on_404: bool = False) -> Any:
+    def _get_json(
+        self, endpoint: str, path: str, params: list[tuple[str, str]] | None = None, none_on_404: bool = False
+    ) -> Any:
         resp, body = self._request(endpoint, path, params)
         code = resp.status_code
         if code == 404 and none_on_404:
@@ -234,8 +220,9 @@ class TaniumClient:
             raise self._status_error(resp, body, path)
         return self._parse(resp, body, path)
 
-    def _request(self, endpoint: str, path: str,
-                 params: list[tuple[str, str]] | None) -> tuple[requests.Response, bytes]:
+    def _request(
+        self, endpoint: str, path: str, params: list[tuple[str, str]] | None
+    ) -> tuple[requests.Response, bytes]:
         """The response and its whole body, after retries."""
         url = self.base_url + path
         shown = path + ("?" + urlencode(params) if params else "")
@@ -246,8 +233,9 @@ class TaniumClient:
             try:
                 # verify and proxies per request: on a Session, REQUESTS_CA_BUNDLE and *_PROXY from the
                 # environment would override them (requests merges the environment over session settings)
-                resp = self._session().get(url, params=params, timeout=self._timeout, verify=self._verify,
-                                           proxies=self._proxies, stream=True)
+                resp = self._session().get(
+                    url, params=params, timeout=self._timeout, verify=self._verify, proxies=self._proxies, stream=True
+                )
                 # the body in one read: requests alone reads it in 10 KiB pieces, 4x the CPU on a 3 MB
                 # alert page; read here, so a reset mid-body is retried like any network error
                 body = b"".join(resp.iter_content(chunk_size=None))
@@ -257,8 +245,14 @@ class TaniumClient:
                 if m:
                     m.requests.labels(m.pipeline, endpoint, "error").inc()
                     m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
-                log.debug("tanium GET %s failed after %.0f ms (attempt %d/%d): %s", self._scrub(shown),
-                          elapsed * 1000, attempt, attempts, kind)
+                log.debug(
+                    "tanium GET %s failed after %.0f ms (attempt %d/%d): %s",
+                    self._scrub(shown),
+                    elapsed * 1000,
+                    attempt,
+                    attempts,
+                    kind,
+                )
                 if retryable and attempt < attempts:
                     self._wait("network", self._backoff(attempt), attempt)
                     continue
@@ -269,8 +263,14 @@ class TaniumClient:
                 # 429 has its own class: the dashboard and alerts watch the 429/5xx share
                 m.requests.labels(m.pipeline, endpoint, "429" if code == 429 else f"{code // 100}xx").inc()
                 m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
-            log.debug("tanium GET %s -> %d in %.0f ms (attempt %d/%d)", self._scrub(shown), code,
-                      elapsed * 1000, attempt, attempts)
+            log.debug(
+                "tanium GET %s -> %d in %.0f ms (attempt %d/%d)",
+                self._scrub(shown),
+                code,
+                elapsed * 1000,
+                attempt,
+                attempts,
+            )
             if code == 429 or code >= 500:
                 reason = "429" if code == 429 else "5xx"
                 if attempt < attempts:
@@ -280,9 +280,14 @@ class TaniumClient:
                     self._wait(reason, wait, attempt)
                     continue
                 what = "rate limited (HTTP 429)" if code == 429 else f"answered HTTP {code}"
-                raise TaniumResponseError(self._scrub(
-                    f"Tanium at {self._where} {what} for GET {path} on all {attempts} attempts "
-                    f"(tanium.max_retries = {self.max_retries}); try again later"), status=code, retryable=True)
+                raise TaniumResponseError(
+                    self._scrub(
+                        f"Tanium at {self._where} {what} for GET {path} on all {attempts} attempts "
+                        f"(tanium.max_retries = {self.max_retries}); try again later"
+                    ),
+                    status=code,
+                    retryable=True,
+                )
             return resp, body
         raise AssertionError("unreachable")
 
@@ -317,10 +322,14 @@ class TaniumClient:
                 log.warning("tanium GET %s: reply had invalid UTF-8 bytes, replaced with U+FFFD", path)
                 _flag_replaced(body)
                 return body
-        raise TaniumResponseError(self._scrub(
-            f"Tanium at {self._where} sent a reply that is not valid JSON for GET {path} "
-            f"(HTTP {resp.status_code}, {len(content)} bytes: {_short(str(err))})"), status=resp.status_code,
-            retryable=True)
+        raise TaniumResponseError(
+            self._scrub(
+                f"Tanium at {self._where} sent a reply that is not valid JSON for GET {path} "
+                f"(HTTP {resp.status_code}, {len(content)} bytes: {shorten(str(err))})"
+            ),
+            status=resp.status_code,
+            retryable=True,
+        )
 
     def _as_list(self, data: Any, what: str) -> list:
         if isinstance(data, list):
@@ -329,63 +338,89 @@ class TaniumClient:
             return [data]  # some servers send a single match as an object
         if data is None:
             return []
-        raise TaniumResponseError(self._scrub(f"Tanium sent {what} as {_json_type(data)}, expected a list"),
-                                  status=200)
+        raise TaniumResponseError(self._scrub(f"Tanium sent {what} as {json_type(data)}, expected a list"), status=200)
 
     # -- errors --------------------------------------------------------------------------------------
     def _status_error(self, resp: requests.Response, body: bytes, path: str) -> TaniumError:
         code = resp.status_code
         if code == 401:
-            return TaniumAuthError(self._scrub(
-                f"Tanium at {self._where} answered 401 Unauthorized: the API token is invalid or expired, or "
-                "this client's IP address is not in the token's trusted IP list. Check tanium.api_key (or "
-                "tanium.api_key_file), the token's expiry, and its trusted IP addresses "
-                "(Administration > Permissions > API Tokens)."), status=401)
+            return TaniumAuthError(
+                self._scrub(
+                    f"Tanium at {self._where} answered 401 Unauthorized: the API token is invalid or expired, or "
+                    "this client's IP address is not in the token's trusted IP list. Check tanium.api_key (or "
+                    "tanium.api_key_file), the token's expiry, and its trusted IP addresses "
+                    "(Administration > Permissions > API Tokens)."
+                ),
+                status=401,
+            )
         if code == 403:
-            return TaniumPermissionError(self._scrub(
-                f"Tanium at {self._where} answered 403 Forbidden for GET {path}: the API token lacks Threat "
-                "Response permissions. Give the token's user a role with Threat Response access "
-                "(Threat Response Alerts Read and Threat Response Use API)."), status=403)
+            return TaniumPermissionError(
+                self._scrub(
+                    f"Tanium at {self._where} answered 403 Forbidden for GET {path}: the API token lacks Threat "
+                    "Response permissions. Give the token's user a role with Threat Response access "
+                    "(Threat Response Alerts Read and Threat Response Use API)."
+                ),
+                status=403,
+            )
         if code == 404 and path.startswith(TR_PATH):
             return TaniumModuleMissing(MODULE_MISSING_MESSAGE, status=404)
         detail = _error_detail(resp, body)
         hint = " Is this a Tanium server? Check tanium.host and tanium.port." if code == 404 else ""
-        return TaniumResponseError(self._scrub(
-            f"Tanium at {self._where} rejected GET {path} with HTTP {code}{': ' + detail if detail else ''}.{hint}"),
-            status=code)
+        return TaniumResponseError(
+            self._scrub(
+                f"Tanium at {self._where} rejected GET {path} with HTTP {code}{': ' + detail if detail else ''}.{hint}"
+            ),
+            status=code,
+        )
 
     def _connection_error(self, kind: str, exc: Exception, attempts: int) -> TaniumConnectionError:
         s = self.settings
         where = self._where
-        reason = _short(_root_reason(exc))
+        reason = shorten(_root_reason(exc))
         if kind == "tls":
             if "WRONG_VERSION_NUMBER" in reason.upper() or "wrong version" in reason.lower():
-                msg = (f"TLS handshake with Tanium at {where} failed ({reason}): the server does not seem to speak "
-                       "HTTPS on this port. Check tanium.protocol and tanium.port.")
+                msg = (
+                    f"TLS handshake with Tanium at {where} failed ({reason}): the server does not seem to speak "
+                    "HTTPS on this port. Check tanium.protocol and tanium.port."
+                )
             else:
-                msg = (f"TLS certificate verification failed for Tanium at {where} ({reason}). Set tanium.ca_bundle "
-                       "to the CA that signed the server certificate (or fix the server certificate / host name); "
-                       "verify_ssl = false works but is insecure.")
+                msg = (
+                    f"TLS certificate verification failed for Tanium at {where} ({reason}). Set tanium.ca_bundle "
+                    "to the CA that signed the server certificate (or fix the server certificate / host name); "
+                    "verify_ssl = false works but is insecure."
+                )
         elif kind == "dns":
-            msg = (f"Cannot resolve the Tanium host name {s.host!r} for {where} ({reason}). Check tanium.host and "
-                   "this machine's DNS settings.")
+            msg = (
+                f"Cannot resolve the Tanium host name {s.host!r} for {where} ({reason}). Check tanium.host and "
+                "this machine's DNS settings."
+            )
         elif kind == "refused":
-            msg = (f"Connection to Tanium at {where} was refused. Check tanium.host, tanium.port and "
-                   "tanium.protocol, that the server is running, and that no firewall blocks the port.")
+            msg = (
+                f"Connection to Tanium at {where} was refused. Check tanium.host, tanium.port and "
+                "tanium.protocol, that the server is running, and that no firewall blocks the port."
+            )
         elif kind == "connect_timeout":
-            msg = (f"Connecting to Tanium at {where} timed out after {s.timeout:g} s. Check tanium.host and "
-                   "tanium.port, the network path and firewalls (or tanium.proxy / HTTPS_PROXY).")
+            msg = (
+                f"Connecting to Tanium at {where} timed out after {s.timeout:g} s. Check tanium.host and "
+                "tanium.port, the network path and firewalls (or tanium.proxy / HTTPS_PROXY)."
+            )
         elif kind == "read_timeout":
-            msg = (f"Tanium at {where} did not answer within tanium.timeout = {s.timeout:g} s "
-                   f"({attempts} attempt{'s' if attempts != 1 else ''}). Check the server's load and the network, "
-                   "or raise tanium.timeout.")
+            msg = (
+                f"Tanium at {where} did not answer within tanium.timeout = {s.timeout:g} s "
+                f"({attempts} attempt{'s' if attempts != 1 else ''}). Check the server's load and the network, "
+                "or raise tanium.timeout."
+            )
         elif kind == "proxy":
-            msg = (f"Cannot reach Tanium at {where} through the proxy ({reason}). Check tanium.proxy or "
-                   "HTTPS_PROXY / NO_PROXY.")
+            msg = (
+                f"Cannot reach Tanium at {where} through the proxy ({reason}). Check tanium.proxy or "
+                "HTTPS_PROXY / NO_PROXY."
+            )
         else:
-            msg = (f"The connection to Tanium at {where} was reset or closed mid-reply ({reason}; "
-                   f"{attempts} attempt{'s' if attempts != 1 else ''}). Check the network and any proxy or load "
-                   "balancer in between, and that tanium.protocol matches the server.")
+            msg = (
+                f"The connection to Tanium at {where} was reset or closed mid-reply ({reason}; "
+                f"{attempts} attempt{'s' if attempts != 1 else ''}). Check the network and any proxy or load "
+                "balancer in between, and that tanium.protocol matches the server."
+            )
         return TaniumConnectionError(self._scrub(msg), retryable=kind not in ("tls", "dns"))
 
     def _scrub(self, text: str) -> str:
@@ -461,8 +496,8 @@ def _retry_after(value: str | None) -> float | None:
     if when is None:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _unwrap(body: Any) -> tuple[Any, Any]:
@@ -485,28 +520,30 @@ def decode_details(alert: dict) -> None:
         alert["detailsError"] = "details is null"
         return
     if not isinstance(raw, (str, bytes)):
-        alert["detailsError"] = f"details is {_json_type(raw)}, expected a JSON string"
+        alert["detailsError"] = f"details is {json_type(raw)}, expected a JSON string"
         return
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        alert["detailsError"] = f"details is not valid JSON ({_short(str(e), 80)})"
+        alert["detailsError"] = f"details is not valid JSON ({shorten(str(e), 80)})"
         return
     if isinstance(value, dict):
         alert["details"] = value
     else:
-        alert["detailsError"] = f"details is JSON but {_json_type(value)}, not an object"
+        alert["detailsError"] = f"details is JSON but {json_type(value)}, not an object"
 
 
-def _decode_json_fields(doc: dict) -> None:
-    """IntelDoc `mitreAttack`/`compiled` arrive as objects (4.x) or JSON strings (3.x): make them objects."""
+def decode_intel_doc(doc: dict) -> dict:
+    """`mitreAttack` / `compiled` as objects, in place: 4.x sends objects, 3.x JSON-encoded strings.
+    Text that is not JSON is kept."""
     for key in ("mitreAttack", "compiled"):
         v = doc.get(key)
-        if isinstance(v, str) and v[:1] in ("{", "["):
+        if isinstance(v, str) and v[:1] in ("{", "[", '"'):
             try:
                 doc[key] = orjson.loads(v)
             except orjson.JSONDecodeError:
                 pass
+    return doc
 
 
 def _flag_replaced(body: Any) -> None:
@@ -524,35 +561,14 @@ def _error_detail(resp: requests.Response, content: bytes) -> str:
     try:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return _short(text.strip(), 200)
+        return shorten(text.strip(), 200)
     if isinstance(body, dict):
         errors = body.get("errors")
         if isinstance(errors, list):
             texts = [str(x.get("description") or x.get("code")) for x in errors if isinstance(x, dict)]
             if texts:
-                return _short("; ".join(texts), 200)
+                return shorten("; ".join(texts), 200)
         for key in ("text", "message", "Message", "error"):
             if isinstance(body.get(key), str):
-                return _short(body[key], 200)
-    return _short(text.strip(), 200)
-
-
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
-
-
-def _short(text: str, n: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
+                return shorten(body[key], 200)
+    return shorten(text.strip(), 200)

@@ -1,9 +1,10 @@
 """Timestamps: Tanium writes ISO-8601 UTC with milliseconds and `Z`; so do we."""
+
 from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -22,12 +23,12 @@ def parse_ts(value: str) -> datetime:
     dt = datetime.fromisoformat(v)
     if dt.tzinfo is None:
         raise ValueError(f"{value!r} has no time zone (add Z for UTC)")
-    return dt.astimezone(timezone.utc)
+    return dt.astimezone(UTC)
 
 
 def format_ts(dt: datetime) -> str:
     """aware datetime → 2023-10-16T12:29:34.849Z"""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 def parse_duration(value: str) -> float:
@@ -42,7 +43,7 @@ def parse_duration(value: str) -> float:
 
 def parse_start(value: str, now: datetime | None = None) -> datetime:
     """`now`, a duration ago (`24h`, `7d`) or an RFC 3339 time."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     v = value.strip()
     if v == "now":
         return now
@@ -54,9 +55,10 @@ def parse_start(value: str, now: datetime | None = None) -> datetime:
     try:
         return parse_ts(v)
     except ValueError:
-        raise ValueError(f"{value!r} is not 'now', a duration such as 24h or 7d, "
-                         "or an RFC 3339 time such as 2026-01-31T00:00:00Z") from None
+        raise ValueError(
+            f"{value!r} is not 'now', a duration such as 24h or 7d, or an RFC 3339 time such as 2026-01-31T00:00:00Z"
+        ) from None
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

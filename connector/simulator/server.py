@@ -1,0 +1,730 @@
+"""The simulator's HTTP server: the Threat Response 4.x endpoints, query semantics (filters, sort,
+paging), faults applied per request. See connector/simulator/__init__.py."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import orjson
+
+from connector.simulator.data import (
+    LABELS,
+    MAX_ALERT_DELAY_MS,
+    SOURCES,
+    Data,
+    iso_ms,
+    mix_hash,
+    now_ms,
+    to_ms,
+)
+from connector.simulator.faults import GARBAGE_KINDS, Faults
+from connector.simulator.query import (
+    CONTAINS_FILTERS,
+    DOC_FILTERS,
+    EXACT_FILTERS,
+    MAX_LIMIT,
+    NUMBER_FILTERS,
+    TR_PATH,
+    BadRequest,
+    expand_fields,
+    int_param,
+    natural_order,
+    sort_keys,
+    sort_value,
+)
+from connector.timeutil import parse_ts
+
+log = logging.getLogger(__name__)
+
+
+class Simulator:
+    """See the module docstring. `port=0` picks a free port; `end` fixes the end of the history (for
+    fully reproducible timestamps); `history` is in seconds."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        seed: int = 1,
+        alerts: int = 1000,
+        intel_docs: int = 20,
+        revisions: int = 1,
+        hosts: int = 50,
+        history: float = 12 * 3600,
+        end: datetime | str | None = None,
+        api_key: str = "token-demo",
+        live_rate: float = 0.0,
+        late_fraction: float = 0.0,
+        late_by: tuple[float, float] = (1800, 6 * 3600),
+        live_total: int | None = None,
+        latency: float = 0.0,
+        module_missing: bool = False,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        bare: bool = False,
+    ):
+        if alerts < 0 or intel_docs < 1 or hosts < 1 or history <= 0 or live_rate < 0:
+            raise ValueError("alerts must be >= 0, intel_docs and hosts >= 1, history and live_rate positive")
+        if not 0 <= late_fraction <= 1:
+            raise ValueError(f"late_fraction must be between 0 and 1, not {late_fraction}")
+        self.seed = seed
+        self.api_key = api_key
+        self.live_rate, self.late_fraction, self.late_by = live_rate, late_fraction, late_by
+        self.live_total = live_total
+        self.bare = bare
+        end_ms = to_ms(end) if end is not None else now_ms()
+        self.data = Data(seed, alerts, intel_docs, revisions, hosts, end_ms, int(history * 1000))
+        self.faults = Faults(seed)
+        self.faults.latency = latency
+        self.faults.module_missing = module_missing
+        self.stats: Counter = Counter()
+        self.garbage_log: list[tuple[str, int | None]] = []
+        self.live_created = 0
+        self._stop = threading.Event()
+        self._live_rng = random.Random(seed ^ 0x11FE)
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self._garbage_id = 0
+        self._ssl = None
+        if certfile:
+            self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ssl.load_cert_chain(certfile, keyfile)
+        self.server = _Server((host, port), _Handler, self)
+        self.host = host
+        self.port = self.server.server_address[1]
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self._ssl else 'http'}://{h}:{self.port}"
+
+    def settings(self, **overrides: Any) -> dict:
+        """A `[tanium]` section (as a dict) pointing at this simulator."""
+        base = {
+            "protocol": "https" if self._ssl else "http",
+            "host": self.host,
+            "port": self.port,
+            "api_key": self.api_key,
+        }
+        base.update(overrides)
+        return base
+
+    def start(self) -> Simulator:
+        t = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"simulator-{self.port}", daemon=True
+        )
+        t.start()
+        self._threads.append(t)
+        if self.live_rate > 0:
+            lt = threading.Thread(target=self._live, name="simulator-live", daemon=True)
+            lt.start()
+            self._threads.append(lt)
+        return self
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._threads:  # shutdown() waits for serve_forever(), which never ran otherwise
+            self.server.shutdown()
+        self.server.server_close()
+        with self._conns_lock:
+            for c in list(self._conns):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self._threads:
+            t.join(5)
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- data API ----------------------------------------------------------------------------------
+    @property
+    def alert_count(self) -> int:
+        return self.data.total()
+
+    @property
+    def intel_doc_ids(self) -> list[int]:
+        return [d.id for d in self.data.docs]
+
+    def get_alert(self, alert_id: int) -> dict | None:
+        """The alert as served (details a JSON string), or None."""
+        if not 1 <= alert_id <= self.data.total():
+            return None
+        return dict(self.data.alert(alert_id - 1))
+
+    def intel_doc(self, doc_id: int) -> dict | None:
+        d = self.data.doc_by_id.get(doc_id)
+        return d.body(self.data.n_base) if d else None
+
+    def prune(self, n: int) -> int:
+        """Delete the `n` oldest alerts, as TR's periodic pruning does: offsets of the rest shift left."""
+        with self.data.lock:
+            self.data.pruned = min(self.data.total(), self.data.pruned + max(0, n))
+            return self.data.pruned
+
+    def bump_revision(self, doc_id: int) -> int:
+        """New revision of an IntelDoc: later alerts carry it and /intels/{id} serves it."""
+        d = self.data.doc_by_id[doc_id]
+        with self.data.lock:
+            d.revisions += 1
+            return d.revisions
+
+    def inject(
+        self,
+        computer_name: str | None = None,
+        ip: str | None = None,
+        alerted_at: datetime | str | None = None,
+        created_at: datetime | str | None = None,
+        match_type: str | None = None,
+        intel_doc_id: int | None = None,
+        **extra: Any,
+    ) -> dict:
+        """Add one alert now (next id; createdAt = now unless given, never before the newest alert).
+        Keyword overrides: local_ip, remote_ip, local_port, remote_port, md5, sha1, sha256, size, args,
+        path, process_name, user, state, severity, priority, scan_config_id, intel_doc_revision,
+        details (any value: a str is served raw, None as null, others JSON-encoded), fields (dict of
+        top-level fields set last). Returns the alert as served (details a JSON string)."""
+        allowed = {
+            "local_ip",
+            "remote_ip",
+            "local_port",
+            "remote_port",
+            "md5",
+            "sha1",
+            "sha256",
+            "size",
+            "args",
+            "path",
+            "process_name",
+            "user",
+            "state",
+            "severity",
+            "priority",
+            "scan_config_id",
+            "intel_doc_revision",
+            "details",
+            "fields",
+        }
+        unknown = set(extra) - allowed
+        if unknown:
+            raise TypeError(f"inject() got unknown overrides {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if match_type not in (None, "process", "file", "port"):
+            raise ValueError(f"match_type must be process, file or port, not {match_type!r}")
+        ov = dict(extra)
+        for k, v in (
+            ("computer_name", computer_name),
+            ("ip", ip),
+            ("match_type", match_type),
+            ("intel_doc_id", intel_doc_id),
+        ):
+            if v is not None:
+                ov[k] = v
+        data = self.data
+        doc = data.doc_by_id.get(intel_doc_id) if intel_doc_id is not None else None
+        if doc is None and intel_doc_id is None:
+            want = match_type or "process"
+            doc = next((d for d in data.docs if d.match_type == want), data.docs[0])
+        if doc and match_type is None:
+            ov["match_type"] = doc.match_type
+        with data.lock:
+            last = data.last_created()
+            if created_at is not None:
+                created = to_ms(created_at)
+                if created < last:
+                    raise ValueError(
+                        f"created_at {iso_ms(created)} is before the newest alert ({iso_ms(last)}); "
+                        "ids increase with createdAt, so injected alerts must be the newest"
+                    )
+            else:
+                created = max(now_ms(), last)
+            alerted = to_ms(alerted_at) if alerted_at is not None else (created - 30_000) // 1000 * 1000
+            return dict(data.append((created, alerted), doc, ov))
+
+    def _live(self) -> None:
+        t0 = time.monotonic()
+        tick = min(0.1, 1.0 / self.live_rate)
+        while not self._stop.wait(tick):
+            due = int((time.monotonic() - t0) * self.live_rate) - self.live_created
+            if self.live_total is not None:
+                due = min(due, self.live_total - self.live_created)
+            due = min(due, max(1, int(self.live_rate)))  # after a pause, catch up over a few seconds
+            for _ in range(max(0, due)):
+                self._live_one()
+            if self.live_total is not None and self.live_created >= self.live_total:
+                return
+
+    def _live_one(self) -> None:
+        data, rng = self.data, self._live_rng
+        with data.lock:
+            created = max(now_ms(), data.last_created())
+            if rng.random() < self.late_fraction:
+                alerted = created - int(rng.uniform(*self.late_by) * 1000)
+            else:
+                alerted = created - rng.randrange(300_000)
+            u = rng.random()
+            doc = data.docs[min(bisect.bisect_left(data.cum, u), len(data.docs) - 1)]
+            data.append((created, alerted // 1000 * 1000), doc, {"match_type": doc.match_type})
+            self.live_created += 1
+
+    # -- request handling --------------------------------------------------------------------------
+    def _route(self, path: str) -> tuple[str, int | None]:
+        path = path.rstrip("/") or "/"
+        if path == "/api/v2/session/current":
+            return "session", None
+        if not path.startswith(TR_PATH + "/"):
+            return "unknown", None
+        parts = path[len(TR_PATH) + 1 :].split("/")
+        try:
+            if parts == ["alerts"]:
+                return "alerts", None
+            if parts == ["intels"]:
+                return "intels", None
+            if len(parts) == 2 and parts[0] == "alerts":
+                return "alert", int(parts[1])
+            if len(parts) == 2 and parts[0] == "intels":
+                return "intel", int(parts[1])
+            if len(parts) == 3 and parts[0] == "intels" and parts[2] == "labels":
+                return "intel_labels", int(parts[1])
+        except ValueError:
+            pass
+        return "unknown", None
+
+    def handle(self, req: _Handler) -> None:
+        raw_path, _, query = req.path.partition("?")
+        path = unquote(raw_path)
+        endpoint, ident = self._route(path)
+        self.stats[endpoint] += 1
+        f = self.faults
+        if req.headers.get("session") != self.api_key or f.wrong_token:
+            return req.reply(
+                401,
+                {
+                    "text": "Unauthorized",
+                    "errors": [{"code": "Unauthorized", "description": "Invalid or expired session"}],
+                },
+            )
+        is_tr = path.startswith(TR_PATH)
+        if endpoint == "unknown" or (f.module_missing and is_tr):
+            return req.reply(
+                404, {"text": "Not Found", "errors": [{"code": "NotFound", "description": f"{path} does not exist"}]}
+            )
+        if f.forbidden and is_tr:
+            return req.reply(
+                403, {"text": "Forbidden", "errors": [{"code": "Forbidden", "description": "insufficient permissions"}]}
+            )
+        faulty = f.applies(endpoint)
+        if faulty and f.latency > 0:
+            self._stop.wait(f.latency)
+        if faulty and f.take("stall"):
+            self._stop.wait(f.stall_seconds)
+            return req.drop()
+        if faulty and f.take("rate_limit"):
+            headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
+            return req.reply(429, {"text": "Too Many Requests"}, headers)
+        if faulty and f.take("error"):
+            return req.reply(f.error_status, {"text": "Internal Server Error"})
+        try:
+            status, payload, page = self._answer(endpoint, ident, query)
+        except BadRequest as e:
+            return req.reply(400, {"text": "Bad Request", "errors": [{"code": "BadRequest", "description": str(e)}]})
+        if status == 200 and page is not None and faulty and f.take("garbage"):
+            body = self._with_garbage(payload, page)
+        else:
+            body = orjson.dumps(payload)
+        if faulty and status == 200 and f.take("malformed"):
+            body = body[: max(1, len(body) * 2 // 3)]
+        if faulty and f.take("reset"):
+            return req.reset(status, body)
+        req.send_body(status, body)
+
+    def _answer(self, endpoint: str, ident: int | None, query: str) -> tuple[int, Any, list | None]:
+        """→ (status, payload, page items for list replies)."""
+        params = parse_qsl(query, keep_blank_values=True)
+        data = self.data
+        if endpoint == "session":
+            return (
+                200,
+                {
+                    "data": {
+                        "id": 4242,
+                        "userId": 7,
+                        "user": {"id": 7, "name": "svc-threat-response"},
+                        "authType": "api_token",
+                    }
+                },
+                None,
+            )
+        if endpoint == "alerts":
+            items, total, filtered = self._list_alerts(params)
+            body = items if self.bare else {"data": items, "meta": {"totalCount": total, "filteredCount": filtered}}
+            return 200, body, items
+        if endpoint == "alert":
+            if not 1 <= ident <= data.total():
+                return (
+                    404,
+                    {"text": "Not Found", "errors": [{"code": "NotFound", "description": f"alert {ident} not found"}]},
+                    None,
+                )
+            alert = data.alert(ident - 1)
+            if "intelDoc" in expand_fields(params):
+                alert = self.expanded(alert)
+            return 200, alert if self.bare else {"data": alert}, None
+        if endpoint == "intels":
+            docs = self._list_intels(params)
+            return 200, docs if self.bare else {"data": docs[0], "meta": docs[1]}, None
+        doc = data.doc_by_id.get(ident)
+        if doc is None:
+            return (
+                404,
+                {"text": "Not Found", "errors": [{"code": "NotFound", "description": f"intel {ident} not found"}]},
+                None,
+            )
+        if endpoint == "intel":
+            body = doc.body(data.n_base)
+        else:
+            body = [
+                {
+                    "id": i,
+                    "name": n,
+                    "description": f"{n} activity",
+                    "indicatorCount": 0,
+                    "signalCount": 3 + i,
+                    "createdAt": iso_ms(data.start_ms - 90 * 86_400_000 + i * 1000),
+                    "updatedAt": iso_ms(data.start_ms - 60 * 86_400_000 + i * 1000),
+                }
+                for i, n in LABELS
+                if i in doc.labels
+            ]
+        return 200, body if self.bare else {"data": body}, None
+
+    def _list_intels(self, params: list[tuple[str, str]]):
+        limit = int_param(params, "limit", 50, 0, MAX_LIMIT)
+        offset = int_param(params, "offset", 0, 0, None)
+        want: dict[str, list[str]] = {}
+        for k, v in params:
+            want.setdefault(k, []).append(v)
+        out = []
+        for d in self.data.docs:
+            body = d.body(self.data.n_base)
+            if "name" in want and not any(v.lower() in d.name.lower() for v in want["name"]):
+                continue
+            if "description" in want and not any(v.lower() in body["description"].lower() for v in want["description"]):
+                continue
+            if "type" in want and d.kind not in want["type"]:
+                continue
+            if "labelId" in want and not any(v.isdigit() and int(v) in d.labels for v in want["labelId"]):
+                continue
+            if "mitreTechniqueId" in want and not any(
+                v.lower() in t.lower() for v in want["mitreTechniqueId"] for t in d.technique_ids
+            ):
+                continue
+            out.append(body)
+        page = out[offset : offset + limit]
+        if self.bare:
+            return page
+        return page, {"totalCount": len(self.data.docs), "filteredCount": len(out)}
+
+    def _list_alerts(self, params: list[tuple[str, str]]) -> tuple[list, int, int]:
+        data = self.data
+        limit = int_param(params, "limit", 100, 0, MAX_LIMIT)
+        offset = int_param(params, "offset", 0, 0, None)
+        keys = sort_keys(params)
+        expand = expand_fields(params)
+        filters: dict[str, list[str]] = {}
+        t_from = t_until = None
+        for k, v in params:
+            if k in ("alertedAtFrom", "alertedAtUntil"):
+                try:
+                    ms = int(parse_ts(v).timestamp() * 1000)
+                except ValueError:
+                    raise BadRequest(f"{k}: {v!r} is not an ISO-8601 time such as 2023-01-01T11:00:00.000Z") from None
+                if k == "alertedAtFrom":
+                    t_from = ms if t_from is None else min(t_from, ms)  # repeated = OR: the widest window
+                else:
+                    t_until = ms if t_until is None else max(t_until, ms)
+            elif k in EXACT_FILTERS or k in NUMBER_FILTERS or k in CONTAINS_FILTERS or k in DOC_FILTERS:
+                filters.setdefault(k, []).append(v)
+        with data.lock:
+            n_total, p0 = data.total(), data.pruned
+        # candidate positions: a createdAt range for history alerts (alertedAt ≤ createdAt ≤ alertedAt
+        # + 5 min there), every stored alert (those may be late by hours)
+        lo, hi = min(p0, data.n_base), data.n_base
+        if t_from is not None:
+            lo = max(lo, min(data.first_pos_created_at_least(t_from), data.n_base))
+        if t_until is not None:
+            hi = min(hi, data.first_pos_created_at_least(t_until + MAX_ALERT_DELAY_MS))
+        timed = t_from is not None or t_until is not None
+
+        def positions(reverse: bool):
+            if reverse:
+                yield from range(n_total - 1, max(data.n_base, p0) - 1, -1)
+                yield from range(hi - 1, lo - 1, -1)
+            else:
+                yield from range(lo, hi)
+                yield from range(max(data.n_base, p0), n_total)
+
+        def alerted_ok(pos: int) -> bool:
+            a = data.base_alerted(pos) if pos < data.n_base else data.extra_alerted[pos - data.n_base]
+            return (t_from is None or a >= t_from) and (t_until is None or a < t_until)
+
+        natural = natural_order(keys)
+        if natural is not None and not filters and not timed:
+            count = n_total - p0
+            if natural == "asc":
+                chosen = range(p0 + offset, min(p0 + offset + limit, n_total))
+            else:
+                chosen = range(n_total - 1 - offset, max(n_total - 1 - offset - limit, p0 - 1), -1)
+        elif natural is not None:
+            chosen, count = [], 0
+            for pos in positions(natural == "desc"):
+                if timed and not alerted_ok(pos):
+                    continue
+                if filters and not self._matches(pos, filters):
+                    continue
+                if offset <= count < offset + limit:
+                    chosen.append(pos)
+                count += 1
+        else:
+            matched = [
+                p
+                for p in positions(False)
+                if (not timed or alerted_ok(p)) and (not filters or self._matches(p, filters))
+            ]
+            count = len(matched)
+            tops = {p: data.top(p) for p in matched}
+            first_desc = keys[0][1]
+            order = keys + ([("id", first_desc)] if all(c != "id" for c, _ in keys) else [])
+            for col, desc in reversed(order):  # stable sorts, least significant column first
+                matched.sort(key=lambda p, c=col: sort_value(tops[p].get(c)), reverse=desc)
+            chosen = matched[offset : offset + limit]
+        items = [data.alert(p) for p in chosen]
+        if "intelDoc" in expand:
+            items = [self.expanded(a) for a in items]
+        return items, n_total - p0, count
+
+    def expanded(self, alert: dict) -> dict:
+        d = self.data.doc_by_id.get(alert.get("intelDocId"))
+        out = dict(alert)
+        if d:
+            out["intelDoc"] = d.body(self.data.n_base, full=False)
+        return out
+
+    def _matches(self, pos: int, filters: dict[str, list[str]]) -> bool:
+        data = self.data
+        top = data.top(pos)
+        doc = None
+        for k, vals in filters.items():
+            if k in EXACT_FILTERS:
+                if top.get(k) not in vals:
+                    return False
+            elif k in NUMBER_FILTERS:
+                if not any(v.strip().isdigit() and top.get(k) == int(v) for v in vals):
+                    return False
+            elif k in CONTAINS_FILTERS:
+                if k == "details" and pos < data.n_base:
+                    top = data.alert(pos)
+                have = top.get(k)
+                have = have.lower() if isinstance(have, str) else ""
+                if not any(v.lower() in have for v in vals):
+                    return False
+            else:
+                doc = doc or data.doc_by_id.get(top.get("intelDocId"))
+                if doc is None:
+                    return False
+                if k == "intelType":
+                    if doc.kind not in vals:
+                        return False
+                    continue
+                have = {
+                    "intelDocName": [doc.name],
+                    "intelSource": [SOURCES.get(doc.source, "")],
+                    "labelName": doc.label_names,
+                    "mitreId": doc.technique_ids,
+                    "platform": doc.platforms,
+                }[k]
+                if not any(v.lower() in h.lower() for v in vals for h in have):
+                    return False
+        return True
+
+    def _with_garbage(self, payload: Any, page: list) -> bytes:
+        """Serialize an alerts reply with garbage records mixed into the page."""
+        rng = random.Random(mix_hash(self.seed, len(self.garbage_log)))
+        after: dict[int, list[bytes]] = {}  # real record index → garbage records following it
+        for _ in range(self.faults.garbage_per_page):
+            kind = self.faults.next_garbage_kind()
+            k = rng.randrange(len(page)) if page else -1
+            created = page[k]["createdAt"] if page else iso_ms(now_ms())
+            with self.data.lock:
+                self._garbage_id += 1
+                gid = -self._garbage_id
+                self.garbage_log.append((kind, None if kind in ("non_object", "missing_id", "wrong_types") else gid))
+            after.setdefault(k, []).append(self._garbage(kind, gid, created))
+        items = after.pop(-1, [])
+        for k, alert in enumerate(page):
+            items.append(orjson.dumps(alert))
+            items.extend(after.get(k, ()))
+        arr = b"[" + b",".join(items) + b"]"
+        if self.bare:
+            return arr
+        return b'{"data":' + arr + b',"meta":' + orjson.dumps(payload["meta"]) + b"}"
+
+    def _garbage(self, kind: str, gid: int, created: str) -> bytes:
+        base = {
+            "id": gid,
+            "state": "unresolved",
+            "type": "detect.match",
+            "guid": f"garbage-{-gid}",
+            "intelDocId": self.data.docs[0].id,
+            "computerName": "garbage.corp.local",
+            "computerIpAddress": "10.255.255.1",
+            "matchType": "process",
+            "alertedAt": created,
+            "createdAt": created,
+            "details": "{}",
+        }
+        if kind == "non_object":
+            return [b"42", b'"not an alert"', b"null", b"[1,2,3]", b"true"][-gid % 5]
+        if kind == "missing_id":
+            base.pop("id")
+            return orjson.dumps(base)
+        if kind == "wrong_types":
+            return orjson.dumps(
+                {
+                    "id": f"x{-gid}",
+                    "createdAt": 1697459178,
+                    "alertedAt": False,
+                    "computerName": ["a", "b"],
+                    "intelDocId": "seven",
+                    "details": 17,
+                    "state": {},
+                }
+            )
+        if kind == "huge_details":
+            base["details"] = orjson.dumps(
+                {"match": {"type": "file", "blob": "A" * self.faults.huge_details_bytes}}
+            ).decode()
+            return orjson.dumps(base)
+        if kind == "deep_nesting":
+            base["details"] = "[" * 100_000 + "]" * 100_000
+            nested: Any = "bottom"
+            for _ in range(200):  # stays under the usual JSON parser depth limits, deep for everything else
+                nested = {"a": nested}
+            base["nested"] = nested
+            return orjson.dumps(base)
+        if kind == "invalid_utf8":
+            raw = orjson.dumps(base)
+            return raw.replace(b"garbage.corp.local", b"bad-\xff\xfe-name.corp.local")
+        raise ValueError(f"unknown garbage kind {kind!r}; allowed: {', '.join(GARBAGE_KINDS)}")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr, handler, sim: Simulator):
+        self.sim = sim
+        super().__init__(addr, handler)
+
+    def finish_request(self, request, client_address):
+        # TLS handshakes run here, in the connection's own thread, not in the accept loop
+        raw = request
+        with self.sim._conns_lock:
+            self.sim._conns.add(raw)
+        try:
+            if self.sim._ssl is not None:
+                try:
+                    request = self.sim._ssl.wrap_socket(raw, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    log.debug("simulator: TLS handshake failed: %s", e)
+                    return
+            super().finish_request(request, client_address)
+        finally:
+            with self.sim._conns_lock:
+                self.sim._conns.discard(raw)
+
+    def handle_error(self, request, client_address):
+        log.debug("simulator: connection error from %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "Tanium"
+    sys_version = ""
+    timeout = 120  # idle keep-alive connections
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        try:
+            self.server.sim.handle(self)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # a simulator bug: say so loudly, answer 500
+            log.exception("simulator: error handling GET %s", self.path.split("?")[0])
+            self.close_connection = True
+            try:
+                self.reply(500, {"text": "simulator error"})
+            except OSError:
+                pass
+
+    def do_POST(self):  # noqa: N802
+        self.reply(405, {"text": "Method Not Allowed"})
+
+    def reply(self, status: int, payload: Any, headers: dict | None = None) -> None:
+        self.send_body(status, orjson.dumps(payload), headers)
+
+    def setup(self):
+        super().setup()
+        # small replies must not wait for the client's delayed ACK (Nagle): 40 ms per request otherwise
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send_body(self, status: int, body: bytes, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self._headers_buffer.append(b"\r\n")  # end_headers(), but headers and body leave in one write
+        self._headers_buffer.append(body)
+        self.flush_headers()
+
+    def reset(self, status: int, body: bytes) -> None:
+        """Headers and half the body, then a TCP reset."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.drop()
+
+    def drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+    def log_message(self, fmt, *args):  # one line per request is noise at benchmark rates
+        pass

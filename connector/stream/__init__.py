@@ -1,0 +1,1 @@
+"""The stream pipeline: source → enrich → normalize → sink, with checkpoints and the HA leader."""

@@ -1,0 +1,450 @@
+"""Kafka sink (kafka-python producer, or librdkafka's with kafka.client = "confluent": see
+confluent_producer.py), the confirmation window and the dry-run sink.
+
+Back pressure: kafka-python queues records without any bound (no buffer memory limit since
+2.1.5), so the sink counts records handed to the producer and not yet acknowledged; `send`
+blocks while `kafka.max_unacked` are outstanding. A stalled broker therefore stops the caller
+instead of growing memory.
+
+Every `send` ends in exactly one `on_done(ok, exc)` call: from kafka-python's callback or
+errback (on its I/O thread, so keep on_done short), or at once when the record could not be
+handed over (producer error, stop, timeout), or from `close()` for records Kafka never
+answered. `ok=False` always means "not known to be delivered": the checkpoint must not pass it.
+on_done must not call send(): on the I/O thread a full window would block it for good.
+
+`AckWindow` turns those out-of-order outcomes into a checkpoint position: the last record of
+the contiguous prefix (in send order) that Kafka confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import TextIO
+
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from connector.config import KafkaSection
+from connector.kafka import SinkError, describe_servers, make_producer
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[bool, "Exception | None"], None]
+
+
+class SinkStopped(Exception):
+    """The record was not delivered because the sink is stopping or closed."""
+
+
+class _Record:
+    __slots__ = ("topic", "on_done", "t0")
+
+    def __init__(self, topic: str, on_done: OnDone):
+        self.topic, self.on_done, self.t0 = topic, on_done, 0.0
+
+
+class KafkaSink:
+    """One idempotent (optionally transactional) producer with a bound on un-acknowledged records.
+
+    `stall_after`: seconds without any acknowledgement while records wait before `healthy`
+    turns false (a broker that stopped answering is noticed long before delivery_timeout_ms).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSection,
+        metrics=None,
+        transactional_id: str | None = None,
+        *,
+        stall_after: float = 10.0,
+        max_block_ms: int = 10000,
+    ):
+        self.kafka = kafka
+        self.metrics = metrics
+        self.transactional_id = transactional_id
+        self.stall_after = stall_after
+        self._max = kafka.max_unacked
+        self._cond = threading.Condition()
+        self._pending: dict[int, _Record] = {}
+        self._seq = 0
+        self._blocked = 0
+        self._stopping = False
+        self._failed_since_flush = 0
+        self._last_ack = time.monotonic()
+        self._last_fail: float | None = None
+        self._busy_since = 0.0
+        self._last_error = ""
+        if metrics:  # label lookups cost more than the increments: once here, not per record
+            p = metrics.pipeline
+            self._m_received = metrics.records_received.labels(p, "sink")
+            self._m_sent = metrics.records_sent.labels(p, "sink")
+            self._m_inflight = metrics.inflight.labels(p)
+            self._m_produce = metrics.produce_duration.labels(p)
+        if kafka.client == "confluent":
+            from connector.stream.confluent import ConfluentProducer
+
+            self._producer = ConfluentProducer(kafka, transactional_id, max_block_ms)
+            self._produce = self._produce_confluent
+        else:
+            self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
+            self._produce = self._produce_kafka_python
+        if transactional_id:
+            try:
+                # fences any older producer with the same id and aborts its open transaction
+                self._producer.init_transactions()
+            except KafkaError as e:
+                self._producer.close(0)
+                raise SinkError(
+                    f"cannot initialise Kafka transactions (transactional_id "
+                    f"{transactional_id!r}) on {describe_servers(kafka)}: {e}"
+                ) from None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        on_done: OnDone,
+        timeout: float | None = None,
+    ) -> bool:
+        """Hand one record to Kafka; blocks while `max_unacked` records are outstanding.
+
+        Returns True when the producer took the record (on_done follows later), False when it
+        did not (on_done(False, exc) has already been called): the sink is stopping, `timeout`
+        seconds passed without room, or the producer refused the record.
+        """
+        rec = _Record(topic, on_done)
+        if self.metrics:
+            self._m_received.inc()
+        refused: Exception | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._blocked += 1
+            try:
+                while len(self._pending) >= self._max and not self._stopping:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._blocked -= 1
+            if self._stopping:
+                refused = SinkStopped("the sink is closing; record not sent")
+            elif len(self._pending) >= self._max:
+                refused = KafkaTimeoutError(f"no room among {self._max} un-acknowledged records within {timeout}s")
+            else:
+                seq = self._seq
+                self._seq += 1
+                rec.t0 = time.monotonic()
+                if not self._pending:
+                    self._busy_since = rec.t0
+                self._pending[seq] = rec
+                self._gauge()
+        if refused is not None:
+            self._notify(rec, False, refused)
+            return False
+        try:
+            self._produce(topic, key, value, headers, seq)
+        except Exception as e:  # noqa: BLE001 (metadata timeout, record too large, closed producer, bad types)
+            log.warning("Kafka refused a record for topic %s: %s", topic, e)
+            self._complete(seq, False, e)
+            return False
+        return True
+
+    def _produce_kafka_python(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+        future = self._producer.send(topic, value=value, key=key, headers=headers)
+        future.add_callback(self._acked, seq)
+        future.add_errback(self._failed, seq)
+
+    def _produce_confluent(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+        self._producer.produce(topic, key, value, headers, lambda ok, exc: self._complete(seq, ok, exc))
+
+    def _acked(self, seq: int, _metadata) -> None:
+        self._complete(seq, True, None)
+
+    def _failed(self, seq: int, exc: Exception) -> None:
+        self._complete(seq, False, exc)
+
+    def _complete(self, seq: int, ok: bool, exc: Exception | None) -> None:
+        with self._cond:
+            rec = self._pending.pop(seq, None)
+            if rec is None:  # already failed by close()
+                return
+            now = time.monotonic()
+            if ok:
+                self._last_ack = now
+            else:
+                self._last_fail = now
+                self._failed_since_flush += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            self._gauge()
+            self._cond.notify_all()
+        if ok and self.metrics:
+            self._m_produce.observe(now - rec.t0)
+        self._notify(rec, ok, exc)
+
+    def _gauge(self) -> None:
+        # under self._cond, so the gauge never shows an older count than the last change
+        if self.metrics:
+            self._m_inflight.set(len(self._pending))
+
+    def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
+        m = self.metrics
+        if m:
+            if ok:
+                self._m_sent.inc()
+            elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
+                m.delivery_failures.labels(m.pipeline, rec.topic).inc()
+        try:
+            rec.on_done(ok, exc)
+        except Exception:
+            log.exception("delivery callback failed")
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records sent and not yet acknowledged or failed."""
+        with self._cond:
+            return len(self._pending)
+
+    @property
+    def blocked(self) -> int:
+        """Callers currently inside send() (waiting for room, or just passing through)."""
+        with self._cond:
+            return self._blocked
+
+    def health(self) -> tuple[bool, str]:
+        """(ok, reason): false after a failed delivery not followed by a success, or while
+        records wait and Kafka acknowledged nothing for `stall_after` seconds."""
+        with self._cond:
+            now = time.monotonic()
+            if self._last_fail is not None and self._last_fail >= self._last_ack:
+                return False, f"last Kafka delivery failed ({self._last_error})"
+            if self._pending and now - max(self._last_ack, self._busy_since) > self.stall_after:
+                return False, (
+                    f"Kafka acknowledged nothing for {now - max(self._last_ack, self._busy_since):.0f}s "
+                    f"with {len(self._pending)} records waiting"
+                )
+            return True, "kafka ok"
+
+    @property
+    def healthy(self) -> bool:
+        return self.health()[0]
+
+    def stop(self) -> None:
+        """Give up on sending: wakes every send() blocked on back pressure; they and later sends
+        return False with on_done(False, SinkStopped). A graceful shutdown instead stops feeding
+        the sink, then flush(), commit the checkpoint, close()."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send lingering records and wait for all outcomes. True when nothing is pending and no
+        delivery failed since the previous flush()."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._producer.flush(timeout)
+        except KafkaTimeoutError:
+            pass
+        except KafkaError as e:
+            log.warning("Kafka flush failed: %s", e)
+        with self._cond:
+            self._cond.wait_for(
+                lambda: not self._pending, None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+            ok = not self._pending and not self._failed_since_flush
+            self._failed_since_flush = 0
+        return ok
+
+    def close(self, timeout: float | None = 30) -> None:
+        """Stop, flush for up to `timeout` seconds, close the producer; records still without an
+        answer then get on_done(False, SinkStopped)."""
+        self.stop()
+        deadline = time.monotonic() + (timeout if timeout is not None else 30)
+        drained = self.flush(max(0.0, deadline - time.monotonic()))
+        self._give_up()  # before the producer aborts them with its own errors
+        try:
+            self._producer.close(max(0.0, deadline - time.monotonic()) if drained else 0)
+        except KafkaTimeoutError:
+            # kafka-python's close() flushes first and raises instead of force-closing when
+            # records are stuck; force the I/O thread down so the process can exit
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+                sender.join(max(1.0, deadline - time.monotonic()))
+            try:  # now it can mark itself closed (else its __del__ complains later)
+                self._producer.close(0)
+            except KafkaError:
+                pass
+        except KafkaError as e:
+            log.warning("closing the Kafka producer: %s", e)
+
+    def _give_up(self) -> None:
+        with self._cond:
+            left = list(self._pending)
+        for seq in left:
+            self._complete(seq, False, SinkStopped("closed before Kafka acknowledged the record"))
+
+    # -- transactions (exactly-once mode) --------------------------------------------------
+
+    def begin(self) -> None:
+        self._require_tx()
+        self._producer.begin_transaction()
+
+    def commit(self, records: list[tuple[str, bytes | None, bytes]] = (), timeout: float = 60) -> None:
+        """Write `records` (e.g. the checkpoint, see KafkaCheckpointStore.record) inside the open
+        transaction, then commit it. Raises SinkError if the commit failed or did not finish
+        within `timeout` seconds; then abort() (or exit: a restarted producer aborts it)."""
+        self._require_tx()
+        for topic, key, value in records:
+            try:
+                self._producer.send(topic, value=value, key=key)
+            except KafkaError as e:
+                raise SinkError(f"could not add a record for topic {topic} to the transaction: {e}") from None
+        self._run_bounded(self._tx_call("commit_transaction", timeout), "commit", timeout)
+
+    def abort(self, timeout: float = 60) -> None:
+        self._require_tx()
+        self._run_bounded(self._tx_call("abort_transaction", timeout), "abort", timeout)
+
+    def _tx_call(self, name: str, timeout: float) -> Callable[[], None]:
+        fn = getattr(self._producer, name)
+        if self.kafka.client == "confluent":  # librdkafka takes the bound itself, so no call outlives it
+            return lambda: fn(timeout)
+        return fn
+
+    def _require_tx(self) -> None:
+        if not self.transactional_id:
+            raise SinkError("transactions need a KafkaSink created with a transactional_id")
+
+    @staticmethod
+    def _run_bounded(fn: Callable[[], None], what: str, timeout: float) -> None:
+        # kafka-python waits for commit/abort without a time limit; a black-holed broker must
+        # not hang the pipeline, so run it aside and give up after `timeout`
+        err: list[BaseException] = []
+
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                err.append(e)
+
+        t = threading.Thread(target=run, name=f"kafka-{what}", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            raise SinkError(f"Kafka transaction {what} did not finish within {timeout:g}s")
+        if err:
+            raise SinkError(f"Kafka transaction {what} failed: {type(err[0]).__name__}: {err[0]}") from err[0]
+
+
+class AckWindow:
+    """Confirmation window: which position the checkpoint may advance to.
+
+    `add(position)` in send order returns a sequence number; `done(seq, ok)` in any order;
+    `committable()` is the position of the last record of the contiguous prefix of successful
+    acknowledgements. A failed record stays at the head for good: the checkpoint never passes
+    it (the pipeline re-reads from the checkpoint with a new window).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._order: deque[int] = deque()  # seqs not yet passed, in send order
+        self._entries: dict[int, list] = {}  # seq -> [position, state]; state None|True|False
+        self._committable: Hashable | None = None
+        self._failures = 0
+
+    def add(self, position) -> int:
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            self._order.append(seq)
+            self._entries[seq] = [position, None]
+            return seq
+
+    def done(self, seq: int, ok: bool) -> None:
+        with self._lock:
+            entry = self._entries.get(seq)
+            if entry is None or entry[1] is not None:
+                raise ValueError(f"AckWindow.done: sequence {seq} is unknown or already done")
+            entry[1] = bool(ok)
+            if not ok:
+                self._failures += 1
+            # each seq leaves the deque once, so this is O(1) amortized
+            while self._order and self._entries[self._order[0]][1] is True:
+                self._committable = self._entries.pop(self._order.popleft())[0]
+
+    def committable(self):
+        """Position of the last record of the acknowledged prefix, or None if there is none."""
+        with self._lock:
+            return self._committable
+
+    @property
+    def failed(self) -> bool:
+        """True once any record failed: the prefix is stuck and the pipeline must re-read."""
+        with self._lock:
+            return self._failures > 0
+
+    @property
+    def pending(self) -> int:
+        """Records not yet passed by the prefix (waiting, failed, or acked behind a gap)."""
+        with self._lock:
+            return len(self._order)
+
+
+class DryRunSink:
+    """Prints each record's value as one line on `stream` and acknowledges it at once."""
+
+    transactional_id = None
+
+    def __init__(self, stream: TextIO, metrics=None):
+        self.stream = stream
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        on_done: OnDone,
+        timeout: float | None = None,
+    ) -> bool:
+        m = self.metrics
+        if m:
+            m.records_received.labels(m.pipeline, "sink").inc()
+        line = value.decode("utf-8", "replace").replace("\n", " ")
+        with self._lock:
+            self.stream.write(line + "\n")
+        if m:
+            m.records_sent.labels(m.pipeline, "sink").inc()
+        on_done(True, None)
+        return True
+
+    pending = 0
+    blocked = 0
+    healthy = True
+
+    def health(self) -> tuple[bool, str]:
+        return True, "dry run"
+
+    def flush(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            self.stream.flush()
+        return True
+
+    def stop(self) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        self.flush()

@@ -1,0 +1,37 @@
+"""The one place that builds the stream stages from a pipeline's settings (the pipeline, the
+validation engine and the benchmark all use it, so a setting means the same everywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from connector.stream.enrich import Enricher
+from connector.stream.normalize import Normalizer
+from connector.stream.source import AlertSource
+
+
+@dataclass
+class Stages:
+    """Source, enricher (None when enrichment is off) and normalizer of one pipeline."""
+
+    source: AlertSource
+    enricher: Enricher | None
+    normalizer: Normalizer
+
+
+def build_stages(cfg, client, metrics=None) -> Stages:
+    """The stages configured by `cfg` (a PipelineConfig), reading Tanium through `client`."""
+    enricher = None
+    if cfg.tanium.enrich_intel_docs:
+        e = cfg.enrich
+        enricher = Enricher(client.get_intel, e.cache_size, e.cache_ttl, e.negative_ttl, e.concurrency, metrics)
+    # the one place the event-time adjustment is applied
+    normalizer = Normalizer(
+        cfg.effective_field_map,
+        cfg.pipeline.name,
+        cfg.validation.event_time_adjustment,
+        cfg.output.include_raw,
+        cfg.tanium.host,
+        metrics,
+    )
+    return Stages(AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit, metrics), enricher, normalizer)

@@ -1,0 +1,1 @@
+"""Tools around the connector: connectivity check, demo, benchmark, embedded broker."""

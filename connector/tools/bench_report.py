@@ -1,0 +1,159 @@
+"""The benchmark's report: the hardware line, the targets and the printed tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    mem_kib = 0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    import kafka.record.util as kafka_util
+
+    try:
+        import crc32c  # noqa: F401
+
+        native = kafka_util.calc_crc32c.__defaults__[0] is crc32c.crc32c
+    except (ImportError, AttributeError, TypeError):
+        native = False
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kafka_python": metadata.version("kafka-python"),
+        "crc32c": "C (crc32c package)" if native else "pure Python",
+        "orjson": metadata.version("orjson"),
+        "load_avg_1m": load,
+    }
+
+
+def hardware_line(hw: dict) -> str:
+    load = f", load average {hw['load_avg_1m']:.2f} at start" if hw.get("load_avg_1m") is not None else ""
+    return (
+        f"{hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, Python {hw['python']}, "
+        f"kafka-python {hw['kafka_python']} (CRC32C: {hw['crc32c']}), orjson {hw['orjson']}{load}"
+    )
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+def targets(report: dict) -> dict:
+    m = report["median"]
+    t = {
+        "ratio": {"value": m["ratio"], "target": ">= 0.85", "met": m["ratio"] >= 0.85},
+        "intel_requests_per_doc_revision": {
+            "value": m["pipeline"]["intel_requests_per_doc_revision"],
+            "target": "<= 1 (+ TTL refreshes)",
+            "met": m["pipeline"]["intel_requests_per_doc_revision"] <= 1,
+        },
+    }
+    if "confluent" in m:
+        r = m["confluent"]["ratio"]
+        t["ratio_confluent"] = {"value": r, "target": ">= 0.85", "met": r >= 0.85}
+    if report.get("validation"):
+        v = report["validation"]
+        t["validation_ratio"] = {"value": v["ratio"], "target": "<= 2", "met": v["ratio"] <= 2}
+    return t
+
+
+def print_report(report: dict, out) -> None:
+    c, m = report["config"], report["median"]
+    runs = f"median of {c['repeat']} runs" if c["repeat"] > 1 else "1 run"
+    w = out.write
+    w(
+        f"tanium-connector bench: {c['alerts']} alerts, {c['intel_docs']} IntelDocs, simulator latency "
+        f"{c['latency_ms']:g} ms/request, page size {c['page_size']}, {runs}"
+        + (f", WHAT-IF gc.set_threshold({c['gc_threshold']}, 10, 10)" if c.get("gc_threshold") else "")
+        + (f", WHAT-IF sys.setswitchinterval({c['switch_interval_ms']:g} ms)" if c.get("switch_interval_ms") else "")
+        + "\n"
+    )
+    w(f"hardware: {hardware_line(report['hardware'])}\n\n")
+    w(f"{'phase':<28}{'events/s':>10}{'CPU s/1k ev':>13}{'peak RSS MiB':>14}{'Tanium req/1k ev':>18}\n")
+    rows = [
+        (m["sink"], "sink ceiling (kafka-python)"),
+        (m["source"], "source ceiling"),
+        (m["pipeline"], "pipeline (kafka-python)"),
+    ]
+    if "confluent" in m:
+        rows += [
+            (m["confluent"]["sink"], "sink ceiling (confluent)"),
+            (m["confluent"]["pipeline"], "pipeline (confluent)"),
+        ]
+    for ph, label in rows:
+        req = f"{ph['tanium_requests_per_1k']:.2f}" if "tanium_requests_per_1k" in ph else "-"
+        w(f"{label:<28}{ph['events_per_s']:>10.0f}{ph['cpu_per_1k']:>13.3f}{ph['peak_rss_mib']:>14.1f}{req:>18}\n")
+    t = report["targets"]
+    ok = {True: "met", False: "NOT MET"}
+    w(f"\npipeline / min(ceilings)   {m['ratio']:.3f} kafka-python (target >= 0.85: {ok[t['ratio']['met']]})")
+    if "confluent" in m:
+        w(f", {m['confluent']['ratio']:.3f} confluent ({ok[t['ratio_confluent']['met']]})")
+    w("\n")
+    p = m["pipeline"]
+    w(
+        f"IntelDoc requests          {p['intel_requests_seen_by_simulator']:.0f} for {p['doc_revisions']:.0f} distinct "
+        f"(doc, revision) = {p['intel_requests_per_doc_revision']:.2f} per pair, "
+        f"{p['alerts_per_intel_request']:.0f} alerts per request (target <= 1 per pair: "
+        f"{ok[t['intel_requests_per_doc_revision']['met']]})\n"
+    )
+    if report.get("validation"):
+        v = report["validation"]
+        w(
+            f"validation requests        1 action: {v['requests_1']}, {v['actions']} actions: {v['requests_n']} "
+            f"= {v['ratio']:.2f}x (target <= 2x: {ok[t['validation_ratio']['met']]})\n"
+        )
+    if c["repeat"] > 1:
+        w(
+            "per run (sink / source / pipeline events/s, ratio): "
+            + "; ".join(
+                f"{r['sink']['events_per_s']:.0f} / {r['source']['events_per_s']:.0f} / "
+                f"{r['pipeline']['events_per_s']:.0f}, {r['ratio']:.3f}"
+                + (
+                    f" | confluent {r['confluent']['sink']['events_per_s']:.0f} / "
+                    f"{r['confluent']['pipeline']['events_per_s']:.0f}"
+                    f", {r['confluent']['ratio']:.3f}"
+                    if "confluent" in r
+                    else ""
+                )
+                for r in report["runs"]
+            )
+            + "\n"
+        )
+    w("(shared machine: other processes compete for the same cores; compare ratios from one run)\n")
+
+
+def print_rss_report(report: dict, out) -> None:
+    r = report["rss_scale"]
+    out.write(
+        f"tanium-connector bench --rss-scale: pipeline peak RSS, events without raw, latency "
+        f"{report['config']['latency_ms']:g} ms/request\n"
+    )
+    out.write(f"hardware: {hardware_line(report['hardware'])}\n")
+    for n, v in r["runs"].items():
+        out.write(
+            f"  {int(n):>9} alerts: peak RSS {v['peak_rss_mib']:.1f} MiB  ({v['events_per_s']:.0f} events/s, "
+            f"{v['cpu_per_1k']:.3f} CPU s/1k)\n"
+        )
+    verdict = "met" if r["ratio"] <= 1.3 else "NOT MET"
+    out.write(f"  ratio {r['large']} / {r['small']}: {r['ratio']:.3f} (target <= 1.3: {verdict})\n")
+
+
+# ---- entry point -----------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Security Validation: job-action rules and windows (rules), shared queries (engine), runners."""

@@ -1,0 +1,582 @@
+"""Security Validation: job actions, their query windows, and matching normalized events to them.
+
+This module is the pure core (no I/O). `validation_engine.py` runs the shared alert queries and
+`validation_run.py` the file and Kafka runners (`validate_file`, `run_validation`) are
+their entry points.
+
+Query schedule (issue 4, reference security-validation.md 8.2): with action start T, query time Q
+minutes, interval I seconds and delay D minutes, query k covers [T − Q + k·I, T + k·I] for
+k = 0 … N, N = Q·60 / I, plus a final window [T, T + Q] when I does not divide Q·60; query k runs
+at T + D + k·I, i.e. at its window end plus D, so never before the window has closed. Times are
+kept in integer microseconds so that 0.1-minute or 0.5-second settings do not drift.
+
+Event time: the Normalizer already adds `validation.event_time_adjustment` to `event_time`; the
+matcher compares that value as it is and never adds the adjustment again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from connector.text import show
+from connector.timeutil import format_ts, parse_ts, utcnow
+
+ACTION_TYPES = ("host_cli", "network")
+ACTION_KEYS = (
+    "id",
+    "job_id",
+    "name",
+    "type",
+    "started_at",
+    "ended_at",
+    "source",
+    "destination",
+    "dest_port",
+    "expected",
+    "metadata",
+)
+ACTOR_KEYS = ("hostnames", "ips")
+EXPECTED_KEYS = ("file_hashes", "command_line_contains", "mitre_techniques")
+_HASH = re.compile(r"^(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
+_TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$", re.IGNORECASE)
+_HOSTNAME = re.compile(r"^[^\s/\\@]{1,255}$")
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+_US = timedelta(microseconds=1)
+MAX_ECHO = 65536  # bytes of a rejected input repeated in its rejection record
+
+
+# ---------------------------------------------------------------------------------------------
+# Job actions
+
+
+@dataclass(frozen=True)
+class Actor:
+    hostnames: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.hostnames and not self.ips
+
+
+@dataclass(frozen=True)
+class Expected:
+    file_hashes: tuple[str, ...] = ()  # lower-case hex
+    command_line_contains: tuple[str, ...] = ()
+    mitre_techniques: tuple[str, ...] = ()  # upper-case, e.g. T1059.001
+
+
+@dataclass(frozen=True)
+class JobAction:
+    id: str
+    job_id: str
+    name: str
+    type: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    source: Actor = Actor()
+    destination: Actor = Actor()
+    dest_port: int | None = None
+    expected: Expected = Expected()
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An invalid job action: `reason` names each bad field and what is allowed."""
+
+    reason: str
+    input: Any
+    action_id: str | None = None
+
+    def record(self, pipeline: str) -> dict:
+        shown = self.input
+        try:
+            size = len(orjson.dumps(shown))
+        except TypeError:
+            shown, size = repr(shown), len(repr(shown))
+        if size > MAX_ECHO:  # the results topic is no place for a megabyte of garbage
+            text = shown if isinstance(shown, str) else orjson.dumps(shown).decode()
+            shown = text[:MAX_ECHO] + f"… (truncated, {size} bytes)"
+        return {
+            "action_id": self.action_id,
+            "result": "rejected",
+            "reason": self.reason,
+            "input": shown,
+            "pipeline": pipeline,
+            "decided_at": format_ts(utcnow()),
+        }
+
+
+def _ident(obj: dict, key: str, errors: list[str], required: bool = True) -> str | None:
+    v = obj.get(key)
+    if v is None:
+        if required:
+            errors.append(f"{key}: required (a non-empty string or integer)")
+        return None
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (str, int))
+        or (isinstance(v, str) and not v.strip())
+        or len(str(v)) > 200
+    ):
+        errors.append(f"{key}: must be a non-empty string (at most 200 characters) or an integer, got {show(v)}")
+        return None
+    return str(v).strip()
+
+
+def _time(obj: dict, key: str, errors: list[str], required: bool) -> datetime | None:
+    v = obj.get(key)
+    if v is None:
+        if required:
+            errors.append(f"{key}: required (an RFC 3339 time such as 2026-01-31T12:00:00Z)")
+        return None
+    try:
+        if not _RFC3339.match(v.strip()):
+            raise ValueError(v)
+        return parse_ts(v)
+    except (ValueError, TypeError, AttributeError):
+        errors.append(f"{key}: must be an RFC 3339 time with a time zone, such as 2026-01-31T12:00:00Z, got {show(v)}")
+        return None
+
+
+def _str_list(v: Any, key: str, errors: list[str], check, allowed: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        errors.append(f"{key}: must be a list of {allowed}, got {show(v)}")
+        return ()
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, str) or not item.strip() or not check(item.strip()):
+            errors.append(f"{key}[{i}]: must be {allowed}, got {show(item)}")
+        else:
+            out.append(item.strip())
+    return tuple(out)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _actor(obj: dict, key: str, errors: list[str]) -> Actor:
+    v = obj.get(key)
+    if v is None:
+        return Actor()
+    if not isinstance(v, dict):
+        errors.append(f"{key}: must be an object with hostnames and ips lists, got {show(v)}")
+        return Actor()
+    for k in v:
+        if k not in ACTOR_KEYS:
+            errors.append(f"{key}.{k}: unknown field; allowed: {', '.join(ACTOR_KEYS)}")
+    hosts = _str_list(
+        v.get("hostnames"),
+        f"{key}.hostnames",
+        errors,
+        lambda s: bool(_HOSTNAME.match(s)),
+        "hostnames (no spaces, at most 255 characters)",
+    )
+    ips = _str_list(v.get("ips"), f"{key}.ips", errors, _is_ip, "IPv4 or IPv6 addresses")
+    return Actor(hosts, tuple(str(ipaddress.ip_address(i)) for i in ips))
+
+
+def _expected(obj: dict, errors: list[str]) -> Expected:
+    v = obj.get("expected")
+    if v is None:
+        return Expected()
+    if not isinstance(v, dict):
+        errors.append(f"expected: must be an object with {', '.join(EXPECTED_KEYS)}, got {show(v)}")
+        return Expected()
+    for k in v:
+        if k not in EXPECTED_KEYS:
+            errors.append(f"expected.{k}: unknown field; allowed: {', '.join(EXPECTED_KEYS)}")
+    hashes = _str_list(
+        v.get("file_hashes"),
+        "expected.file_hashes",
+        errors,
+        lambda s: bool(_HASH.match(s)),
+        "MD5, SHA-1 or SHA-256 hex digests",
+    )
+    cmds = _str_list(
+        v.get("command_line_contains"), "expected.command_line_contains", errors, lambda s: True, "non-empty strings"
+    )
+    techs = _str_list(
+        v.get("mitre_techniques"),
+        "expected.mitre_techniques",
+        errors,
+        lambda s: bool(_TECHNIQUE.match(s)),
+        "MITRE ATT&CK technique ids such as T1059 or T1059.001",
+    )
+    return Expected(tuple(h.lower() for h in hashes), cmds, tuple(t.upper() for t in techs))
+
+
+def parse_job_action(obj: Any) -> JobAction | Rejection:
+    """A JSON object (already decoded) → JobAction, or a Rejection naming every bad field."""
+    if not isinstance(obj, dict):
+        return Rejection(
+            "job action must be a JSON object with id, job_id, name, type, started_at, "
+            f"source/destination; got {type(obj).__name__}",
+            obj,
+        )
+    errors: list[str] = []
+    for k in obj:
+        if k not in ACTION_KEYS:
+            errors.append(f"{k}: unknown field; allowed: {', '.join(ACTION_KEYS)}")
+    action_id = _ident(obj, "id", errors)
+    job_id = _ident(obj, "job_id", errors)
+    name = obj.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errors.append(f"name: required, a non-empty string; got {show(name)}")
+    typ = obj.get("type")
+    if typ not in ACTION_TYPES:
+        errors.append(f"type: must be one of {', '.join(ACTION_TYPES)}; got {show(typ)}")
+    started = _time(obj, "started_at", errors, required=True)
+    ended = _time(obj, "ended_at", errors, required=False)
+    if started and ended and ended < started:
+        errors.append(f"ended_at: must not be before started_at ({obj['ended_at']} < {obj['started_at']})")
+    source = _actor(obj, "source", errors)
+    dest = _actor(obj, "destination", errors)
+    port = obj.get("dest_port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        errors.append(f"dest_port: must be an integer from 0 to 65535; got {show(port)}")
+        port = None
+    expected = _expected(obj, errors)
+    meta = obj.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        errors.append(f"metadata: must be an object; got {show(meta)}")
+    if typ == "host_cli" and source.empty and dest.empty:
+        errors.append(
+            "source: a host_cli action needs at least one actor hostname or IP (source.hostnames / source.ips)"
+        )
+    if typ == "network":
+        for key, actor in (("source", source), ("destination", dest)):
+            if actor.empty:
+                errors.append(f"{key}: a network action needs {key}.hostnames or {key}.ips")
+    if errors:
+        return Rejection("; ".join(errors), obj, action_id)
+    return JobAction(action_id, job_id, name.strip(), typ, started, ended, source, dest, port, expected, obj)
+
+
+def parse_job_action_bytes(data: bytes | str) -> JobAction | Rejection:
+    """A raw JSON text (a Kafka record value or a file line) → JobAction or Rejection."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
+        return Rejection(f"not valid JSON ({e}); a job action is one JSON object", text)
+    return parse_job_action(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Query schedule
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    start: datetime
+    end: datetime
+    run_at: datetime
+
+    def covers(self, t: datetime) -> bool:
+        return self.start <= t <= self.end
+
+    def describe(self) -> dict:
+        return {"index": self.index, "start": format_ts(self.start), "end": format_ts(self.end)}
+
+
+def _us(td: timedelta) -> int:
+    return td // _US
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The windows of one action, computed on demand (an action can have many windows)."""
+
+    started_at: datetime
+    query_us: int
+    interval_us: int
+    delay_us: int
+
+    @classmethod
+    def of(cls, started_at: datetime, query_time: float, query_interval: float, delay_time: float) -> Schedule:
+        q, i, d = round(query_time * 60e6), round(query_interval * 1e6), round(delay_time * 60e6)
+        if q <= 0 or i <= 0 or d < 0:
+            raise ValueError("query_time and query_interval must be > 0 and delay_time ≥ 0")
+        return cls(started_at, q, i, d)
+
+    @property
+    def regular(self) -> int:
+        """N + 1: windows k = 0 … N."""
+        return self.query_us // self.interval_us + 1
+
+    @property
+    def count(self) -> int:
+        return self.regular + (1 if self.query_us % self.interval_us else 0)
+
+    def window(self, k: int) -> Window:
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        t = self.started_at
+        if k < self.regular:
+            end = t + _US * (k * self.interval_us)
+        else:  # the final window ending at T + Q
+            end = t + _US * self.query_us
+        return Window(k, end - _US * self.query_us, end, end + _US * self.delay_us)
+
+    def windows(self) -> list[Window]:
+        return [self.window(k) for k in range(self.count)]
+
+    @property
+    def first_start(self) -> datetime:
+        return self.started_at - _US * self.query_us
+
+    @property
+    def last_end(self) -> datetime:
+        return self.started_at + _US * self.query_us
+
+    def due_until(self, now: datetime) -> int:
+        """Number of windows whose run time is ≤ now (windows run in index order)."""
+        elapsed = _us(now - self.started_at) - self.delay_us
+        if elapsed < 0:
+            return 0
+        n = min(self.regular, elapsed // self.interval_us + 1)
+        if n == self.regular and self.count > self.regular and elapsed >= self.query_us:
+            n += 1
+        return n
+
+    def first_covering(self, t: datetime, lo: int, hi: int) -> Window | None:
+        """The lowest-index window in [lo, hi) that contains t."""
+        rel = _us(t - self.started_at)  # t − T
+        k = max(lo, -(-rel // self.interval_us))  # ceil(rel / I): the first window ending at or after t
+        if k < min(hi, self.regular):
+            w = self.window(k)
+            if w.covers(t):
+                return w
+        if hi > self.regular and self.count > self.regular and lo <= self.regular:
+            w = self.window(self.regular)
+            if w.covers(t):
+                return w
+        return None
+
+    def span(self, lo: int, hi: int) -> list[tuple[datetime, datetime]]:
+        """Time ranges covered by windows lo … hi−1 (one range when consecutive windows overlap)."""
+        if lo >= hi:
+            return []
+        if self.interval_us <= self.query_us:
+            ends = [self.window(k).end for k in (lo, hi - 1)]
+            starts = [self.window(k).start for k in (lo, hi - 1)]
+            return [(min(starts), max(ends))]
+        return [(w.start, w.end) for w in (self.window(k) for k in range(lo, hi))]
+
+
+def query_windows(
+    started_at: datetime, query_time: float, query_interval: float, delay_time: float = 0
+) -> list[Window]:
+    """Every window of an action started at `started_at` (see the module docstring)."""
+    return Schedule.of(started_at, query_time, query_interval, delay_time).windows()
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+
+
+@dataclass
+class Match:
+    """Outcome for an event whose host identity matched an action: `matched` when every rule
+    passed, otherwise a suspicious event with `failed` fields."""
+
+    rules: list[str]
+    failed: list[dict]
+
+    @property
+    def matched(self) -> bool:
+        return not self.failed
+
+
+def _norm_host(v: str) -> str:
+    return v.strip().lower().rstrip(".")
+
+
+def _ip(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(v.strip()))
+    except ValueError:
+        return None
+
+
+def host_equal(a: str, b: str) -> bool:
+    """Case-insensitive; an FQDN equals its short name both ways; two different FQDNs do not."""
+    a, b = _norm_host(a), _norm_host(b)
+    if a == b:
+        return True
+    if "." in a and "." in b:
+        return False
+    return a.split(".", 1)[0] == b.split(".", 1)[0]
+
+
+def _values(event: dict, key: str) -> list[str]:
+    v = event.get(key)
+    if v is None or v == "":
+        return []
+    if isinstance(v, list):
+        return [x for x in v if isinstance(x, str) and x.strip()]
+    return [v] if isinstance(v, str) and v.strip() else []
+
+
+def _side_match(event: dict, keys: tuple[str, ...], actor: Actor) -> list[str]:
+    """Rules ('host:computer', 'ip:src_ip', …) by which the event fields `keys` name `actor`."""
+    rules = []
+    ips = set(actor.ips)
+    for key in keys:
+        for v in _values(event, key):
+            ip = _ip(v)
+            hit = ip in ips if ip else any(host_equal(v, h) for h in actor.hostnames)
+            if hit:
+                rules.append(f"{'ip' if ip else 'host'}:{key}")
+                break
+    return rules
+
+
+HOST_KEYS = ("computer", "host", "additional_hosts", "src_ip", "dest_ip")
+SRC_KEYS = ("src_ip", "computer", "host")  # the endpoint's own side of a connection
+DST_KEYS = ("dest_ip",)
+
+
+def _merge(a: Actor, b: Actor) -> Actor:
+    return Actor(a.hostnames + b.hostnames, a.ips + b.ips)
+
+
+def _port(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _markers(action: JobAction, event: dict, rules: list[str], failed: list[dict]) -> None:
+    exp = action.expected
+    if exp.file_hashes:
+        have = {h.lower() for k in ("file_md5", "file_sha1", "file_sha256") for h in _values(event, k)}
+        if not have:
+            failed.append({"field": "file_hash", "reason": "missing", "expected": list(exp.file_hashes)})
+        elif have & set(exp.file_hashes):
+            rules.append("file_hash")
+        else:
+            failed.append(
+                {"field": "file_hash", "reason": "mismatch", "expected": list(exp.file_hashes), "actual": sorted(have)}
+            )
+    if exp.command_line_contains:
+        cmd = " ".join(_values(event, "command_line"))
+        if not cmd:
+            failed.append({"field": "command_line", "reason": "missing", "expected": list(exp.command_line_contains)})
+        elif any(s.lower() in cmd.lower() for s in exp.command_line_contains):
+            rules.append("command_line")
+        else:
+            failed.append(
+                {
+                    "field": "command_line",
+                    "reason": "mismatch",
+                    "expected": list(exp.command_line_contains),
+                    "actual": cmd,
+                }
+            )
+    if exp.mitre_techniques:
+        have = [t.upper() for t in _values(event, "mitre_techniques")]
+        # an event tagged with a sub-technique (T1059.001) satisfies its parent (T1059)
+        hit = [e for e in exp.mitre_techniques if any(t == e or t.startswith(e + ".") for t in have)]
+        if not have:
+            failed.append({"field": "mitre_techniques", "reason": "missing", "expected": list(exp.mitre_techniques)})
+        elif hit:
+            rules.append("mitre_technique")
+        else:
+            failed.append(
+                {
+                    "field": "mitre_techniques",
+                    "reason": "mismatch",
+                    "expected": list(exp.mitre_techniques),
+                    "actual": have,
+                }
+            )
+
+
+def _side_failure(event: dict, keys: tuple[str, ...], field_name: str, actor: Actor) -> dict:
+    present = [v for k in keys for v in _values(event, k)]
+    if not present:
+        return {"field": field_name, "reason": "missing", "expected": list(actor.hostnames + actor.ips)}
+    return {"field": field_name, "reason": "mismatch", "expected": list(actor.hostnames + actor.ips), "actual": present}
+
+
+def match_event(action: JobAction, event: dict) -> Match | None:
+    """Host/IP identity, port and expected markers of one normalized event against one action.
+
+    None: the event does not name the action's hosts at all (unrelated). Otherwise a Match whose
+    `failed` list is empty (a matched event) or names the fields that failed (a suspicious event).
+    The time check is the caller's (it knows the windows); `event_time` is used as normalized.
+    """
+    rules: list[str] = []
+    failed: list[dict] = []
+    if action.type == "host_cli":
+        rules = _side_match(event, HOST_KEYS, _merge(action.source, action.destination))
+        if not rules:
+            return None
+    else:
+        src, dst = action.source, action.destination
+        best = None
+        for direction, a1, a2 in (("forward", src, dst), ("reversed", dst, src)):
+            r1, r2 = _side_match(event, SRC_KEYS, a1), _side_match(event, DST_KEYS, a2)
+            score = (bool(r1) and bool(r2), bool(r1) or bool(r2))
+            if best is None or score > best[0]:
+                best = (score, direction, a1, a2, r1, r2)
+        (both, one), direction, a1, a2, r1, r2 = best
+        if not one:
+            return None
+        rules = [f"network:{direction}"] + r1 + r2
+        if not r1:
+            failed.append(_side_failure(event, SRC_KEYS, "src_ip", a1))
+        if not r2:
+            failed.append(_side_failure(event, DST_KEYS, "dest_ip", a2))
+        if both and action.dest_port is not None:
+            # seen from the destination host, the action's port is the local one
+            seen = _port(event.get("dest_port" if direction == "forward" else "src_port"))
+            if seen is not None:
+                if seen == action.dest_port:
+                    rules.append("dest_port")
+                else:
+                    failed.append(
+                        {"field": "dest_port", "reason": "mismatch", "expected": action.dest_port, "actual": seen}
+                    )
+    _markers(action, event, rules, failed)
+    return Match(rules, failed)
+
+
+def event_time(event: dict) -> datetime | None:
+    """The normalized (already adjusted) event time, or None when missing/unparseable."""
+    try:
+        return parse_ts(event.get("event_time"))
+    except (ValueError, TypeError):
+        return None
+
+
+def identity_tokens(event: dict) -> set[str]:
+    """Lookup keys for the action index: short host names and IPs the event mentions."""
+    out = set()
+    for key in HOST_KEYS:
+        for v in _values(event, key):
+            ip = _ip(v)
+            out.add(ip if ip else _norm_host(v).split(".", 1)[0])
+    return out
+
+
+def action_tokens(action: JobAction) -> set[str]:
+    a = _merge(action.source, action.destination)
+    return {_norm_host(h).split(".", 1)[0] for h in a.hostnames} | set(a.ips)

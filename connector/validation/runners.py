@@ -1,0 +1,541 @@
+"""Runners of Security Validation mode: a job-actions file (`tanium-connector validate`) and the
+Kafka consumer group (`tanium-connector run` with mode = "validation").
+
+Clocks: the engine never reads the time itself. `SystemClock` waits for real; tests pass a
+`FakeClock` whose `sleep_until` jumps, so a 15-minute schedule runs in milliseconds. Against the
+simulator's past windows every run time has passed already and queries run at once.
+
+Exactly one verdict per action, across consumer-group hand-overs:
+- The job-action offset is committed only after the action's verdict was acknowledged by Kafka
+  (publish → flush → commit). Committing first could lose a verdict; publishing first alone could
+  repeat one when a runner stops between the two steps, or when it finished actions out of order
+  (offsets commit as a contiguous prefix, so a finished action behind an unfinished one stays
+  uncommitted and is re-delivered to the next owner).
+- So before publishing, a runner reads the results topic (keyed by action id) from shortly before
+  the job action was produced and skips actions that already have a detected/missed verdict; it
+  still commits their offsets. A verdict can only exist after its job action was consumed, so that
+  bounded scan finds it.
+- Revocation happens inside `poll()`, on this runner's only thread, after the previous loop
+  iteration flushed its verdicts; the revoked partitions' unfinished actions are dropped there, so
+  the old owner publishes nothing for them once the new owner has them. The new owner re-evaluates
+  them from scratch (their past windows run at once).
+- Remaining gap: a runner frozen longer than max.poll.interval while publishing could race the new
+  owner by milliseconds; both check the results topic, which makes that window tiny.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+from kafka import ConsumerRebalanceListener
+
+from connector.config import ConfigError
+from connector.tanium import TaniumClient, TaniumError
+from connector.timeutil import utcnow
+from connector.validation.engine import ValidationEngine, count_verdict
+from connector.validation.rules import JobAction, Rejection, parse_job_action_bytes
+
+log = logging.getLogger(__name__)
+LEDGER_MARGIN = timedelta(minutes=15)  # clock skew between the job-action producer and runners
+RETRY_SECONDS = 5.0  # before sending results records again that Kafka did not confirm
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return utcnow()
+
+    def sleep_until(self, t: datetime, stop: threading.Event | None = None, cap: float | None = None) -> None:
+        wait = (t - utcnow()).total_seconds()
+        if cap is not None:
+            wait = min(wait, cap)
+        if wait > 0:
+            (stop or threading.Event()).wait(wait)
+
+
+class FakeClock:
+    """Time that moves only when someone sleeps: tests run long schedules instantly."""
+
+    def __init__(self, start: datetime):
+        self.t = start
+        self.slept: list[datetime] = []
+
+    def now(self) -> datetime:
+        return self.t
+
+    def sleep_until(self, t: datetime, stop: threading.Event | None = None, cap: float | None = None) -> None:
+        if t > self.t:
+            self.t = t
+            self.slept.append(t)
+
+
+def _noop(topic: str, key: str | None, value: dict) -> None:
+    pass
+
+
+# ---- file mode ---------------------------------------------------------------------------------
+
+
+def read_job_actions(path: str | Path) -> list[tuple[int, JobAction | Rejection]]:
+    """(line number, JobAction or Rejection) for each non-blank line of a JSON-lines file."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--job-actions {p}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"--job-actions {p}: cannot read ({e.strerror or e})") from None
+    out, seen = [], set()
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        item = parse_job_action_bytes(line)
+        if isinstance(item, JobAction):
+            if item.id in seen:
+                item = Rejection(
+                    f"id: {item.id!r} appears more than once in the file; ids must be unique", item.raw, item.id
+                )
+            else:
+                seen.add(item.id)
+        out.append((n, item))
+    return out
+
+
+def format_verdict(v: dict) -> str:
+    """One human-readable line per verdict."""
+    if v.get("result") == "rejected":
+        where = f"line {v['line']} " if v.get("line") else ""
+        ident = f"(id {v['action_id']}) " if v.get("action_id") else ""
+        return f"REJECTED  {where}{ident}{v['reason']}"
+    parts = [f"{v['result'].upper():<9} {v['action_id']}  {v['name']!r}", f"events={v['matched_events']}"]
+    if v["first_detection_time"]:
+        parts.append(f"first={v['first_detection_time']} ({v['latency_seconds']:+.1f}s)")
+    parts.append(f"alerted={'yes' if v['alerted'] else 'no'}")
+    if v["suspicious_events"]:
+        parts.append(f"suspicious={v['suspicious_events']}")
+    parts.append(f"windows={v['windows']['queried']}/{v['windows']['total']}")
+    parts.append(f"requests={v['requests']}")
+    line = "  ".join(parts)
+    return line + "".join(f"  note: {n}" for n in v["notes"])
+
+
+def drive(engine: ValidationEngine, clock, emit: Callable[[dict], None], stop: threading.Event | None = None) -> None:
+    """Runs the engine until every open action has its verdict (or `stop` is set)."""
+    while engine.open and not (stop and stop.is_set()):
+        clock.sleep_until(engine.next_wakeup(), stop)
+        if stop and stop.is_set():
+            return
+        for v in engine.tick(clock.now()):
+            emit(v)
+
+
+def validate_file(
+    cfg,
+    job_actions_path,
+    json_output: bool = False,
+    out: TextIO | None = None,
+    clock=None,
+    *,
+    client=None,
+    publish: Callable[[str, str | None, dict], None] | None = None,
+    metrics=None,
+) -> int:
+    """Judges every job action of a JSON-lines file and prints one verdict line each (JSON with
+    `json_output`). Exit code: 0 all judged, 1 Tanium failed, 2 some job actions were rejected.
+    Events, suspicious events and devices go to `publish` (nothing is published by default)."""
+    out = out or sys.stdout
+    clock = clock or SystemClock()
+    items = read_job_actions(job_actions_path)
+    own_client = client is None
+    client = client or TaniumClient(cfg.tanium, metrics)
+    engine = ValidationEngine(cfg, client, publish or _noop, metrics=metrics)
+
+    def emit(v: dict) -> None:
+        out.write((orjson.dumps(v).decode() if json_output else format_verdict(v)) + "\n")
+        out.flush()
+        count_verdict(metrics, v)
+
+    rejected = 0
+    try:
+        for n, item in items:
+            if isinstance(item, Rejection):
+                rejected += 1
+                emit({**item.record(cfg.pipeline.name), "line": n})
+            else:
+                engine.add(item)
+        drive(engine, clock, emit)
+    except TaniumError as e:
+        print(f"error: Tanium query failed: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        if engine.enricher is not None:
+            engine.enricher.close()
+        if own_client:
+            client.close()
+    return 2 if rejected else 0
+
+
+# ---- Kafka mode --------------------------------------------------------------------------------
+
+
+class _Offsets:
+    """Per partition: offsets consumed and not finished; commit point = first unfinished."""
+
+    def __init__(self):
+        self.open: set[int] = set()
+        self.next: int | None = None
+        self.committed: int | None = None
+
+    def consumed(self, offset: int) -> None:
+        self.open.add(offset)
+        self.next = max(self.next or 0, offset + 1)
+
+    def committable(self) -> int | None:
+        return min(self.open) if self.open else self.next
+
+
+class VerdictLedger:
+    """Which actions already have a verdict on the results topic (see the module docstring)."""
+
+    def __init__(self, kafka, topic: str):
+        from kafka import KafkaConsumer, TopicPartition
+
+        from connector.kafka import client_settings
+
+        self._tp = TopicPartition
+        self.topic = topic
+        self.consumer = KafkaConsumer(**client_settings(kafka), group_id=None, enable_auto_commit=False)
+
+    def published(self, action_ids: set[str], since_ms: int, timeout: float = 30) -> set[str]:
+        parts = self.consumer.partitions_for_topic(self.topic)
+        if not parts or not action_ids:
+            return set()
+        tps = [self._tp(self.topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        starts = self.consumer.offsets_for_times({tp: max(0, since_ms) for tp in tps})
+        ends = self.consumer.end_offsets(tps)
+        for tp in tps:
+            found = starts.get(tp)
+            self.consumer.seek(tp, found.offset if found is not None else ends[tp])
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {self.topic} to check for earlier verdicts took over {timeout:.0f}s")
+            batch = self.consumer.poll(timeout_ms=200)
+            # done only after an empty poll at the end: some brokers (tansu) report the end offset
+            # of a multi-record batch too low, so the end offsets alone could stop the scan early
+            if not batch and all(self.consumer.position(tp) >= ends[tp] for tp in tps):
+                break
+            for recs in batch.values():
+                for r in recs:
+                    key = r.key.decode("utf-8", "replace") if r.key else None
+                    if key in action_ids:
+                        try:
+                            if orjson.loads(r.value).get("result") in ("detected", "missed"):
+                                seen.add(key)
+                        except (orjson.JSONDecodeError, AttributeError):
+                            pass
+        return seen
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class KafkaValidationRunner:
+    """Consumes job actions in a consumer group, judges them, publishes verdicts, commits offsets."""
+
+    def __init__(
+        self,
+        cfg,
+        stop_event: threading.Event,
+        metrics=None,
+        *,
+        client=None,
+        clock=None,
+        consumer_options: dict[str, Any] | None = None,
+        poll_ms: int = 500,
+        max_open: int = 50000,
+    ):
+        from kafka import KafkaConsumer
+
+        from connector.kafka import client_settings
+        from connector.stream.sink import KafkaSink
+
+        if cfg.kafka is None:
+            raise ConfigError(
+                f"{cfg.pipeline.name}: validation mode reads job actions from Kafka; "
+                "add a [kafka] section (or use `tanium-connector validate … --job-actions FILE`)"
+            )
+        self.cfg, self.stop, self.metrics = cfg, stop_event, metrics
+        self.v = cfg.validation
+        self.clock = clock or SystemClock()
+        self.poll_ms, self.max_open = poll_ms, max_open
+        self.client = client or TaniumClient(cfg.tanium, metrics)
+        self.sink = KafkaSink(cfg.kafka, metrics)
+        self.headers = [("pipeline", cfg.pipeline.name.encode())]
+        self.engine = ValidationEngine(cfg, self.client, self._publish, metrics=metrics)
+        self.ledger = VerdictLedger(cfg.kafka, self.v.results_topic)
+        self.offsets: dict[Any, _Offsets] = {}
+        self.parked: dict[Any, list] = {}  # revoked, waiting for the new assignment
+        self.parked_offsets: dict[Any, _Offsets] = {}
+        self.retry: dict[Any, list] = {}  # results records Kafka did not confirm
+        self.parked_retry: dict[Any, list] = {}
+        self.retry_at = 0.0
+        self.failed_sends = 0
+        self.tanium_ok = True
+        self.published: list[dict] = []  # verdicts this runner published (tests, summaries)
+        opts = {
+            "group_id": self.v.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": 500,
+            **(consumer_options or {}),
+        }
+        self.consumer = KafkaConsumer(**client_settings(cfg.kafka), **opts)
+        self.consumer.subscribe([self.v.job_actions_topic], listener=_Listener(self))
+
+    # ---- publishing -------------------------------------------------------------------------
+    def _publish(self, topic: str, key: str | None, value: dict, on_done=None) -> None:
+        def done(ok: bool, exc: Exception | None) -> None:
+            if not ok:
+                self.failed_sends += 1
+                log.warning("validation record for %s not delivered to %s: %s", key, topic, exc)
+            if on_done:
+                on_done(ok)
+
+        self.sink.send(topic, key.encode() if key else None, orjson.dumps(value), self.headers, done)
+
+    def _deliver(self, records: list[tuple[str | None, dict]]) -> list[bool]:
+        """Publishes results-topic records and waits for Kafka; ok flag per record."""
+        oks = [False] * len(records)
+
+        def mark(i):
+            return lambda ok: oks.__setitem__(i, ok)
+
+        for i, (key, value) in enumerate(records):
+            self._publish(self.v.results_topic, key, value, mark(i))
+        self.sink.flush(self.cfg.kafka.delivery_timeout_ms / 1000)
+        return oks
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        if not self.tanium_ok:
+            return False, "last Tanium query failed"
+        return self.sink.health()
+
+    def run(self) -> int:
+        try:
+            while not self.stop.is_set():
+                wake = self.engine.next_wakeup()
+                timeout = self.poll_ms
+                if wake is not None:
+                    timeout = max(0, min(timeout, int((wake - self.clock.now()).total_seconds() * 1000)))
+                self._pause_if_full()
+                batch = self.consumer.poll(timeout_ms=timeout)
+                finished: list[tuple[Any, int, tuple[str | None, dict] | None]] = []
+                for tp, recs in batch.items():
+                    for rec in recs:
+                        finished.extend(self._take(tp, rec))
+                wake = self.engine.next_wakeup()
+                if wake is not None and wake <= self.clock.now():
+                    finished.extend(self._tick())
+                if self.retry and time.monotonic() >= self.retry_at:
+                    finished.extend((tp, off, rec) for tp, items in self.retry.items() for off, rec in items)
+                    self.retry = {}
+                if finished:
+                    self._finish(finished)
+                if self.metrics:
+                    self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
+            return 0
+        finally:
+            self.close()
+
+    def _take(self, tp, rec) -> list:
+        self.offsets.setdefault(tp, _Offsets()).consumed(rec.offset)
+        item = parse_job_action_bytes(rec.value if rec.value is not None else b"null")
+        if isinstance(item, Rejection):
+            log.warning("job action at %s[%d]@%d rejected: %s", tp.topic, tp.partition, rec.offset, item.reason)
+            return [(tp, rec.offset, (item.action_id, item.record(self.cfg.pipeline.name)))]
+        if not self.engine.add(item, tag=(tp, rec.offset, rec.timestamp)):
+            log.warning(
+                "job action %s at %s[%d]@%d is already open here; the duplicate record is skipped",
+                item.id,
+                tp.topic,
+                tp.partition,
+                rec.offset,
+            )
+            return [(tp, rec.offset, None)]
+        return []
+
+    def _tick(self) -> list:
+        try:
+            verdicts = self.engine.tick(self.clock.now())
+            self.tanium_ok = True
+        except TaniumError as e:
+            self.tanium_ok = False
+            log.error("validation query failed, retrying in %.0fs: %s", self.v.query_interval, e.message)
+            return []
+        if not verdicts:
+            return []
+        tags = {v["action_id"]: self.engine.closed[v["action_id"]] for v in verdicts}
+        since = min(t[2] for t in tags.values()) - int(LEDGER_MARGIN.total_seconds() * 1000)
+        try:
+            already = self.ledger.published({v["action_id"] for v in verdicts}, since)
+        except Exception as e:  # noqa: BLE001 (any broker trouble: publish anyway, at least once)
+            log.warning("cannot check %s for earlier verdicts (%s); publishing", self.v.results_topic, e)
+            already = set()
+        out = []
+        for v in verdicts:
+            tp, offset, _ = tags[v["action_id"]]
+            if v["action_id"] in already:
+                log.info(
+                    "action %s already has a verdict (an earlier owner published it); not repeating it", v["action_id"]
+                )
+                out.append((tp, offset, None))
+            else:
+                out.append((tp, offset, (v["action_id"], v)))
+        return out
+
+    def _finish(self, finished: list) -> None:
+        """Publish the results-topic records, then mark their offsets finished and commit."""
+        from kafka.structs import OffsetAndMetadata
+
+        to_send = [(i, rec) for i, (_, _, rec) in enumerate(finished) if rec is not None]
+        oks = self._deliver([rec for _, rec in to_send]) if to_send else []
+        failed = {i for (i, _), ok in zip(to_send, oks, strict=True) if not ok}
+        for (_, (_, value)), ok in zip(to_send, oks, strict=True):
+            if ok:
+                self.published.append(value)
+                count_verdict(self.metrics, value)
+        if failed:
+            # not delivered: the offsets stay open and the records are sent again later
+            log.error("%d verdicts were not confirmed by Kafka; retrying in %.0fs", len(failed), RETRY_SECONDS)
+            for i in failed:
+                tp, offset, rec = finished[i]
+                self.retry.setdefault(tp, []).append((offset, rec))
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+        for i, (tp, offset, _) in enumerate(finished):
+            if i not in failed and tp in self.offsets:
+                self.offsets[tp].open.discard(offset)
+        commit = {}
+        assigned = self.consumer.assignment()
+        for tp, st in self.offsets.items():
+            pos = st.committable()
+            if tp in assigned and pos is not None and pos != st.committed:
+                commit[tp] = OffsetAndMetadata(pos, "", -1)
+        if commit:
+            try:
+                self.consumer.commit(commit)
+                for tp, om in commit.items():
+                    self.offsets[tp].committed = om.offset
+            except Exception as e:  # noqa: BLE001 (a rebalance in between: the next owner re-checks)
+                log.warning("offset commit failed (%s); the results topic check prevents repeats", e)
+
+    def _pause_if_full(self) -> None:
+        assigned = self.consumer.assignment()
+        if len(self.engine.open) >= self.max_open:
+            self.consumer.pause(*assigned)
+        elif self.consumer.paused():
+            self.consumer.resume(*self.consumer.paused())
+
+    def revoked(self, partitions) -> None:
+        """Eager rebalance: park the partitions' actions; `assigned` restores those that come back
+        (the consumer keeps their positions, so their records are not delivered again)."""
+        gone = set(partitions)
+        for st in self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone):
+            self.parked.setdefault(st.tag[0], []).append(st)
+        for tp in gone:
+            if tp in self.offsets:
+                self.parked_offsets[tp] = self.offsets.pop(tp)
+            if tp in self.retry:
+                self.parked_retry[tp] = self.retry.pop(tp)
+
+    def assigned(self, partitions) -> None:
+        back = set(partitions)
+        handed = []
+        for tp, states in self.parked.items():
+            if tp in back:
+                self.engine.restore(states)
+            else:
+                handed.extend(st.action.id for st in states)
+        for tp, offs in self.parked_offsets.items():
+            if tp in back:
+                self.offsets[tp] = offs
+        for tp, items in self.parked_retry.items():
+            if tp in back:
+                self.retry[tp] = items
+        self.parked, self.parked_offsets, self.parked_retry = {}, {}, {}
+        if handed:
+            log.info("%d unfinished actions handed over to another runner: %s", len(handed), ", ".join(handed[:20]))
+
+    def lost(self, partitions) -> None:
+        """Removed from the group: the partitions restart from their committed offsets wherever
+        they go next (here too), so their actions are forgotten, not parked."""
+        gone = set(partitions)
+        dropped = self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone)
+        for tp in gone:
+            self.offsets.pop(tp, None)
+            self.retry.pop(tp, None)
+        if dropped:
+            log.warning(
+                "lost partitions %s (session expired); %d unfinished actions dropped",
+                sorted(f"{tp.topic}[{tp.partition}]" for tp in gone),
+                len(dropped),
+            )
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()  # leaves the group: the other runners take over at once
+        except Exception as e:  # noqa: BLE001
+            log.warning("closing the job-action consumer: %s", e)
+        self.ledger.close()
+        self.sink.close(self.cfg.pipeline.shutdown_timeout)
+        if self.engine.enricher is not None:
+            self.engine.enricher.close()
+        self.client.close()
+
+
+class _Listener(ConsumerRebalanceListener):
+    """kafka-python rebalance listener (sync: it only updates local state, no broker calls, since
+    sync listeners run on the consumer's event loop)."""
+
+    def __init__(self, runner: KafkaValidationRunner):
+        self.runner = runner
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.runner.revoked(revoked)
+
+    def on_partitions_lost(self, lost) -> None:
+        self.runner.lost(lost)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.runner.assigned(assigned)
+        log.info("job-action partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+def run_validation(cfg, stop_event: threading.Event, metrics=None, serve=None, **kw) -> int:
+    """`tanium-connector run PIPELINE` for mode = "validation": runs until stop_event is set.
+    `serve(readiness)` starts the health listener once the runner exists. Exit code 0 after a
+    stop, 1 when Kafka cannot be used at start."""
+    from kafka.errors import KafkaError
+
+    from connector.kafka import SinkError
+
+    try:
+        runner = KafkaValidationRunner(cfg, stop_event, metrics, **kw)
+    except (SinkError, KafkaError) as e:
+        print(
+            f"error: validation mode cannot use Kafka at {', '.join(cfg.kafka.bootstrap_servers)}: {e}", file=sys.stderr
+        )
+        return 1
+    if serve:
+        serve(runner.readiness)
+    return runner.run()

@@ -1,0 +1,619 @@
+"""deploy/: the Dockerfile, the compose stack, the Kubernetes manifests and the Grafana dashboard
+hang together and point at things the connector really has (subcommands, endpoints, ports,
+metric names, labels). No container engine or cluster here: structure is checked with PyYAML,
+the CLI's own parser, the pipeline loader and a real /metrics listener.
+
+Helpers at the top are shared with tests/test_prometheus.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from connector.cli import build_parser
+from connector.config import parse_pipeline
+from connector.metrics import HealthServer, Metrics
+from connector.tools.embedded import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "tanium-connector.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+K8S = DEPLOY / "kubernetes"
+ROWS = ["Overview", "Tanium API", "Enrichment", "Normalize", "Kafka sink", "Validation", "Downstream", "Process"]
+# Metrics that come from elsewhere than the connector's /metrics.
+EXTERNAL = {"up": "Prometheus (scrape status)", "kafka_": "kafka_exporter"}
+
+
+# ---- shared helpers -------------------------------------------------------------------------
+
+
+def load_yaml(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def load_yaml_all(path: Path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def dashboard_panels(dash: dict | None = None) -> list[dict]:
+    """Every non-row panel, including panels nested in collapsed rows, with its row title."""
+    out, row = [], None
+    for p in (dash or dashboard())["panels"]:
+        if p["type"] == "row":
+            row = p["title"]
+            for inner in p.get("panels", []):
+                out.append({**inner, "_row": row})
+        else:
+            out.append({**p, "_row": row})
+    return out
+
+
+def dashboard_queries(dash: dict | None = None) -> list[tuple[str, str, str]]:
+    """(row, panel title, expr) for every panel target."""
+    return [(p["_row"], p["title"], t["expr"]) for p in dashboard_panels(dash) for t in p.get("targets", [])]
+
+
+def variable_queries(dash: dict | None = None) -> dict[str, str]:
+    out = {}
+    for v in (dash or dashboard())["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]
+            out[v["name"]] = q["query"] if isinstance(q, dict) else q
+    return out
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in load_yaml(ALERTS)["groups"] for r in g["rules"]]
+
+
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+}
+
+
+def _strip(expr: str) -> str:
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (matcher values)
+    s = re.sub(r"\[[^\]]*\]", "", s)  # ranges and subqueries
+    return s
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names referenced by a PromQL expression (not functions, keywords or label names)."""
+    s = re.sub(r"\{[^}]*\}", "", _strip(expr))
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w.:$])[A-Za-z_:][\w:]*", s):
+        if s[m.end() :].lstrip().startswith("(") or m.group(0).lower() in _KEYWORDS:
+            continue
+        names.add(m.group(0))
+    return names
+
+
+def label_names(expr: str) -> dict[str, set[str]]:
+    """{'matchers': labels used in {…} per selector, 'grouping': labels in by/on/… clauses}."""
+    s = _strip(expr)
+    matchers = set()
+    for body in re.findall(r"\{([^}]*)\}", s):
+        matchers |= set(re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", body))
+    grouping = set()
+    for body in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", s):
+        grouping |= {x.strip() for x in body.split(",") if x.strip()}
+    return {"matchers": matchers, "grouping": grouping}
+
+
+def label_values_selector(query: str) -> tuple[str, str]:
+    """Grafana's label_values(SELECTOR, LABEL) → (SELECTOR, LABEL)."""
+    m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", query)
+    assert m, f"unsupported variable query {query!r}"
+    return m.group(1), m.group(2)
+
+
+def external_source(name: str) -> str | None:
+    for prefix, source in EXTERNAL.items():
+        if name == prefix or (prefix.endswith("_") and name.startswith(prefix)):
+            return source
+    return None
+
+
+def all_expressions() -> list[tuple[str, str]]:
+    """(where, expr) for the dashboard panels, its variables and the alert rules."""
+    out = [(f"dashboard {row} / {title}", e) for row, title, e in dashboard_queries()]
+    out += [(f"dashboard variable ${n}", label_values_selector(q)[0]) for n, q in variable_queries().items()]
+    out += [(f"alert {r['alert']}", r["expr"]) for r in alert_rules()]
+    return out
+
+
+def exposed_names(text: str) -> set[str]:
+    """Sample names a scrape of `text` yields, including those of families without children yet."""
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        elif line and not line.startswith("#"):
+            names.add(re.match(r"[A-Za-z_:][\w:]*", line).group(0))
+    return names
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def subcommands() -> dict[str, object]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(action.choices)
+
+
+def pipeline_with_key_file(text: str, tmp_path: Path) -> object:
+    """Validates a deploy pipeline file with the connector's loader; the mounted key file is
+    replaced by a temporary one (the mount path does not exist here)."""
+    raw = tomllib.loads(text)
+    key = tmp_path / "api-key"
+    key.write_text("token-test\n")
+    assert raw["tanium"].get("api_key_file"), "deploy pipelines read the API key from a mounted file"
+    raw["tanium"]["api_key_file"] = str(key)
+    return parse_pipeline(raw, "deploy pipeline")
+
+
+def listen_port(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+# ---- helper self-checks (a broken extractor would make the name tests pass vacuously) ----------
+
+
+def test_promql_name_and_label_extraction():
+    expr = (
+        'histogram_quantile(0.95, sum by (le, endpoint) (rate(foo_seconds_bucket{pipeline=~"$p", '
+        'code!~"5.."}[$__rate_interval]))) / on(pipeline) group_left bar_total offset 5m > 1e3 '
+        'and time() - baz > 3 * qux{x="a{b}"}'
+    )
+    assert metric_names(expr) == {"foo_seconds_bucket", "bar_total", "baz", "qux"}
+    labels = label_names(expr)
+    assert labels["matchers"] == {"pipeline", "code", "x"}
+    assert labels["grouping"] == {"le", "endpoint", "pipeline"}
+    assert label_values_selector('label_values(m{a=~"$b"}, instance)') == ('m{a=~"$b"}', "instance")
+    text = '# TYPE h histogram\n# TYPE c_total counter\nc_total{a="1"} 2\n'
+    assert exposed_names(text) == {"h", "h_bucket", "h_sum", "h_count", "c_total"}
+
+
+# ---- Dockerfile -------------------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for line in (DEPLOY / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def instr(name: str) -> list[str]:
+    return [args for word, args in dockerfile() if word == name]
+
+
+def test_dockerfile_base_user_port_entrypoint():
+    assert instr("FROM") == ["python:3.11-slim"]
+    user = instr("USER")[-1].split(":")[0]
+    assert user not in ("", "0", "root"), "the image must not run as root"
+    assert "9464" in instr("EXPOSE")[0].split()
+    entry = json.loads(instr("ENTRYPOINT")[-1])
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert entry == ["tanium-connector"] and "tanium-connector" in pyproject["project"]["scripts"]
+    cmd = json.loads(instr("CMD")[-1])
+    assert cmd[0] in subcommands(), f"CMD runs unknown subcommand {cmd[0]!r}"
+    build_parser().parse_args(cmd)  # the default command line is accepted by the real CLI
+
+
+def test_dockerfile_copies_existing_files_and_bakes_no_secret():
+    for args in instr("COPY"):
+        parts = [p for p in args.split() if not p.startswith("--")]
+        for src in parts[:-1]:
+            assert (ROOT / src).exists(), f"COPY source {src} does not exist in the repository"
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    for needed in ("pyproject.toml", "README.md", "connector/"):
+        assert f"!{needed}" in ignore, f"{needed} is copied by the Dockerfile but excluded from the context"
+    for word, args in dockerfile():
+        if word in ("ENV", "ARG", "LABEL"):
+            assert not re.search(r"(?i)(api_?key|token|password|secret)\s*=", args), f"{word} {args}"
+    assert not (ROOT / "deploy" / "Dockerfile").read_text().count("token-demo")
+
+
+def test_dockerfile_healthcheck_asks_healthz_for_real(tmp_path):
+    hc = instr("HEALTHCHECK")[0]
+    cmd = json.loads(hc[hc.index("CMD") + 3 :].strip())
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instr("ENV"))))
+    url = env["HEALTHCHECK_URL"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:9464/healthz", url)
+    assert cmd[0] == "python"
+    # run the exact command against a real listener, then against a port nobody listens on
+    m = Metrics("hc")
+    server = HealthServer(m, f"127.0.0.1:{free_port()}", lambda: (False, "not yet")).start()
+    try:
+        ok = subprocess.run(
+            [sys.executable, *cmd[1:]],
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "HEALTHCHECK_URL": f"http://127.0.0.1:{server.port}/healthz"},
+        )
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        server.stop()
+    down = subprocess.run(
+        [sys.executable, *cmd[1:]],
+        capture_output=True,
+        timeout=30,
+        env={**os.environ, "HEALTHCHECK_URL": f"http://127.0.0.1:{free_port()}/healthz"},
+    )
+    assert down.returncode != 0
+
+
+# ---- compose ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(DEPLOY / "compose.yaml")
+
+
+def _bind_mounts(service: dict) -> list[tuple[Path, str]]:
+    out = []
+    for v in service.get("volumes", []):
+        src, _, rest = v.partition(":")
+        if src.startswith("."):
+            out.append(((DEPLOY / src).resolve(), rest.split(":")[0]))
+    return out
+
+
+def test_compose_has_the_whole_stack(compose):
+    s = compose["services"]
+    assert s["kafka"]["image"].startswith("apache/kafka:")
+    env = s["kafka"]["environment"]
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}  # KRaft, no ZooKeeper
+    assert str(env["KAFKA_CONTROLLER_QUORUM_VOTERS"]).startswith(f"{env['KAFKA_NODE_ID']}@kafka:")
+    assert s["kafka-exporter"]["image"].startswith("danielqsj/kafka-exporter:")
+    assert any("kafka:9092" in a for a in s["kafka-exporter"]["command"])
+    assert s["prometheus"]["image"].startswith("prom/prometheus:")
+    assert s["grafana"]["image"].startswith("grafana/grafana:")
+    for name in ("simulator", "connector"):
+        build = s[name]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+
+
+def test_compose_commands_are_real_subcommands(compose):
+    s = compose["services"]
+    sim = build_parser().parse_args(s["simulator"]["command"])
+    assert sim.command == "simulate" and sim.host == "0.0.0.0"
+    run = build_parser().parse_args(s["connector"]["command"])
+    assert run.command == "run"
+    mounts = dict((dst, src) for src, dst in _bind_mounts(s["connector"]))
+    assert run.pipeline in mounts, "the connector's pipeline file is not mounted"
+
+
+def test_compose_files_exist(compose):
+    for name, service in compose["services"].items():
+        for src, _ in _bind_mounts(service):
+            assert src.exists(), f"{name}: mounted file {src} does not exist"
+    for name, secret in compose["secrets"].items():
+        assert (DEPLOY / secret["file"]).is_file(), f"secret {name}: {secret['file']} missing"
+
+
+def test_compose_pipeline_points_at_the_compose_services(compose, tmp_path):
+    s = compose["services"]
+    run = build_parser().parse_args(s["connector"]["command"])
+    src = dict((dst, src) for src, dst in _bind_mounts(s["connector"]))[run.pipeline]
+    cfg = pipeline_with_key_file(src.read_text(), tmp_path)
+    raw = tomllib.loads(src.read_text())
+    sim = build_parser().parse_args(s["simulator"]["command"])
+    assert (cfg.tanium.host, cfg.tanium.port) == ("simulator", sim.port)
+    # the key file is the compose secret, and holds the key the simulator accepts
+    secret = s["connector"]["secrets"][0]
+    assert raw["tanium"]["api_key_file"] == f"/run/secrets/{secret}"
+    assert (DEPLOY / compose["secrets"][secret]["file"]).read_text().strip() == (sim.api_key or "token-demo")
+    advertised = s["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    for server in cfg.kafka.bootstrap_servers:
+        assert f"//{server}" in advertised, f"{server} is not an advertised Kafka listener"
+    # metrics reachable from Prometheus, on the port the scrape config uses
+    host, _, port = cfg.metrics.listen.rpartition(":")
+    assert host == "0.0.0.0"
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tanium-connector")
+    assert job["static_configs"][0]["targets"] == [f"connector:{port}"]
+    assert any(p.endswith(f":{port}") for p in s["connector"]["ports"])
+    # checkpoints land in the named volume
+    volume_dst = next(v.split(":")[1] for v in s["connector"]["volumes"] if not v.startswith("."))
+    assert cfg.state.backend == "file" and cfg.state.path.startswith(volume_dst)
+    # the consumer standing in for a SIEM reads the connector's topic (Downstream row)
+    assert f"--topic {cfg.kafka.topic}" in " ".join(s["downstream-consumer"]["command"])
+
+
+def test_compose_prometheus_and_grafana_wiring(compose):
+    s = compose["services"]
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    prom_mounts = {dst: src for src, dst in _bind_mounts(s["prometheus"])}
+    assert prom_mounts["/etc/prometheus/prometheus.yml"] == DEPLOY / "prometheus" / "prometheus.yml"
+    for rule_file in prom["rule_files"]:
+        assert prom_mounts.get(rule_file) == ALERTS, f"rule file {rule_file} is not alerts.yml"
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
+    assert targets["kafka-exporter"] == ["kafka-exporter:9308"]
+
+    graf = {dst: src for src, dst in _bind_mounts(s["grafana"])}
+    ds_dir = graf["/etc/grafana/provisioning/datasources"]
+    (ds,) = [d for f in sorted(ds_dir.glob("*.yml")) for d in load_yaml(f)["datasources"]]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    assert ds["jsonData"]["timeInterval"] == prom["global"]["scrape_interval"]
+    dash_dir = graf["/etc/grafana/provisioning/dashboards"]
+    (provider,) = [p for f in sorted(dash_dir.glob("*.yml")) for p in load_yaml(f)["providers"]]
+    mounted = [dst for dst, src in graf.items() if src == DASHBOARD]
+    assert mounted and mounted[0].startswith(provider["options"]["path"] + "/")
+
+
+# ---- Kubernetes -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    kust = load_yaml(K8S / "kustomization.yaml")
+    docs = {}
+    for res in kust["resources"]:
+        path = K8S / res
+        assert path.is_file(), f"kustomization lists {res}, which does not exist"
+        for d in load_yaml_all(path):
+            assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name"), f"{res}: incomplete"
+            docs[d["kind"]] = d
+    return docs
+
+
+def _container(k8s) -> dict:
+    (c,) = k8s["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _k8s_pipeline(k8s, tmp_path):
+    c = _container(k8s)
+    run = build_parser().parse_args(c["args"])
+    assert run.command == "run"
+    mount = next(m for m in c["volumeMounts"] if run.pipeline.startswith(m["mountPath"] + "/"))
+    vol = next(v for v in k8s["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert vol["configMap"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
+    text = k8s["ConfigMap"]["data"][run.pipeline[len(mount["mountPath"]) + 1 :]]
+    return text, pipeline_with_key_file(text, tmp_path)
+
+
+def test_k8s_deployment_probes_hit_the_connector_endpoints(k8s, tmp_path):
+    c = _container(k8s)
+    _, cfg = _k8s_pipeline(k8s, tmp_path)
+    host, port = cfg.metrics.listen.rpartition(":")[0], listen_port(cfg.metrics.listen)
+    assert host == "0.0.0.0", "probes and Prometheus connect from outside the pod"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path
+        assert ports.get(get["port"], get["port"]) == port
+    # the paths answer on a real listener as the probes expect (readyz 503 until ready)
+    ready = {"ok": False}
+    m = Metrics("probe")
+    server = HealthServer(m, f"127.0.0.1:{free_port()}", lambda: (ready["ok"], "waiting")).start()
+    try:
+        assert scrape(server.port, "/healthz")[0] == 200
+        assert scrape(server.port, "/readyz")[0] == 503
+        ready["ok"] = True
+        assert scrape(server.port, "/readyz")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_k8s_deployment_is_hardened_and_bounded(k8s, tmp_path):
+    dep = k8s["Deployment"]
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    c = _container(k8s)
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    _, cfg = _k8s_pipeline(k8s, tmp_path)
+    if cfg.state.backend == "file":  # a read-only root needs a writable volume for checkpoints
+        assert any(cfg.state.path.startswith(m["mountPath"]) and not m.get("readOnly") for m in c["volumeMounts"])
+    else:
+        assert cfg.state.backend == "kafka" and cfg.kafka is not None
+    assert pod["terminationGracePeriodSeconds"] > cfg.pipeline.shutdown_timeout
+
+
+def test_k8s_api_key_comes_from_a_secret(k8s, tmp_path):
+    text, _ = _k8s_pipeline(k8s, tmp_path)
+    key_path = tomllib.loads(text)["tanium"]["api_key_file"]
+    c = _container(k8s)
+    mount = next(m for m in c["volumeMounts"] if key_path.startswith(m["mountPath"] + "/"))
+    vol = next(v for v in k8s["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    items = {i["path"]: i["key"] for i in vol["secret"]["items"]}
+    assert key_path[len(mount["mountPath"]) + 1 :] in items and vol["secret"]["secretName"]
+    assert "Secret" not in k8s, "the API key Secret is created by the operator, never committed"
+    assert "api_key" not in tomllib.loads(text)["tanium"], "no key in the ConfigMap"
+
+
+def test_k8s_service_and_servicemonitor_select_the_metrics_port(k8s):
+    pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    svc = k8s["Service"]
+    assert svc["metadata"]["name"] == "tanium-connector", "the Service name is the job label the alerts use"
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in _container(k8s)["ports"]}
+    sm = k8s["ServiceMonitor"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    (ep,) = sm["spec"]["endpoints"]
+    assert ep["port"] == port["name"] and ep["path"] == "/metrics"
+
+
+def test_k8s_prometheusrule_equals_alerts_yml(k8s):
+    assert k8s["PrometheusRule"]["spec"]["groups"] == load_yaml(ALERTS)["groups"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (kustomize render skipped)")
+def test_k8s_kustomization_renders():
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"}
+    assert all(d["metadata"]["namespace"] == "tanium-connector" for d in docs)
+
+
+# ---- dashboard --------------------------------------------------------------------------------
+
+
+def test_dashboard_rows_variables_and_layout():
+    dash = dashboard()
+    rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
+    assert [r.split(" (")[0] for r in rows] == ROWS
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert {"pipeline", "instance", "datasource"} <= names
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    cells = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"panel {p['title']!r} overlaps another"
+                cells.add((x, y))
+    for p in dashboard_panels(dash):
+        assert p.get("targets"), f"panel {p['title']!r} has no query"
+        assert p["datasource"]["uid"] == "${datasource}"
+    by_row = {}
+    for p in dashboard_panels(dash):
+        by_row.setdefault(p["_row"].split(" (")[0], []).append(p)
+    assert set(by_row) == set(ROWS), "every row has panels"
+
+
+def selectors(expr: str, name: str) -> list[str]:
+    """The {…} part of every occurrence of metric `name` in `expr` ("" when it has none)."""
+    pattern = rf"(?<![\w:]){re.escape(name)}(?![\w:])(\{{[^}}]*\}})?"
+    return [m.group(1) or "" for m in re.finditer(pattern, expr)]
+
+
+def test_dashboard_connector_queries_filter_by_pipeline_and_instance():
+    for row, title, expr in dashboard_queries():
+        for name in metric_names(expr):
+            for sel in selectors(expr, name):
+                if name.startswith(("tanium_connector_", "process_", "python_")) or name == "up":
+                    assert 'instance=~"$instance"' in sel, f"{row} / {title}: {name} ignores $instance"
+                if name.startswith("tanium_connector_"):
+                    assert 'pipeline=~"$pipeline"' in sel, f"{row} / {title}: {name} ignores $pipeline"
+
+
+# ---- metric names -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exposed() -> tuple[set[str], dict[str, set[str]]]:
+    """Names in a real /metrics scrape, and every family's label names."""
+    m = Metrics("names")
+    server = HealthServer(m, f"127.0.0.1:{free_port()}", lambda: (True, "ready")).start()
+    try:
+        status, text = scrape(server.port)
+    finally:
+        server.stop()
+    assert status == 200
+    labels: dict[str, set[str]] = {}
+    for line in text.splitlines():  # families with samples (process_*, python_* included)
+        if not line.startswith("#") and "{" in line:
+            name, body = line.split("{", 1)
+            labels.setdefault(_family(name), set()).update(re.findall(r'(\w+)="', body.rsplit("}", 1)[0]))
+    for attr in vars(m).values():  # and those with no label set initialised yet
+        if hasattr(attr, "_labelnames") and hasattr(attr, "_name"):
+            labels.setdefault(attr._name, set()).update(attr._labelnames)
+    return exposed_names(text), labels
+
+
+def _family(name: str) -> str:
+    return re.sub(r"_(total|bucket|sum|count|created)$", "", name)
+
+
+def test_every_metric_in_dashboard_and_rules_is_exposed(exposed):
+    names, _ = exposed
+    missing = []
+    for where, expr in all_expressions():
+        for name in metric_names(expr):
+            if external_source(name) is None and name not in names:
+                missing.append(f"{where}: {name}")
+    assert not missing, "not in the connector's /metrics output:\n" + "\n".join(missing)
+
+
+def test_every_label_in_dashboard_and_rules_exists(exposed):
+    _, families = exposed
+    wrong = []
+    for where, expr in all_expressions():
+        names = metric_names(expr)
+        if any(external_source(n) for n in names):
+            continue  # kafka_exporter's and Prometheus' labels are not the connector's to check
+        known = {"instance", "job", "le"}  # scrape labels, histogram buckets
+        for n in names:
+            known |= families.get(_family(n), set())
+        used = label_names(expr)
+        wrong += [f"{where}: label {label!r}" for label in sorted((used["matchers"] | used["grouping"]) - known)]
+    assert not wrong, "labels the connector's metrics do not have:\n" + "\n".join(wrong)
+
+
+def test_init_from_config_exposes_poll_interval_and_zero_delivery_failures(tmp_path):
+    """The stale-poll alert needs the poll interval; the delivery-failure alert and panel need the
+    per-topic series before the first failure."""
+    cfg = pipeline_with_key_file((DEPLOY / "pipelines" / "compose.toml").read_text(), tmp_path)
+    m = Metrics(cfg.pipeline.name)
+    m.init_from_config(cfg)
+    text = m.render().decode()
+    assert f'tanium_connector_poll_interval_seconds{{pipeline="{cfg.pipeline.name}"}} 5.0' in text
+    for topic in (cfg.kafka.topic, cfg.kafka.dlq_topic):
+        assert (
+            f'tanium_connector_sink_delivery_failures_total{{pipeline="{cfg.pipeline.name}",topic="{topic}"}} 0.0'
+        ) in text

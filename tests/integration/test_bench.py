@@ -1,0 +1,182 @@
+"""`tanium-connector bench` with tiny sizes, so the command cannot rot. Figures are checked for
+presence and sanity (positive, consistent with each other), never against a speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "connector.cli"]
+
+
+def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + ["bench", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_bench_json_has_every_figure_and_they_agree():
+    r = bench(
+        "--alerts",
+        "300",
+        "--intel-docs",
+        "6",
+        "--repeat",
+        "1",
+        "--latency-ms",
+        "0",
+        "--validation-actions",
+        "5",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["config"]["alerts"] == 300
+    hw = rep["hardware"]
+    for key in ("cpu", "cores", "ram_gib", "python", "kafka_python", "crc32c"):
+        assert hw[key], key
+    assert hw["crc32c"].startswith("C"), "kafka-python must use the crc32c C extension"
+    assert len(rep["runs"]) == 1
+    run, med = rep["runs"][0], rep["median"]
+    for phase in ("sink", "source", "pipeline"):
+        ph = run[phase]
+        assert ph["events"] == 300, phase
+        for key in ("events_per_s", "seconds", "cpu_per_1k", "peak_rss_mib"):
+            assert positive(ph[key]), (phase, key, ph[key])
+        assert ph["events_per_s"] == pytest.approx(ph["events"] / ph["seconds"])
+        assert med[phase]["events_per_s"] == ph["events_per_s"]  # one run: the median is the run
+    p = run["pipeline"]
+    assert p["published"] == 300 and p["dlq"] == 0 and p["errors"] == []
+    # the ratio is the one computed from the printed events/s
+    expected = p["events_per_s"] / min(run["sink"]["events_per_s"], run["source"]["events_per_s"])
+    assert run["ratio"] == pytest.approx(expected) and med["ratio"] == pytest.approx(expected)
+    # IntelDoc requests: counted by the simulator, per distinct (doc, revision) seen by the source
+    assert 1 <= p["doc_revisions"] <= 6
+    assert 1 <= p["intel_requests_seen_by_simulator"] <= p["doc_revisions"]
+    assert p["intel_requests_per_doc_revision"] == pytest.approx(
+        p["intel_requests_seen_by_simulator"] / p["doc_revisions"]
+    )
+    # Tanium requests: at least one page per 500 alerts plus the doc lookups
+    assert p["tanium_requests"] >= 1 + p["intel_requests_seen_by_simulator"]
+    assert p["tanium_requests_per_1k"] == pytest.approx(p["tanium_requests"] / 300 * 1000)
+    assert run["source"]["tanium_requests"] >= 1
+    if "confluent" in rep["config"]["clients"]:  # the optional client: its own sink ceiling and pipeline
+        c = run["confluent"]
+        for phase in ("sink", "pipeline"):
+            assert c[phase]["events"] == 300 and positive(c[phase]["events_per_s"]), phase
+            assert positive(c[phase]["cpu_per_1k"]) and positive(c[phase]["peak_rss_mib"]), phase
+        assert c["pipeline"]["published"] == 300
+        assert c["ratio"] == pytest.approx(
+            c["pipeline"]["events_per_s"] / min(c["sink"]["events_per_s"], run["source"]["events_per_s"])
+        )
+        assert rep["targets"]["ratio_confluent"]["value"] == med["confluent"]["ratio"]
+    v = rep["validation"]
+    assert v["actions"] == 5 and positive(v["requests_1"]) and positive(v["requests_n"])
+    assert v["ratio"] == pytest.approx(v["requests_n"] / v["requests_1"])
+    assert {"ratio", "intel_requests_per_doc_revision", "validation_ratio"} <= set(rep["targets"])
+    assert rep["targets"]["ratio"]["value"] == med["ratio"]
+
+
+def test_bench_table_names_every_figure():
+    r = bench(
+        "--alerts",
+        "200",
+        "--intel-docs",
+        "4",
+        "--latency-ms",
+        "0",
+        "--validation-actions",
+        "0",
+        "--client",
+        "kafka-python",
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "confluent" not in out
+    for text in (
+        "sink ceiling (kafka-python)",
+        "source ceiling",
+        "pipeline",
+        "pipeline / min(ceilings)",
+        "IntelDoc requests",
+        "CPU s/1k ev",
+        "peak RSS MiB",
+        "Tanium req/1k ev",
+        "hardware: ",
+        "kafka-python 3",
+        "Python 3",
+    ):
+        assert text in out, text
+    assert "validation requests" not in out
+
+
+def test_rss_scale_reports_both_sizes_and_their_ratio():
+    r = bench("--rss-scale", "200,400", "--latency-ms", "0", "--intel-docs", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    rs = json.loads(r.stdout)["rss_scale"]
+    assert (rs["small"], rs["large"]) == (200, 400)
+    small, large = rs["runs"]["200"], rs["runs"]["400"]
+    assert small["events"] == 200 and large["events"] == 400
+    assert positive(small["peak_rss_mib"]) and positive(large["peak_rss_mib"])
+    assert rs["ratio"] == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--alerts", "0"], "give 1 or more"),
+        (["--alerts", "many"], "not a whole number"),
+        (["--latency-ms", "-5"], "outside 0"),
+        (["--rss-scale", "1000,10"], "below LARGE"),
+        (["--validation-actions", "-1"], "give 0 or more"),
+    ],
+)
+def test_bad_options_are_clear_errors(args, message):
+    r = bench(*args, timeout=60)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- hot-path replacements give the same results as what they replace ---------------------------
+
+
+def test_key_partitioner_puts_every_key_where_kafka_python_does(broker, topic_prefix):
+    import random
+    import uuid
+
+    from kafka.partitioner.default import DefaultPartitioner
+    from kafka.partitioner.default import murmur2 as reference
+
+    from connector.config import KafkaSection
+    from connector.kafka import KeyPartitioner, make_producer, murmur2
+
+    rng = random.Random(7)
+    for n in range(70):  # every tail length, words and no words
+        for _ in range(8):
+            data = rng.randbytes(n)
+            assert murmur2(data) == reference(data), data
+    topic = f"{topic_prefix}.keys"
+    producer = make_producer(KafkaSection(bootstrap_servers=broker.bootstrap, topic=topic, linger_ms=0))
+    try:
+        parts = producer.partitions_for(topic)
+        assert len(parts) > 1, "needs a topic with several partitions"
+        cluster = producer._metadata  # the producer's real metadata, as send() passes it
+        ours, theirs = KeyPartitioner(), DefaultPartitioner()
+        keys = [str(uuid.UUID(int=rng.getrandbits(128))).encode() for _ in range(400)] + [b"", b"7", b"12345"]
+        expected = [theirs.partition(topic, k, k, None, None, cluster) for k in keys]
+        assert [ours.partition(topic, k, k, None, None, cluster) for k in keys] == expected
+        assert len(set(expected)) == len(parts)  # the keys do spread
+        assert ours.partition(topic, None, None, b"v", b"v", cluster) in parts
+        with pytest.raises(ValueError, match="not found"):
+            ours.partition(f"{topic_prefix}.unknown", b"k", b"k", None, None, cluster)
+        futures = [producer.send(topic, key=k, value=b"v") for k in keys[:40]]
+        producer.flush(30)
+        assert [f.get(30).partition for f in futures] == expected[:40]
+    finally:
+        producer.close(5)

@@ -1,0 +1,117 @@
+"""The source's cursor against the simulator: page and poll boundaries, pruning, late arrivals,
+records that cannot be placed, the per-cycle limit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from connector.config import parse_pipeline
+from connector.simulator import Simulator
+from connector.stream.source import AlertSource, Position
+from connector.tanium import TaniumClient
+
+
+@pytest.fixture
+def tr():
+    with Simulator(alerts=500, intel_docs=4, seed=21, history=3600) as sim:
+        cfg = parse_pipeline({"pipeline": {"name": "s"}, "tanium": sim.settings()})
+        client = TaniumClient(cfg.tanium)
+        yield sim, client
+        client.close()
+
+
+def drain(source):
+    """One cycle → list of (id or None, position)."""
+    return [(a.get("id") if isinstance(a, dict) else None, p) for page in source.cycle() for a, p in page]
+
+
+def make(client, page_size=50, limit=10_000, checkpoint=None):
+    src = AlertSource(client, page_size, limit)
+    src.resume(checkpoint, datetime(2000, 1, 1, tzinfo=UTC))
+    return src
+
+
+def test_cycles_read_everything_once_in_server_order(tr):
+    sim, client = tr
+    src = make(client, page_size=50, limit=120)
+    got = []
+    for _ in range(6):
+        got += [i for i, _ in drain(src)]
+    assert got == list(range(1, 501))
+    assert src.hit_limit is False
+    assert drain(src) == []  # caught up: nothing repeats at the poll boundary
+
+
+def test_late_arrival_is_delivered_although_its_alert_time_is_old(tr):
+    sim, client = tr
+    src = make(client)
+    assert len(drain(src)) == 500
+    old = datetime.now(UTC) - timedelta(days=3)
+    late = sim.inject(computer_name="late.corp.local", alerted_at=old)
+    assert [i for i, _ in drain(src)] == [late["id"]]
+
+
+def test_pruning_below_the_cursor_neither_skips_nor_repeats(tr):
+    sim, client = tr
+    src = make(client, page_size=50, limit=200)
+    first = [i for i, _ in drain(src)]
+    assert first == list(range(1, 201))
+    sim.prune(170)  # the list shifts left by 170: the stored offset now points too far
+    rest = []
+    for _ in range(3):
+        rest += [i for i, _ in drain(src)]
+    assert rest == list(range(201, 501))
+
+
+def test_pruning_between_two_pages_of_one_cycle(tr):
+    sim, client = tr
+    src = make(client, page_size=50)
+    got = []
+    for n, page in enumerate(src.cycle()):
+        got += [a["id"] for a, _ in page]
+        if n == 1:
+            sim.prune(30)
+    assert got == list(range(1, 501))
+
+
+def test_resume_from_a_checkpoint_position(tr):
+    sim, client = tr
+    src = make(client, page_size=50, limit=130)
+    read = drain(src)
+    pos: Position = read[-1][1]
+    assert (pos.id, pos.offset) == (130, 130)
+    again = make(client, page_size=50, checkpoint=pos.to_checkpoint())
+    assert [i for i, _ in drain(again)] == list(range(131, 501))
+
+
+def test_records_that_cannot_be_placed_are_delivered_and_do_not_move_the_cursor(tr):
+    sim, client = tr
+    src = make(client, page_size=100)
+    assert len(drain(src)) == 500
+    for _ in range(120):
+        sim.inject()
+    sim.faults.garbage_kinds = ("non_object", "wrong_types", "huge_details")
+    sim.faults.huge_details_bytes = 1000
+    sim.faults.garbage_next = 2
+    got = drain(src)
+    real = [i for i, _ in got if isinstance(i, int) and i > 0]
+    assert real == list(range(501, 621))
+    assert len(got) - len(real) == 2 * 1  # one garbage record per faulty page, both delivered
+    positions = [p for _, p in got]
+    assert all(p.id is None or p.id > 0 for p in positions)
+    assert [p.offset for p in positions] == sorted(p.offset for p in positions)
+    assert src.key[1] == 620
+
+
+def test_start_time_without_checkpoint_uses_binary_search(tr):
+    sim, client = tr
+    src = AlertSource(client, 50, 10_000)
+    middle = sim.get_alert(400)["createdAt"]
+    from connector.timeutil import parse_ts
+
+    src.resume(None, parse_ts(middle))
+    before = sim.stats["alerts"]
+    assert [i for i, _ in drain(src)] == list(range(400, 501))
+    assert sim.stats["alerts"] - before <= 1 + 9 + 3  # a first probe, log2(500) bisection probes, 3 pages
