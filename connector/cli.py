@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
 
 def _tune_interpreter() -> None:
     """Process-wide settings for the stream pipeline, measured with `bench --switch-interval 0.5
-    --gc-threshold 10000` (README, Performance): the source thread's reads and decoding wait for
+    --gc-threshold 10000` (docs/performance.md): the source thread's reads and decoding wait for
     the GIL, which the default 5 ms hand-over makes them wait for long; and a decoded page (~75k
     objects) living until it is published makes the default GC thresholds rescan it over and over."""
     sys.setswitchinterval(0.0005)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import (
 )
 
 from connector.fieldmap import DEFAULT_FIELD_MAP, check_field_map
+from connector.text import show
 
 # Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
 ALERT_FILTERS = frozenset(
@@ -362,7 +364,7 @@ def _interpolate(value: Any, key: str, errors: list[str]) -> Any:
     return value
 
 
-def _describe(err: dict, raw: dict) -> str:
+def _describe(err: Mapping[str, Any], raw: dict) -> str:
     loc = [str(p) for p in err["loc"]]
     msg = err["msg"].removeprefix("Value error, ")
     # model validators report "key: message" against the section; fold the key into the location
@@ -373,14 +375,13 @@ def _describe(err: dict, raw: dict) -> str:
     if err["type"] == "missing":
         return f"{key}: required setting is missing"
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown setting (check the spelling; see README 'Settings')"
+        return f"{key}: unknown setting (check the spelling; see docs/configuration.md)"
     if any(s in key for s in SECRET_KEYS):
         return f"{key}: {msg}"
-    value = raw
+    value: Any = raw
     for p in loc:
         value = value.get(p) if isinstance(value, dict) else None
-    text = repr(value)
-    text = text if len(text) <= 200 else text[:199] + "…"  # a pasted blob must not flood the error
+    text = show(value, 200)  # a pasted blob must not flood the error
     shown = f" = {text}" if value is not None and not isinstance(value, dict) else ""
     return f"{key}{shown}: {msg}"
 

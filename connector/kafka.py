@@ -8,6 +8,7 @@ import random
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from kafka import KafkaProducer, codec
 from kafka.errors import KafkaError, KafkaTimeoutError
@@ -29,7 +30,7 @@ class SinkError(Exception):
 
 def client_settings(kafka: KafkaSection) -> dict:
     """Connection and security settings shared by every kafka-python client of the connector."""
-    out = {
+    out: dict[str, Any] = {
         "bootstrap_servers": list(kafka.bootstrap_servers),
         "client_id": kafka.client_id,
         "security_protocol": kafka.security_protocol,
@@ -157,7 +158,7 @@ def bounded_start(make: Callable[[], object], kafka: KafkaSection, seconds: floa
                 return
         if client is not None:
             try:
-                client.close()
+                client.close()  # type: ignore[attr-defined]  # every kafka-python client has close()
             except Exception:  # noqa: BLE001 (nobody is waiting for it any more)
                 pass
 

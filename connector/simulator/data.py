@@ -407,7 +407,7 @@ class Data:
                     seed,
                 )
             )
-        self.doc_by_id = {d.id: d for d in self.docs}
+        self.doc_by_id: dict[Any, _Doc] = {d.id: d for d in self.docs}
         self.doc_index = {d.id: k for k, d in enumerate(self.docs)}
         self.cum = []
         acc = 0.0
@@ -455,22 +455,26 @@ class Data:
 
     def doc_for(self, pos: int) -> _Doc | None:
         if pos < self.n_base:
-            u = (_mix(self.key ^ ((pos + 1) << 8) ^ 3) >> 11) / 2**53
-            return self.docs[min(bisect.bisect_left(self.cum, u), len(self.docs) - 1)]
+            return self.base_doc(pos)
         return self.extra_doc[pos - self.n_base]
+
+    def base_doc(self, pos: int) -> _Doc:
+        """The IntelDoc of the history alert at `pos` (every history alert has one)."""
+        u = (_mix(self.key ^ ((pos + 1) << 8) ^ 3) >> 11) / 2**53
+        return self.docs[min(bisect.bisect_left(self.cum, u), len(self.docs) - 1)]
 
     # -- building alerts --------------------------------------------------------------------------
     def top(self, pos: int) -> dict:
         """Top-level fields of the alert at `pos` (history alerts: without `details`)."""
         if pos >= self.n_base:
             return self.extra[pos - self.n_base]
-        return self._top(pos + 1, self.created(pos), self.base_alerted(pos), self.doc_for(pos), {})
+        return self._top(pos + 1, self.created(pos), self.base_alerted(pos), self.base_doc(pos), {})
 
     def alert(self, pos: int) -> dict:
         """The wire alert at `pos` (details as a JSON string). Stored alerts are returned as is."""
         if pos >= self.n_base:
             return self.extra[pos - self.n_base]
-        doc, alerted = self.doc_for(pos), self.base_alerted(pos)
+        doc, alerted = self.base_doc(pos), self.base_alerted(pos)
         top = self._top(pos + 1, self.created(pos), alerted, doc, {})
         top["details"] = self._details(top, doc, {}, alerted)
         return top
@@ -547,7 +551,7 @@ class Data:
             leaves = [leaves[i] for i in ((0, 3, 4, 5, 8) if doc.windows else (1, 2, 3))]
         return leaves[(doc.id + (h2 & 3)) % len(leaves)]
 
-    def _details(self, top: dict, doc: _Doc | None, ov: dict, alerted_ms: int) -> str:
+    def _details(self, top: dict, doc: _Doc | None, ov: dict, alerted_ms: int) -> str | None:
         """The `details` JSON string: per-alert values (already JSON text) poured into a cached
         template of its shape; building the nested dicts per alert would cost 3× more."""
         if "details" in ov:
@@ -635,7 +639,7 @@ class Data:
         )
         return v
 
-    def _ancestry(self, host: _Host, variant: int) -> dict[str, str]:
+    def _ancestry(self, host: _Host, variant: int) -> dict[str, Any]:
         """The parent and root processes as ready JSON (one of 8 chains per host): ancestors are
         long-lived, so the same few instances parent many alerts, and they cost nothing per alert."""
         key = (host.eid, variant)
@@ -646,7 +650,8 @@ class Data:
         parents, roots = (_WIN_PARENTS, _WIN_ROOTS) if host.windows else (_LNX_PARENTS, _LNX_ROOTS)
         user = "NT AUTHORITY\\SYSTEM" if host.windows else "root"
         t = self.start_ms - rng.randrange(3_600_000, 30 * 86_400_000)
-        v, pid_parent = {"domain": host.domain}, 4
+        v: dict[str, Any] = {"domain": host.domain}
+        pid_parent = 4
         for k, tbl in ((2, roots), (1, parents)):
             name, path, args = tbl[rng.randrange(len(tbl))]
             md5, sha1, sha256 = self.hashes(path)

@@ -4,6 +4,7 @@ paging), faults applied per request. See connector/simulator/__init__.py."""
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import random
 import socket
@@ -12,9 +13,10 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import orjson
@@ -380,7 +382,7 @@ class Simulator:
             body = items if self.bare else {"data": items, "meta": {"totalCount": total, "filteredCount": filtered}}
             return 200, body, items
         if endpoint == "alert":
-            if not 1 <= ident <= data.total():
+            if ident is None or not 1 <= ident <= data.total():
                 return (
                     404,
                     {"text": "Not Found", "errors": [{"code": "NotFound", "description": f"alert {ident} not found"}]},
@@ -491,20 +493,23 @@ class Simulator:
         natural = natural_order(keys)
         if natural is not None and not filters and not timed:
             count = n_total - p0
+            chosen: Sequence[int]
             if natural == "asc":
                 chosen = range(p0 + offset, min(p0 + offset + limit, n_total))
             else:
                 chosen = range(n_total - 1 - offset, max(n_total - 1 - offset - limit, p0 - 1), -1)
         elif natural is not None:
-            chosen, count = [], 0
+            picked: list[int] = []
+            count = 0
             for pos in positions(natural == "desc"):
                 if timed and not alerted_ok(pos):
                     continue
                 if filters and not self._matches(pos, filters):
                     continue
                 if offset <= count < offset + limit:
-                    chosen.append(pos)
+                    picked.append(pos)
                 count += 1
+            chosen = picked
         else:
             matched = [
                 p
@@ -516,7 +521,7 @@ class Simulator:
             first_desc = keys[0][1]
             order = keys + ([("id", first_desc)] if all(c != "id" for c, _ in keys) else [])
             for col, desc in reversed(order):  # stable sorts, least significant column first
-                matched.sort(key=lambda p, c=col: sort_value(tops[p].get(c)), reverse=desc)
+                matched.sort(key=functools.partial(_column_value, tops, col), reverse=desc)
             chosen = matched[offset : offset + limit]
         items = [data.alert(p) for p in chosen]
         if "intelDoc" in expand:
@@ -638,6 +643,10 @@ class Simulator:
         raise ValueError(f"unknown garbage kind {kind!r}; allowed: {', '.join(GARBAGE_KINDS)}")
 
 
+def _column_value(tops: dict[int, dict], column: str, pos: int) -> tuple:
+    return sort_value(tops[pos].get(column))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -676,7 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server API)
         try:
-            self.server.sim.handle(self)
+            cast(_Server, self.server).sim.handle(self)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:  # a simulator bug: say so loudly, answer 500
@@ -704,8 +713,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        self._headers_buffer.append(b"\r\n")  # end_headers(), but headers and body leave in one write
-        self._headers_buffer.append(body)
+        # end_headers(), but headers and body leave in one write (http.server keeps no public hook for that)
+        self._headers_buffer.append(b"\r\n")  # type: ignore[attr-defined]
+        self._headers_buffer.append(body)  # type: ignore[attr-defined]
         self.flush_headers()
 
     def reset(self, status: int, body: bytes) -> None:

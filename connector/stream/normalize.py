@@ -112,9 +112,8 @@ _IP_CACHE: dict[str, str | None] = {}  # the same few host IPs repeat on every p
 def _ip_or_none(v) -> str | None:
     if v.__class__ is not str or len(v) > 100:  # the longest IPv6 text is 45 characters
         return None
-    hit = _IP_CACHE.get(v, _Bad)
-    if hit is not _Bad:
-        return hit
+    if v in _IP_CACHE:
+        return _IP_CACHE[v]
     try:
         ip = str(ipaddress.ip_address(v.strip()))
     except ValueError:
@@ -359,7 +358,7 @@ class Normalizer:
         self._checks = {f: (checks[_KINDS.get(f, "text")], _MESSAGES[_KINDS.get(f, "text")]) for f in DEFAULT_FIELD_MAP}
         compiler = _Compiler()
         self.source = compiler.build(paths)  # kept for debugging: print(normalizer.source)
-        namespace = {
+        namespace: dict[str, Any] = {
             "_G": tuple(compiler.getters),
             "_pick1": _pick1,
             "is_empty": is_empty,
@@ -368,7 +367,7 @@ class Normalizer:
             "_check": self._check,
         }
         exec(compile(self.source, "<field map>", "exec"), namespace)  # noqa: S102 (see _Compiler)
-        self._fields = namespace["fields"]
+        self._fields: Callable[[Any, dict, list], None] = namespace["fields"]
         self.include_raw = include_raw
         self._observer = {
             "vendor": OBSERVER_VENDOR,

@@ -53,6 +53,7 @@ def run_demo(args) -> int:
         raw["state"] = {"path": str(Path(tmp) / "state")}
         raw["metrics"] = {"listen": "127.0.0.1:0"}
         cfg = parse_pipeline(raw, str(path))
+        assert cfg.kafka is not None  # set just above
         metrics = Metrics(cfg.pipeline.name)
         pipe = StreamPipeline(cfg, metrics=metrics)
         health = HealthServer(metrics, cfg.metrics.listen, pipe.readiness).start()

@@ -3,7 +3,7 @@ hang together and point at things the connector really has (subcommands, endpoin
 metric names, labels). No container engine or cluster here: structure is checked with PyYAML,
 the CLI's own parser, the pipeline loader and a real /metrics listener.
 
-Helpers at the top are shared with tests/test_prometheus.py.
+Helpers at the top are shared with tests/deploy/test_prometheus.py.
 """
 
 from __future__ import annotations
