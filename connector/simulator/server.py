@@ -9,29 +9,27 @@ import logging
 import random
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import orjson
 
+from connector.simulator.catalogue import LABELS, SOURCES
 from connector.simulator.data import (
-    LABELS,
     MAX_ALERT_DELAY_MS,
-    SOURCES,
     Data,
     iso_ms,
     mix_hash,
     now_ms,
     to_ms,
 )
-from connector.simulator.faults import GARBAGE_KINDS, Faults
+from connector.simulator.faults import Faults, garbage_record
+from connector.simulator.handler import Handler, Server
 from connector.simulator.query import (
     CONTAINS_FILTERS,
     DOC_FILTERS,
@@ -104,7 +102,7 @@ class Simulator:
         if certfile:
             self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._ssl.load_cert_chain(certfile, keyfile)
-        self.server = _Server((host, port), _Handler, self)
+        self.server = Server((host, port), Handler, self)
         self.host = host
         self.port = self.server.server_address[1]
         self._threads: list[threading.Thread] = []
@@ -312,7 +310,7 @@ class Simulator:
             pass
         return "unknown", None
 
-    def handle(self, req: _Handler) -> None:
+    def handle(self, req: Handler) -> None:
         raw_path, _, query = req.path.partition("?")
         path = unquote(raw_path)
         endpoint, ident = self._route(path)
@@ -584,7 +582,9 @@ class Simulator:
                 self._garbage_id += 1
                 gid = -self._garbage_id
                 self.garbage_log.append((kind, None if kind in ("non_object", "missing_id", "wrong_types") else gid))
-            after.setdefault(k, []).append(self._garbage(kind, gid, created))
+            after.setdefault(k, []).append(
+                garbage_record(kind, gid, created, self.data.docs[0].id, self.faults.huge_details_bytes)
+            )
         items = after.pop(-1, [])
         for k, alert in enumerate(page):
             items.append(orjson.dumps(alert))
@@ -594,147 +594,6 @@ class Simulator:
             return arr
         return b'{"data":' + arr + b',"meta":' + orjson.dumps(payload["meta"]) + b"}"
 
-    def _garbage(self, kind: str, gid: int, created: str) -> bytes:
-        base = {
-            "id": gid,
-            "state": "unresolved",
-            "type": "detect.match",
-            "guid": f"garbage-{-gid}",
-            "intelDocId": self.data.docs[0].id,
-            "computerName": "garbage.corp.local",
-            "computerIpAddress": "10.255.255.1",
-            "matchType": "process",
-            "alertedAt": created,
-            "createdAt": created,
-            "details": "{}",
-        }
-        if kind == "non_object":
-            return [b"42", b'"not an alert"', b"null", b"[1,2,3]", b"true"][-gid % 5]
-        if kind == "missing_id":
-            base.pop("id")
-            return orjson.dumps(base)
-        if kind == "wrong_types":
-            return orjson.dumps(
-                {
-                    "id": f"x{-gid}",
-                    "createdAt": 1697459178,
-                    "alertedAt": False,
-                    "computerName": ["a", "b"],
-                    "intelDocId": "seven",
-                    "details": 17,
-                    "state": {},
-                }
-            )
-        if kind == "huge_details":
-            base["details"] = orjson.dumps(
-                {"match": {"type": "file", "blob": "A" * self.faults.huge_details_bytes}}
-            ).decode()
-            return orjson.dumps(base)
-        if kind == "deep_nesting":
-            base["details"] = "[" * 100_000 + "]" * 100_000
-            nested: Any = "bottom"
-            for _ in range(200):  # stays under the usual JSON parser depth limits, deep for everything else
-                nested = {"a": nested}
-            base["nested"] = nested
-            return orjson.dumps(base)
-        if kind == "invalid_utf8":
-            raw = orjson.dumps(base)
-            return raw.replace(b"garbage.corp.local", b"bad-\xff\xfe-name.corp.local")
-        raise ValueError(f"unknown garbage kind {kind!r}; allowed: {', '.join(GARBAGE_KINDS)}")
-
 
 def _column_value(tops: dict[int, dict], column: str, pos: int) -> tuple:
     return sort_value(tops[pos].get(column))
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, addr, handler, sim: Simulator):
-        self.sim = sim
-        super().__init__(addr, handler)
-
-    def finish_request(self, request, client_address):
-        # TLS handshakes run here, in the connection's own thread, not in the accept loop
-        raw = request
-        with self.sim._conns_lock:
-            self.sim._conns.add(raw)
-        try:
-            if self.sim._ssl is not None:
-                try:
-                    request = self.sim._ssl.wrap_socket(raw, server_side=True)
-                except (ssl.SSLError, OSError) as e:
-                    log.debug("simulator: TLS handshake failed: %s", e)
-                    return
-            super().finish_request(request, client_address)
-        finally:
-            with self.sim._conns_lock:
-                self.sim._conns.discard(raw)
-
-    def handle_error(self, request, client_address):
-        log.debug("simulator: connection error from %s", client_address, exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "Tanium"
-    sys_version = ""
-    timeout = 120  # idle keep-alive connections
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        try:
-            cast(_Server, self.server).sim.handle(self)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:  # a simulator bug: say so loudly, answer 500
-            log.exception("simulator: error handling GET %s", self.path.split("?")[0])
-            self.close_connection = True
-            try:
-                self.reply(500, {"text": "simulator error"})
-            except OSError:
-                pass
-
-    def do_POST(self):  # noqa: N802
-        self.reply(405, {"text": "Method Not Allowed"})
-
-    def reply(self, status: int, payload: Any, headers: dict | None = None) -> None:
-        self.send_body(status, orjson.dumps(payload), headers)
-
-    def setup(self):
-        super().setup()
-        # small replies must not wait for the client's delayed ACK (Nagle): 40 ms per request otherwise
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def send_body(self, status: int, body: bytes, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        # end_headers(), but headers and body leave in one write (http.server keeps no public hook for that)
-        self._headers_buffer.append(b"\r\n")  # type: ignore[attr-defined]
-        self._headers_buffer.append(body)  # type: ignore[attr-defined]
-        self.flush_headers()
-
-    def reset(self, status: int, body: bytes) -> None:
-        """Headers and half the body, then a TCP reset."""
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2])
-        self.wfile.flush()
-        self.drop()
-
-    def drop(self) -> None:
-        self.close_connection = True
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()
-        except OSError:
-            pass
-
-    def log_message(self, fmt, *args):  # one line per request is noise at benchmark rates
-        pass
