@@ -74,6 +74,10 @@ def run_demo(args) -> int:
                 flush=True,
             )
         sim.live_rate = 0
+        # let the next poll pick up the last live alerts, so the summary covers everything created
+        catch_up = time.monotonic() + 2 * cfg.tanium.poll_interval + 10
+        while pipe.summary.published < sim.alert_count and runner.is_alive() and time.monotonic() < catch_up:
+            time.sleep(0.2)
         pipe.stop()
         runner.join()
         health.stop()
