@@ -150,6 +150,9 @@ class EnrichSection(_Section):
     cache_ttl: Annotated[float, Field(gt=0)] = 3600
     negative_ttl: Annotated[float, Field(ge=0)] = 60
     concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+    # seconds an alert waits for its IntelDoc; then it goes without (enrichment_error) while the
+    # lookup goes on for later alerts
+    timeout: Annotated[float, Field(gt=0, le=600)] = 5
 
 
 class OutputSection(_Section):
