@@ -10,10 +10,12 @@ import signal
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 from connector import __version__
 from connector.config import ConfigError, load_pipeline
 from connector.simulator import command as simulator_command
+from connector.text import mask_userinfo
 from connector.timeutil import parse_ts
 from connector.tools import bench
 
@@ -34,22 +36,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class RedactFilter(logging.Filter):
-    """Last line of defence: no log line may carry a secret, whatever code produced it."""
+    """Last line of defence: no log line may carry a secret or a URL's user:password, whatever code
+    produced it."""
 
     def __init__(self):
         super().__init__()
         self.secrets: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            msg = record.getMessage()
-            if record.exc_info:
-                msg_exc = logging.Formatter().formatException(record.exc_info)
-                record.exc_info, record.exc_text = None, None
-                msg = f"{msg}\n{msg_exc}"
-            for s in self.secrets:
-                msg = msg.replace(s, "***")
-            record.msg, record.args = msg, None
+        msg = record.getMessage()
+        if record.exc_info:
+            msg_exc = logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+            msg = f"{msg}\n{msg_exc}"
+        for s in self.secrets:
+            msg = msg.replace(s, "***")
+        record.msg, record.args = mask_userinfo(msg), None
         return True
 
 
@@ -77,6 +79,8 @@ def load(path: str):
 
 def _secrets(cfg) -> list[str]:
     out = [cfg.tanium.api_key.get_secret_value()]
+    if cfg.tanium.proxy:
+        out.append(urlsplit(cfg.tanium.proxy).password or "")
     if cfg.kafka:
         for s in (cfg.kafka.sasl_plain_password, cfg.kafka.ssl_password):
             if s is not None:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from connector.fieldmap import DEFAULT_FIELD_MAP, check_field_map
+from connector.text import mask_userinfo
 
 # Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
 ALERT_FILTERS = frozenset(
@@ -59,6 +60,10 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    def __repr_args__(self):  # repr() and str() show URLs without user:password
+        for name, value in super().__repr_args__():
+            yield name, mask_userinfo(value) if isinstance(value, str) else value
 
 
 class PipelineSection(_Section):
@@ -331,7 +336,8 @@ class PipelineConfig(_Section):
         return {**DEFAULT_FIELD_MAP, **self.field_map}
 
     def masked(self) -> dict:
-        """Effective settings as plain data, every secret replaced by '***'."""
+        """Effective settings as plain data, every secret replaced by '***' and the user information
+        of every URL (a proxy's user:password) too."""
         data = self.model_dump(mode="json")
         data["field_map"] = self.effective_field_map
         for section in data.values():
@@ -339,6 +345,9 @@ class PipelineConfig(_Section):
                 for k in SECRET_KEYS:
                     if section.get(k):
                         section[k] = "***"
+                for k, v in section.items():
+                    if isinstance(v, str):
+                        section[k] = mask_userinfo(v)
         return data
 
     def __repr__(self) -> str:  # pydantic's repr already masks SecretStr; keep it short too
@@ -382,7 +391,7 @@ def _describe(err: dict, raw: dict) -> str:
     value = raw
     for p in loc:
         value = value.get(p) if isinstance(value, dict) else None
-    text = repr(value)
+    text = mask_userinfo(repr(value))
     text = text if len(text) <= 200 else text[:199] + "…"  # a pasted blob must not flood the error
     shown = f" = {text}" if value is not None and not isinstance(value, dict) else ""
     return f"{key}{shown}: {msg}"

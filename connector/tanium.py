@@ -13,7 +13,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
-import re
 import socket
 import ssl
 import threading
@@ -31,7 +30,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from connector.config import TaniumSection
-from connector.text import json_type, shorten
+from connector.text import json_type, mask_userinfo, shorten
 
 log = logging.getLogger(__name__)
 
@@ -426,10 +425,7 @@ class TaniumClient:
     def _scrub(self, text: str) -> str:
         if self._key:
             text = text.replace(self._key, "***")
-        return _PROXY_CREDS.sub(r"\1***@", text)
-
-
-_PROXY_CREDS = re.compile(r"(\w+://)[^/@\s]+@")
+        return mask_userinfo(text)
 
 
 def _classify(e: requests.RequestException) -> tuple[str, bool]:

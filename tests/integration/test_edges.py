@@ -4,8 +4,13 @@ not hold alerts back (enrich.timeout), and the pipeline's liveness and freshness
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
-from helpers import Running, ids_of, make_cfg, read_topic, wait_until
+from helpers import Running, ids_of, make_cfg, read_topic, wait_until, write_pipeline
+
+from connector.tools.embedded import free_port
 
 RETRY_AFTER = 5  # seconds: every first /intels request is answered 429 with this Retry-After
 
@@ -35,3 +40,51 @@ def test_slow_intel_docs_do_not_hold_alerts_back(broker, sim, topic_prefix, tmp_
     later = events[late["id"]]
     assert later["raw"]["intelDoc"]["id"] == sim.intel_doc_ids[0] and later["normalization_warnings"] == []
     assert sim.stats["intel"] == 2 * docs, "one 429 and one answer per doc: no lookup was started twice"
+
+
+# ---- proxy passwords never show ------------------------------------------------------------------
+
+PROXY_PASSWORD = "pr0xy-PASS"
+
+
+PROXY_VARS = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}  # either case
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The connector CLI with the proxy variables of this environment removed and `env` added."""
+    clean = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
+    return subprocess.run(
+        [sys.executable, "-m", "connector.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+    )
+
+
+def test_validate_config_check_and_a_failing_run_never_show_the_proxy_password(sim, tmp_path):
+    dead = f"http://alice:{PROXY_PASSWORD}@127.0.0.1:{free_port()}"
+    path = write_pipeline(
+        tmp_path / "p.toml",
+        {
+            "pipeline": {"name": "masked"},
+            "tanium": {**sim.settings(), "proxy": dead, "max_retries": 0, "timeout": 2},
+            "state": {"path": str(tmp_path / "state")},
+        },
+    )
+    shown = cli("validate-config", str(path), env=None)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["tanium"]["proxy"].startswith("http://***@127.0.0.1:")
+    checked = cli("check", str(path), env=None)
+    assert checked.returncode == 1 and "proxy" in checked.stdout
+    ran = cli("--log-level", "debug", "run", str(path), "--dry-run", "--once", env=None)
+    assert ran.returncode == 1 and "Tanium poll failed" in ran.stderr
+    # the same proxy from the environment instead of the file
+    path.write_text(path.read_text().replace(f'proxy = "{dead}"\n', ""))
+    env = {"HTTP_PROXY": dead}
+    env_checked = cli("check", str(path), env=env)
+    env_ran = cli("--log-level", "debug", "run", str(path), "--dry-run", "--once", env=env)
+    assert env_checked.returncode == 1 and env_ran.returncode == 1
+    for r in (shown, checked, ran, env_checked, env_ran):
+        assert PROXY_PASSWORD not in r.stdout + r.stderr, r.args
+        assert "Traceback" not in r.stderr, r.args
