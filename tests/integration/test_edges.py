@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from helpers import Running, ids_of, make_cfg, read_topic, wait_until, write_pipeline
+from helpers import ForwardProxy, Running, ids_of, make_cfg, read_topic, wait_until, write_pipeline
 
 from connector.tools.embedded import free_port
 
@@ -88,3 +88,54 @@ def test_validate_config_check_and_a_failing_run_never_show_the_proxy_password(s
     for r in (shown, checked, ran, env_checked, env_ran):
         assert PROXY_PASSWORD not in r.stdout + r.stderr, r.args
         assert "Traceback" not in r.stderr, r.args
+
+
+# ---- check takes the route run takes -------------------------------------------------------------
+
+INTERNAL = "tanium.internal.invalid"  # a name only the proxy resolves
+
+
+def test_check_goes_through_the_environment_proxy_as_run_does(sim, tmp_path):
+    """The Tanium host is reachable only through HTTP_PROXY: run works, and so does check. With the
+    host in NO_PROXY both go direct, and check says the name does not resolve."""
+    proxy = ForwardProxy(hosts={INTERNAL: "127.0.0.1"})
+    try:
+        path = write_pipeline(
+            tmp_path / "p.toml",
+            {
+                "pipeline": {"name": "envproxy"},
+                "tanium": {**sim.settings(host=INTERNAL), "max_retries": 0, "timeout": 5},
+                "state": {"path": str(tmp_path / "state")},
+            },
+        )
+        env = {"HTTP_PROXY": proxy.url}
+        ran = cli("run", str(path), "--dry-run", "--once", env=env)
+        assert ran.returncode == 0, ran.stderr
+        assert len(ran.stdout.splitlines()) == 300
+        checked = cli("check", str(path), env=env)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        lines = checked.stdout.splitlines()
+        assert lines[-1] == "Healthy"
+        assert any(line.startswith("ok") and " proxy " in line and proxy.url in line for line in lines), lines
+        assert any(line.startswith("ok") and " credentials " in line for line in lines)
+        assert proxy.seen and all(target.startswith(f"http://{INTERNAL}:") for target, _ in proxy.seen)
+
+        bypass = {**env, "NO_PROXY": INTERNAL}
+        direct = cli("check", str(path), env=bypass)
+        assert direct.returncode == 1
+        assert f"Unhealthy: tcp: cannot resolve host '{INTERNAL}'" in direct.stdout
+        assert cli("run", str(path), "--dry-run", "--once", env=bypass).returncode == 1
+    finally:
+        proxy.close()
+
+
+def test_check_names_an_unreachable_environment_proxy(sim, tmp_path):
+    path = write_pipeline(
+        tmp_path / "p.toml", {"pipeline": {"name": "deadproxy"}, "tanium": {**sim.settings(), "max_retries": 0}}
+    )
+    port = free_port()
+    r = cli("check", str(path), env={"HTTP_PROXY": f"http://127.0.0.1:{port}"})
+    assert r.returncode == 1
+    last = r.stdout.splitlines()[-1]
+    assert last.startswith(f"Unhealthy: proxy: connection refused by the proxy http://127.0.0.1:{port}"), last
+    assert "HTTP_PROXY" in last and "NO_PROXY" in last
