@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--dry-run",
         action="store_true",
-        help="print normalized events as JSON lines; publish nothing, commit no checkpoint",
+        help="print normalized events as JSON lines (dead-letter records go to the log on stderr); "
+        "publish nothing, commit no checkpoint",
     )
     sp = add("check", cmd_check, "test connectivity to Tanium (and Kafka) step by step")
     sp.add_argument("pipeline")

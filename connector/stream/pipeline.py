@@ -99,9 +99,11 @@ class StreamPipeline:
         # one id per pipeline: a restarted (or newly elected) instance fences the previous one
         self.transactional_id = f"tanium-connector.{cfg.pipeline.name}" if self.exactly_once else None
         ha = cfg.ha.enabled and not dry_run
+        self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
+        self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
         if sink is None:
-            if dry_run:
-                sink = DryRunSink(out or sys.stdout)
+            if dry_run:  # events on stdout, DLQ records in the log; a closed stdout ends the run
+                sink = DryRunSink(out or sys.stdout, dlq_topic=self.dlq_topic, on_closed=self.stop)
             elif cfg.kafka is None:
                 raise ConfigError(
                     f"{cfg.pipeline.name}: the pipeline has no [kafka] section: add one, or use --dry-run"
@@ -123,8 +125,6 @@ class StreamPipeline:
         self.store = store if store is not None else open_store(cfg)
         stages = build_stages(cfg, self.client, metrics)
         self.source, self.enricher, self.normalizer = stages.source, stages.enricher, stages.normalizer
-        self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
-        self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
         self.max_value = (cfg.kafka.max_request_size if cfg.kafka else 1024 * 1024) - RECORD_OVERHEAD
         self.headers = [
             ("schema_version", str(SCHEMA_VERSION).encode()),

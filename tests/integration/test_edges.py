@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import ForwardProxy, Running, ids_of, make_cfg, read_topic, wait_until, write_pipeline
 
@@ -139,3 +140,47 @@ def test_check_names_an_unreachable_environment_proxy(sim, tmp_path):
     last = r.stdout.splitlines()[-1]
     assert last.startswith(f"Unhealthy: proxy: connection refused by the proxy http://127.0.0.1:{port}"), last
     assert "HTTP_PROXY" in last and "NO_PROXY" in last
+
+
+# ---- --dry-run: stdout carries events only, and a closed stdout is a normal end ----------------
+
+
+def dry_run_pipeline(sim, tmp_path) -> Path:
+    return write_pipeline(
+        tmp_path / "dry.toml",
+        {"pipeline": {"name": "dry"}, "tanium": sim.settings(), "state": {"path": str(tmp_path / "state")}},
+    )
+
+
+def test_dry_run_into_a_pipe_closed_early_ends_normally(sim, tmp_path):
+    """`run --dry-run --once … | head -1`: the reader leaves after one line; exit 0, no traceback."""
+    path = dry_run_pipeline(sim, tmp_path)
+    clean = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connector.cli", "run", str(path), "--dry-run", "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean,
+    )
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    _, err = proc.communicate(timeout=60)
+    assert json.loads(first)["raw"]["id"] == 1
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir()), "dry run wrote a checkpoint"
+
+
+def test_dry_run_sends_dead_letter_records_to_stderr(sim, tmp_path):
+    bad = sim.inject(fields={"guid": 12345})  # alert 301: a guid that is not text goes to the DLQ
+    r = cli("run", str(dry_run_pipeline(sim, tmp_path)), "--dry-run", "--once", "--log-format", "json")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(events) == 300 and all(e["schema_version"] and e["raw"]["id"] > 0 for e in events)
+    logged = [json.loads(line) for line in r.stderr.splitlines()]
+    dead = [x for x in logged if "dead-letter" in x["msg"]]
+    assert len(dead) == 1 and dead[0]["level"] == "warning"
+    msg = dead[0]["msg"]
+    assert "dry-run.dlq" in msg
+    record = json.loads(msg[msg.index("{") :])
+    assert record["reason"].startswith("bad id") and json.loads(record["raw"])["id"] == bad["id"]
