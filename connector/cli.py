@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import signal
@@ -18,6 +17,7 @@ from connector.simulator import command as simulator_command
 from connector.text import mask_userinfo
 from connector.timeutil import parse_ts
 from connector.tools import bench
+from connector.tuning import tune_interpreter
 
 log = logging.getLogger("connector")
 
@@ -156,7 +156,7 @@ def cmd_run(args) -> int:
             raise ConfigError(f"--since: {e}") from None
     metrics = Metrics(cfg.pipeline.name)
     pipe = StreamPipeline(cfg, metrics=metrics, dry_run=args.dry_run, once=args.once, since=args.since)
-    _tune_interpreter()
+    tune_interpreter()
     _stop_on_signals(pipe.stop)
     server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness)
     progress = _progress(pipe) if sys.stderr.isatty() and not args.dry_run else None
@@ -169,16 +169,6 @@ def cmd_run(args) -> int:
             server.stop()
     log.info("summary: %s", json.dumps(pipe.summary.as_dict()))
     return code
-
-
-def _tune_interpreter() -> None:
-    """Process-wide settings for the stream pipeline, measured with `bench --switch-interval 0.5
-    --gc-threshold 10000` (README, Performance): the source thread's reads and decoding wait for
-    the GIL, which the default 5 ms hand-over makes them wait for long; and a decoded page (~75k
-    objects) living until it is published makes the default GC thresholds rescan it over and over."""
-    sys.setswitchinterval(0.0005)
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 def _progress(pipe) -> threading.Event:

@@ -11,6 +11,10 @@ RSS are its own (the simulator's and the broker's work is in other processes):
 3. pipeline: StreamPipeline(once=True) with enrich + normalize + publish + checkpoint, metrics on,
    over the same alerts into a fresh topic with a fresh checkpoint.
 
+Every phase process first applies the interpreter settings `run` ships (connector/tuning.py:
+switch interval, GC threshold) unless --switch-interval / --gc-threshold ask for a what-if, and
+reports the settings it ran with (`interpreter` of each phase in --json).
+
 Figures: events/s of each, pipeline / min(ceilings) (per run, then the median over --repeat runs),
 IntelDoc requests per distinct (doc, revision), Tanium requests per 1,000 events, peak RSS (VmHWM)
 and CPU seconds per 1,000 events of each phase's process. `--validation-actions N` also counts the
@@ -41,6 +45,7 @@ from connector.tools.bench_report import (
     print_rss_report,
     targets,
 )
+from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,16 @@ def _latency(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (e.g. 20)") from None
     if not 0 <= v <= 10_000:
         raise argparse.ArgumentTypeError(f"{v:g} ms is outside 0–10000 ms")
+    return v
+
+
+def _switch_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (e.g. 0.5)") from None
+    if not 0 < v <= 1000:
+        raise argparse.ArgumentTypeError(f"{v:g} ms is outside 0–1000 ms (0 excluded)")
     return v
 
 
@@ -129,17 +144,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gc-threshold",
         type=_count,
-        default=0,
+        default=None,
         metavar="N",
-        help="what-if: every phase process runs gc.freeze() and gc.set_threshold(N, 10, 10) "
-        "first (default 0: Python's collector settings, as the connector ships)",
+        help="what-if: every phase process runs gc.freeze() and gc.set_threshold(N, 10, 10) first; 0 leaves "
+        f"Python's collector settings (default: {GC_THRESHOLD}, as `run` ships)",
     )
     parser.add_argument(
         "--switch-interval",
-        type=_latency,
-        default=0,
+        type=_switch_ms,
+        default=None,
         metavar="MS",
-        help="what-if: every phase process runs sys.setswitchinterval(MS / 1000) first (default 0: Python's 5 ms)",
+        help="what-if: every phase process runs sys.setswitchinterval(MS / 1000) first "
+        f"(default: {SWITCH_INTERVAL * 1000:g}, as `run` ships; Python's own is 5)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -289,26 +305,27 @@ def _phase_pipeline(raw: dict) -> dict:
 _PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline}
 
 
-def _child(name: str, args: tuple, conn, gc_threshold: int = 0, switch_ms: float = 0) -> None:
+def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
+    """One phase in this (spawned) process, with the interpreter settings `run` ships unless a
+    what-if option says otherwise; the result says which settings it ran with."""
     logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
-    if gc_threshold:
-        import gc
-
-        gc.freeze()
-        gc.set_threshold(gc_threshold, 10, 10)
-    if switch_ms:
-        sys.setswitchinterval(switch_ms / 1000)
+    tune_interpreter(
+        SWITCH_INTERVAL if switch_ms is None else switch_ms / 1000,
+        GC_THRESHOLD if gc_threshold is None else gc_threshold,
+    )
     try:
         result = _PHASES[name](*args)
+        result["interpreter"] = interpreter_settings()
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
         result = {"error": f"{type(e).__name__}: {e}"}
     conn.send(result)
     conn.close()
 
 
-def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (0, 0)) -> dict:
-    """Runs one phase in a fresh spawned process and returns its figures (raises BenchError)."""
+def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (None, None)) -> dict:
+    """Runs one phase in a fresh spawned process and returns its figures (raises BenchError).
+    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(name, args, send, *what_if), name=f"bench-{name}", daemon=True)
@@ -655,8 +672,10 @@ def run_bench(args) -> int:
         "repeat": args.repeat,
         "page_size": PAGE_SIZE,
         "validation_actions": args.validation_actions,
-        "gc_threshold": args.gc_threshold or None,
-        "switch_interval_ms": args.switch_interval or None,
+        # what every phase process runs with (what-if options, else what `run` ships)
+        "gc_threshold": GC_THRESHOLD if args.gc_threshold is None else args.gc_threshold,
+        "switch_interval_ms": SWITCH_INTERVAL * 1000 if args.switch_interval is None else args.switch_interval,
+        "what_if": args.gc_threshold is not None or args.switch_interval is not None,
         "clients": args.clients,
     }
     report: dict = {"config": config, "hardware": hw}

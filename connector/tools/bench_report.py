@@ -81,9 +81,12 @@ def print_report(report: dict, out) -> None:
     w = out.write
     w(
         f"tanium-connector bench: {c['alerts']} alerts, {c['intel_docs']} IntelDocs, simulator latency "
-        f"{c['latency_ms']:g} ms/request, page size {c['page_size']}, {runs}"
-        + (f", WHAT-IF gc.set_threshold({c['gc_threshold']}, 10, 10)" if c.get("gc_threshold") else "")
-        + (f", WHAT-IF sys.setswitchinterval({c['switch_interval_ms']:g} ms)" if c.get("switch_interval_ms") else "")
+        f"{c['latency_ms']:g} ms/request, page size {c['page_size']}, {runs}" + "\n"
+    )
+    w(
+        f"interpreter: switch interval {c['switch_interval_ms']:g} ms, GC threshold "
+        + (f"{c['gc_threshold']} (gc.freeze)" if c["gc_threshold"] else "Python's own")
+        + (" - WHAT-IF, not what `run` ships" if c["what_if"] else " - as `run` ships")
         + "\n"
     )
     w(f"hardware: {hardware_line(report['hardware'])}\n\n")

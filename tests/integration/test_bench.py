@@ -51,6 +51,7 @@ def test_bench_json_has_every_figure_and_they_agree():
             assert positive(ph[key]), (phase, key, ph[key])
         assert ph["events_per_s"] == pytest.approx(ph["events"] / ph["seconds"])
         assert med[phase]["events_per_s"] == ph["events_per_s"]  # one run: the median is the run
+        assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == 10_000, phase
     p = run["pipeline"]
     assert p["published"] == 300 and p["dlq"] == 0 and p["errors"] == []
     # the ratio is the one computed from the printed events/s
@@ -111,6 +112,7 @@ def test_bench_table_names_every_figure():
         "hardware: ",
         "kafka-python 3",
         "Python 3",
+        "interpreter: switch interval 0.5 ms, GC threshold 10000 (gc.freeze) - as `run` ships",
     ):
         assert text in out, text
     assert "validation requests" not in out
@@ -180,3 +182,28 @@ def test_key_partitioner_puts_every_key_where_kafka_python_does(broker, topic_pr
         assert [f.get(30).partition for f in futures] == expected[:40]
     finally:
         producer.close(5)
+
+
+# ---- every phase process runs with the interpreter settings `run` ships -------------------------
+
+
+def _source_phase(sim, tmp_path, what_if):
+    from connector.tools.bench import _pipeline_raw, run_phase
+
+    raw = _pipeline_raw(sim, "127.0.0.1:9", "bench-interp", tmp_path / "state")
+    return run_phase("source", (raw,), 60, what_if)
+
+
+def test_phase_processes_run_with_the_settings_run_ships(sim, tmp_path):
+    from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL
+
+    shipped = _source_phase(sim, tmp_path, (None, None))
+    assert shipped["events"] == 300
+    assert shipped["interpreter"] == {
+        "switch_interval_ms": pytest.approx(SWITCH_INTERVAL * 1000),
+        "gc_threshold": GC_THRESHOLD,
+        "gc_frozen": True,
+    }
+    what_if = _source_phase(sim, tmp_path, (0, 2.0))  # --gc-threshold 0 --switch-interval 2
+    assert what_if["interpreter"]["switch_interval_ms"] == pytest.approx(2.0)
+    assert what_if["interpreter"]["gc_threshold"] == 700 and what_if["interpreter"]["gc_frozen"] is False
