@@ -24,9 +24,18 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from connector import __version__
+from connector.fieldmap import DEFAULT_FIELD_MAP
 
 P = "tanium_connector_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Every label value a counter can take that is known in advance, so its series exists at 0 from the
+# first scrape (increase() cannot see a series whose first sample is already 1).
+# NormalizeError codes (normalize.py) and the pipeline's own "too large": the reasons of DLQ records
+DLQ_REASONS = ("not an object", "bad id", "no id", "not serializable", "too large")
+# records a stage does not pass on, by stage: the normalizer's rejections, the validation query limit
+DROP_REASONS = {"normalize": ("not an object", "bad id", "no id"), "validation": ("limit",)}
+RETRY_REASONS = ("429", "5xx", "network")  # why the Tanium client retried (tanium.py)
 
 
 class Metrics:
@@ -105,6 +114,15 @@ class Metrics:
             self.cache_requests.labels(pipeline, result)
         for result in ("detected", "missed", "rejected"):
             self.verdicts.labels(pipeline, result)
+        for reason in DLQ_REASONS:
+            self.dlq_records.labels(pipeline, reason)
+        for stage, reasons in DROP_REASONS.items():
+            for reason in reasons:
+                self.records_dropped.labels(pipeline, stage, reason)
+        for reason in RETRY_REASONS:
+            self.retries.labels(pipeline, reason)
+        for name in DEFAULT_FIELD_MAP:  # a field_map only re-maps these fields, never adds one
+            self.normalize_warnings.labels(pipeline, name)
         # Series exist (at 0) from the first scrape, so rate()/increase() see the first event and
         # dashboards show 0 rather than "No data". Timestamps and poll_interval stay unset until known.
         for family in (
