@@ -112,13 +112,13 @@ def cmd_check(args) -> int:
     return 0 if healthy else 1
 
 
-def _serve_metrics(cfg, metrics, readiness):
+def _serve_metrics(cfg, metrics, readiness, liveness=None):
     from connector.metrics import HealthServer
 
     if not cfg.metrics.enabled:
         return None
     try:
-        return HealthServer(metrics, cfg.metrics.listen, readiness).start()
+        return HealthServer(metrics, cfg.metrics.listen, readiness, liveness).start()
     except OSError as e:
         raise ConfigError(f"metrics.listen = {cfg.metrics.listen!r}: cannot listen ({e.strerror or e})") from None
 
@@ -158,7 +158,7 @@ def cmd_run(args) -> int:
     pipe = StreamPipeline(cfg, metrics=metrics, dry_run=args.dry_run, once=args.once, since=args.since)
     tune_interpreter()
     _stop_on_signals(pipe.stop)
-    server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness)
+    server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness, pipe.liveness)
     progress = _progress(pipe) if sys.stderr.isatty() and not args.dry_run else None
     try:
         code = pipe.run()

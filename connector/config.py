@@ -71,6 +71,8 @@ class PipelineSection(_Section):
     mode: Literal["stream", "validation"] = "stream"
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30
+    # /healthz answers 503 after this many seconds without a poll attempt (None: see liveness_bound)
+    liveness_timeout: Annotated[float | None, Field(gt=0, le=86400)] = None
 
 
 class TaniumSection(_Section):
@@ -330,6 +332,16 @@ class PipelineConfig(_Section):
             if self.state.backend != "kafka":
                 raise ValueError('ha.enabled: requires state.backend = "kafka" (the processes share the checkpoint)')
         return self
+
+    @property
+    def liveness_bound(self) -> float:
+        """Seconds without a poll attempt after which the stream pipeline counts as stuck:
+        pipeline.liveness_timeout, else the longest of a minute, five poll intervals, and twice what
+        one poll attempt may take with every retry timing out (room for the backoffs between)."""
+        if self.pipeline.liveness_timeout is not None:
+            return self.pipeline.liveness_timeout
+        t = self.tanium
+        return max(60.0, 5 * t.poll_interval, 2 * (t.max_retries + 1) * t.timeout)
 
     @property
     def effective_field_map(self) -> dict[str, list[str]]:

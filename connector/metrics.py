@@ -153,14 +153,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class HealthServer:
-    """Serves /metrics, /healthz (alive) and /readyz (ready() is true) on one port."""
+Check = Callable[[], tuple[bool, str]]
 
-    def __init__(self, metrics: Metrics, listen: str, ready: Callable[[], tuple[bool, str]]):
+
+class HealthServer:
+    """Serves /metrics, /healthz (alive() is true; always, without it) and /readyz (ready() is
+    true) on one port. A failing check answers 503 with its reason."""
+
+    def __init__(self, metrics: Metrics, listen: str, ready: Check, alive: Check | None = None):
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self.metrics = metrics
         self.ready = ready
+        self.alive = alive or (lambda: (True, "ok"))
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -169,12 +174,15 @@ class HealthServer:
                 if path == "/metrics":
                     self._reply(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    self._reply(200, b"ok\n")
+                    self._check(outer.alive, "ok", "not alive")
                 elif path == "/readyz":
-                    ok, why = outer.ready()
-                    self._reply(200 if ok else 503, (why or ("ready" if ok else "not ready")).encode() + b"\n")
+                    self._check(outer.ready, "ready", "not ready")
                 else:
                     self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _check(self, check: Check, good: str, bad: str) -> None:
+                ok, why = check()
+                self._reply(200 if ok else 503, (why or (good if ok else bad)).encode() + b"\n")
 
             def _reply(self, code, body, ctype="text/plain; charset=utf-8"):
                 self.send_response(code)

@@ -137,6 +137,7 @@ class StreamPipeline:
         self.last_commit = time.monotonic()
         self.window = AckWindow()
         self.delivery_failed = threading.Event()
+        self.last_poll = time.monotonic()  # liveness: the poll loop's last sign of progress
 
     def _new_sink(self) -> KafkaSink:
         return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
@@ -167,6 +168,16 @@ class StreamPipeline:
             return False, f"checkpoint has not moved for more than {stale:.0f}s"
         return True, "ready"
 
+    def liveness(self) -> tuple[bool, str]:
+        """False when the poll loop has made no progress (a poll attempt, or a wait for the
+        processing stage to take a page) for cfg.liveness_bound seconds: the process is stuck and
+        must be restarted. A standby (HA) process does not poll and is alive."""
+        idle = time.monotonic() - self.last_poll
+        bound = self.cfg.liveness_bound
+        if self._active() and idle > bound:
+            return False, f"no poll attempt for {idle:.0f}s (pipeline.liveness_timeout {bound:g}s)"
+        return True, "ok"
+
     def _report_ready(self) -> None:
         if self.metrics:
             self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
@@ -175,6 +186,7 @@ class StreamPipeline:
     def _poll(self, pages: queue.Queue, stop: threading.Event) -> None:
         backoff = 1.0
         while not stop.is_set() and self._active():
+            self.last_poll = time.monotonic()
             try:
                 for page in self.source.cycle():
                     self.tanium_ok = True
@@ -182,7 +194,8 @@ class StreamPipeline:
                         try:
                             pages.put(page, timeout=0.5)
                             break
-                        except queue.Full:
+                        except queue.Full:  # back pressure: Kafka's trouble (/readyz), not a stuck loop
+                            self.last_poll = time.monotonic()
                             continue
                     if stop.is_set() or not self._active():
                         return
@@ -390,6 +403,7 @@ class StreamPipeline:
     def _term(self) -> bool:
         """Polls and publishes from the durable checkpoint until stopped, finished (--once) or
         the HA lead is lost. True when the pipeline is done (stopped or finished)."""
+        self.last_poll = time.monotonic()  # a term starts polling afresh (after an HA standby)
         checkpoint = None if self.since else self.store.load()
         self.since = None  # a later HA term resumes from the shared checkpoint
         self.committed = checkpoint

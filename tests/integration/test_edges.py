@@ -9,7 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ForwardProxy, Running, ids_of, make_cfg, read_topic, wait_until, write_pipeline
+from helpers import (
+    Cli,
+    ForwardProxy,
+    Running,
+    ids_of,
+    make_cfg,
+    metric,
+    read_topic,
+    scrape,
+    stream_sections,
+    wait_until,
+    write_pipeline,
+)
 
 from connector.tools.embedded import free_port
 
@@ -184,3 +196,60 @@ def test_dry_run_sends_dead_letter_records_to_stderr(sim, tmp_path):
     assert "dry-run.dlq" in msg
     record = json.loads(msg[msg.index("{") :])
     assert record["reason"].startswith("bad id") and json.loads(record["raw"])["id"] == bad["id"]
+
+
+# ---- /healthz: a poll loop that makes no progress is reported dead -------------------------------
+
+LIVENESS = 1.5  # pipeline.liveness_timeout in the test (the default is minutes)
+STALL = 6  # seconds the simulator holds one alerts request without answering (tanium.timeout is 10)
+
+
+def test_healthz_fails_while_the_poll_loop_hangs_and_recovers_after(broker, sim, topic_prefix, tmp_path):
+    """`run` as deployed: while one Tanium request hangs longer than pipeline.liveness_timeout,
+    /healthz answers 503 (an orchestrator restarts the process); once the loop polls again, 200."""
+    port = free_port()
+    path = write_pipeline(
+        tmp_path / "p.toml",
+        stream_sections(
+            topic_prefix,
+            sim,
+            broker.bootstrap,
+            tmp_path / "state",
+            metrics_port=port,
+            pipeline={"liveness_timeout": LIVENESS},
+            tanium={"timeout": 10, "max_retries": 0},
+        ),
+    )
+    run = Cli(["run", str(path)], tmp_path / "run.log")
+    try:
+        wait_until(
+            lambda: not run.alive or (metric(scrape(port)[1], "records_sent_total", stage="sink") or 0) >= 300,
+            timeout=60,
+            what="300 alerts published",
+        )
+        assert run.alive, run.logs()
+        assert scrape(port, "/healthz") == (200, "ok\n")
+        sim.faults.endpoints = {"alerts"}
+        sim.faults.stall_seconds = STALL
+        sim.faults.stall_next = 1
+        wait_until(lambda: scrape(port, "/healthz")[0] == 503, timeout=STALL, what="/healthz 503 during the hang")
+        status, why = scrape(port, "/healthz")
+        assert status == 503 and "no poll attempt" in why and f"{LIVENESS:g}s" in why, why
+        wait_until(lambda: scrape(port, "/healthz")[0] == 200, timeout=STALL + 10, what="/healthz 200 again")
+        assert run.alive
+    finally:
+        run.stop()
+    assert "Tanium poll failed" in run.logs()  # the hung request ended as a failed poll, then polling went on
+
+
+def test_healthz_answers_what_the_liveness_callable_says():
+    from connector.metrics import HealthServer, Metrics
+
+    state = {"alive": (True, "ok")}
+    server = HealthServer(Metrics("h"), "127.0.0.1:0", lambda: (True, "ready"), lambda: state["alive"]).start()
+    try:
+        assert scrape(server.port, "/healthz") == (200, "ok\n")
+        state["alive"] = (False, "no poll attempt for 9s")
+        assert scrape(server.port, "/healthz") == (503, "no poll attempt for 9s\n")
+    finally:
+        server.stop()
