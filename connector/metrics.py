@@ -36,6 +36,10 @@ DLQ_REASONS = ("not an object", "bad id", "no id", "not serializable", "too larg
 # records a stage does not pass on, by stage: the normalizer's rejections, the validation query limit
 DROP_REASONS = {"normalize": ("not an object", "bad id", "no id"), "validation": ("limit",)}
 RETRY_REASONS = ("429", "5xx", "network")  # why the Tanium client retried (tanium.py)
+# freshness: fine around a poll interval (the target is p99 <= poll_interval + 1 s), coarse beyond,
+# up to the day-old alerts of a backfill
+FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120)
+FRESHNESS_BUCKETS += (300, 600, 1800, 3600, 21600, 86400)
 
 
 class Metrics:
@@ -91,6 +95,13 @@ class Metrics:
             "checkpoint_timestamp_seconds", "createdAt of the last alert whose delivery is committed in the checkpoint"
         )
         self.checkpoint_commits = counter("checkpoint_commits_total", "Checkpoint writes")
+        self.freshness = Histogram(
+            P + "freshness_seconds",
+            "Seconds from an alert's createdAt (Tanium) to Kafka's acknowledgement of its event",
+            lp,
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
         # Validation
         self.actions_in_flight = gauge("validation_actions_in_flight", "Job actions with windows still open")
         self.verdicts = counter("validation_verdicts_total", "Verdicts published by result", ["result"])
@@ -134,6 +145,7 @@ class Metrics:
             self.produce_duration,
             self.inflight,
             self.checkpoint_commits,
+            self.freshness,
             self.actions_in_flight,
             self.detection_latency,
             self.validation_queries,

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from helpers import (
     Cli,
     ForwardProxy,
@@ -253,3 +255,30 @@ def test_healthz_answers_what_the_liveness_callable_says():
         assert scrape(server.port, "/healthz") == (503, "no poll attempt for 9s\n")
     finally:
         server.stop()
+
+
+# ---- freshness: createdAt → Kafka acknowledgement -------------------------------------------------
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_freshness_histogram_observes_each_event_from_created_at_to_its_ack(
+    delivery, broker, sim, topic_prefix, tmp_path
+):
+    """One observation per published event (DLQ records are not events) when Kafka confirms it (or
+    commits its transaction), each between the time the pipeline started and the time the last
+    event was confirmed, counted from the alert's createdAt."""
+    from connector.timeutil import parse_ts
+
+    sim.inject(fields={"guid": 12345})  # alert 301 goes to the DLQ
+    created = [parse_ts(sim.get_alert(i)["createdAt"]).timestamp() for i in range(1, 301)]
+    over = {"pipeline": {"delivery": delivery}, "state": {"backend": "kafka", "topic": f"{topic_prefix}.state"}}
+    cfg = make_cfg(sim, broker.bootstrap, topic_prefix, tmp_path, **(over if delivery == "exactly-once" else {}))
+    started = time.time()
+    with Running(cfg) as run:
+        wait_until(lambda: run.pipe.summary.published == 300 and run.pipe.summary.dlq == 1, what="all delivered")
+        confirmed = time.time()
+        m = run.metrics
+    count = m.registry.get_sample_value("tanium_connector_freshness_seconds_count", {"pipeline": topic_prefix})
+    total = m.registry.get_sample_value("tanium_connector_freshness_seconds_sum", {"pipeline": topic_prefix})
+    assert count == 300
+    assert sum(started - c for c in created) <= total <= sum(confirmed - c for c in created)
