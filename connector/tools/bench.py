@@ -20,6 +20,10 @@ IntelDoc requests per distinct (doc, revision), Tanium requests per 1,000 events
 and CPU seconds per 1,000 events of each phase's process. `--validation-actions N` also counts the
 Tanium requests of the validation engine for N concurrent job actions against 1 over the same
 simulated period; `--rss-scale` compares the pipeline's peak RSS for 100k and 1M alerts.
+Freshness (`--freshness-seconds`, default 15): the pipeline runs on a live stream of 50 alerts/s
+with tanium.poll_interval = 1 s, and its tanium_connector_freshness_seconds histogram (createdAt →
+Kafka acknowledgement) gives p50 and p99, estimated from the buckets as Prometheus'
+histogram_quantile does (the figure the dashboard shows); target p99 <= poll interval + 1 s.
 Each phase topic is deleted afterwards: the in-memory broker would otherwise hold every event.
 """
 
@@ -52,6 +56,8 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 500
 SINK_POOL = 1000  # distinct pre-serialized events the sink ceiling cycles through
 PHASE_START_TIMEOUT = 60.0  # spawning a child and importing the connector
+FRESHNESS_RATE = 50  # live alerts per second in the freshness phase
+FRESHNESS_POLL = 1.0  # its tanium.poll_interval (seconds)
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -156,6 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="what-if: every phase process runs sys.setswitchinterval(MS / 1000) first "
         f"(default: {SWITCH_INTERVAL * 1000:g}, as `run` ships; Python's own is 5)",
+    )
+    parser.add_argument(
+        "--freshness-seconds",
+        type=_count,
+        default=15,
+        metavar="S",
+        help=f"run the pipeline for S seconds on a live stream of {FRESHNESS_RATE} alerts/s and report "
+        "p50/p99 freshness, createdAt to Kafka acknowledgement (default %(default)s; 0 = skip)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -302,7 +316,55 @@ def _phase_pipeline(raw: dict) -> dict:
     return out
 
 
-_PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline}
+def _phase_freshness(raw: dict, seconds: float) -> dict:
+    import threading
+
+    from connector.config import parse_pipeline
+    from connector.metrics import Metrics
+    from connector.stream.pipeline import StreamPipeline
+
+    cfg = parse_pipeline(raw)
+    metrics = Metrics(cfg.pipeline.name)
+    pipe = StreamPipeline(cfg, metrics=metrics)
+    runner = threading.Thread(target=pipe.run, name="bench-pipeline", daemon=True)
+    runner.start()
+    time.sleep(seconds)  # the measured period: the simulator adds alerts meanwhile
+    pipe.stop()
+    runner.join(cfg.pipeline.shutdown_timeout + 10)
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for family in metrics.registry.collect()
+        if family.name == "tanium_connector_freshness_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    )
+    return {
+        "events": pipe.summary.published,
+        "observed": int(buckets[-1][1]),
+        "p50_s": histogram_quantile(0.5, buckets),
+        "p99_s": histogram_quantile(0.99, buckets),
+        "errors": list(pipe.summary.errors),
+    }
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The q-quantile of a histogram as Prometheus estimates it: linear within the bucket that
+    holds it. `buckets`: (upper bound, cumulative count), ascending, +Inf last. None when empty."""
+    total = buckets[-1][1]
+    if not total:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower  # the highest finite bound, as Prometheus answers
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+_PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline, "freshness": _phase_freshness}
 
 
 def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
@@ -613,6 +675,40 @@ def measure_validation(n_actions: int) -> dict:
     }
 
 
+# ---- freshness: createdAt → Kafka acknowledgement on a live stream ---------------------------------
+
+
+def measure_freshness(opts, bootstrap: str, workdir: Path) -> dict:
+    from connector.simulator import Simulator
+
+    seconds = opts.freshness_seconds
+    with Simulator(
+        alerts=0, intel_docs=opts.intel_docs, seed=5, live_rate=FRESHNESS_RATE, latency=opts.latency_ms / 1000
+    ) as sim:
+        topics = _Topics(bootstrap)
+        try:
+            name = f"bench-{uuid.uuid4().hex[:8]}-freshness"
+            # start_from "now": only alerts created once the pipeline runs, none waiting for its start
+            raw = _pipeline_raw(
+                sim,
+                bootstrap,
+                name,
+                workdir / name,
+                tanium={"poll_interval": FRESHNESS_POLL},
+                source={"start_from": "now"},
+            )
+            topics.create(f"{name}.events", f"{name}.events.dlq")
+            try:
+                f = run_phase("freshness", (raw, seconds), seconds + 60, _what_if(opts))
+            finally:
+                topics.delete(f"{name}.events", f"{name}.events.dlq")
+        finally:
+            topics.close()
+    if f["errors"] or not f["observed"]:
+        raise BenchError(f"freshness: {f['events']} events published (errors: {'; '.join(f['errors']) or 'none'})")
+    return {"rate": FRESHNESS_RATE, "seconds": seconds, "poll_interval_s": FRESHNESS_POLL, **f}
+
+
 # ---- RSS scale: pipeline peak RSS for SMALL vs LARGE alerts ----------------------------------------
 
 
@@ -677,6 +773,7 @@ def run_bench(args) -> int:
         "switch_interval_ms": SWITCH_INTERVAL * 1000 if args.switch_interval is None else args.switch_interval,
         "what_if": args.gc_threshold is not None or args.switch_interval is not None,
         "clients": args.clients,
+        "freshness_seconds": args.freshness_seconds,
     }
     report: dict = {"config": config, "hardware": hw}
     try:
@@ -722,6 +819,14 @@ def _stream(report: dict, args, bootstrap: str, work: Path, simulator_cls) -> No
     report["event_bytes"] = statistics.mean(len(v) for _, v in pool)
     report["runs"] = runs
     report["median"] = _median_run(runs)
+    if args.freshness_seconds:
+        if not args.json:
+            print(
+                f"freshness: {args.freshness_seconds}s of live alerts at {FRESHNESS_RATE}/s …",
+                file=sys.stderr,
+                flush=True,
+            )
+        report["freshness"] = measure_freshness(args, bootstrap, work)
     if args.validation_actions:
         if not args.json:
             print(f"validation: {args.validation_actions} concurrent job actions vs 1 …", file=sys.stderr, flush=True)
