@@ -1,5 +1,8 @@
-"""Edges of the stream pipeline on the real broker and the simulator: a slow IntelDoc endpoint does
-not hold alerts back (enrich.timeout), and the pipeline's liveness and freshness figures."""
+"""Edges around the stream pipeline, on the real broker, the simulator and the CLI in subprocesses:
+a slow IntelDoc endpoint does not hold alerts back (enrich.timeout); a proxy password never shows;
+`check` takes the route `run` takes (environment proxies, NO_PROXY); `--dry-run` keeps stdout for
+events and ends normally when its reader leaves; /healthz reports a hung poll loop; the freshness
+histogram measures createdAt to Kafka acknowledgement."""
 
 from __future__ import annotations
 
