@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import signal
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 from connector import __version__
 from connector.config import ConfigError, load_pipeline
 from connector.simulator import command as simulator_command
+from connector.text import mask_userinfo
 from connector.timeutil import parse_ts
 from connector.tools import bench
+from connector.tuning import tune_interpreter
 
 log = logging.getLogger("connector")
 
@@ -34,22 +36,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class RedactFilter(logging.Filter):
-    """Last line of defence: no log line may carry a secret, whatever code produced it."""
+    """Last line of defence: no log line may carry a secret or a URL's user:password, whatever code
+    produced it."""
 
     def __init__(self):
         super().__init__()
         self.secrets: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            msg = record.getMessage()
-            if record.exc_info:
-                msg_exc = logging.Formatter().formatException(record.exc_info)
-                record.exc_info, record.exc_text = None, None
-                msg = f"{msg}\n{msg_exc}"
-            for s in self.secrets:
-                msg = msg.replace(s, "***")
-            record.msg, record.args = msg, None
+        msg = record.getMessage()
+        if record.exc_info:
+            msg_exc = logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+            msg = f"{msg}\n{msg_exc}"
+        for s in self.secrets:
+            msg = msg.replace(s, "***")
+        record.msg, record.args = mask_userinfo(msg), None
         return True
 
 
@@ -77,6 +79,8 @@ def load(path: str):
 
 def _secrets(cfg) -> list[str]:
     out = [cfg.tanium.api_key.get_secret_value()]
+    if cfg.tanium.proxy:
+        out.append(urlsplit(cfg.tanium.proxy).password or "")
     if cfg.kafka:
         for s in (cfg.kafka.sasl_plain_password, cfg.kafka.ssl_password):
             if s is not None:
@@ -108,13 +112,13 @@ def cmd_check(args) -> int:
     return 0 if healthy else 1
 
 
-def _serve_metrics(cfg, metrics, readiness):
+def _serve_metrics(cfg, metrics, readiness, liveness=None):
     from connector.metrics import HealthServer
 
     if not cfg.metrics.enabled:
         return None
     try:
-        return HealthServer(metrics, cfg.metrics.listen, readiness).start()
+        return HealthServer(metrics, cfg.metrics.listen, readiness, liveness).start()
     except OSError as e:
         raise ConfigError(f"metrics.listen = {cfg.metrics.listen!r}: cannot listen ({e.strerror or e})") from None
 
@@ -152,9 +156,9 @@ def cmd_run(args) -> int:
             raise ConfigError(f"--since: {e}") from None
     metrics = Metrics(cfg.pipeline.name)
     pipe = StreamPipeline(cfg, metrics=metrics, dry_run=args.dry_run, once=args.once, since=args.since)
-    _tune_interpreter()
+    tune_interpreter()
     _stop_on_signals(pipe.stop)
-    server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness)
+    server = None if args.dry_run else _serve_metrics(cfg, metrics, pipe.readiness, pipe.liveness)
     progress = _progress(pipe) if sys.stderr.isatty() and not args.dry_run else None
     try:
         code = pipe.run()
@@ -165,16 +169,6 @@ def cmd_run(args) -> int:
             server.stop()
     log.info("summary: %s", json.dumps(pipe.summary.as_dict()))
     return code
-
-
-def _tune_interpreter() -> None:
-    """Process-wide settings for the stream pipeline, measured with `bench --switch-interval 0.5
-    --gc-threshold 10000` (docs/performance.md): the source thread's reads and decoding wait for
-    the GIL, which the default 5 ms hand-over makes them wait for long; and a decoded page (~75k
-    objects) living until it is published makes the default GC thresholds rescan it over and over."""
-    sys.setswitchinterval(0.0005)
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 def _progress(pipe) -> threading.Event:
@@ -263,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--dry-run",
         action="store_true",
-        help="print normalized events as JSON lines; publish nothing, commit no checkpoint",
+        help="print normalized events as JSON lines (dead-letter records go to the log on stderr); "
+        "publish nothing, commit no checkpoint",
     )
     sp = add("check", cmd_check, "test connectivity to Tanium (and Kafka) step by step")
     sp.add_argument("pipeline")

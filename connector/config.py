@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from connector.fieldmap import DEFAULT_FIELD_MAP, check_field_map
-from connector.text import show
+from connector.text import mask_userinfo, show
 
 # Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
 ALERT_FILTERS = frozenset(
@@ -62,12 +62,18 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    def __repr_args__(self):  # repr() and str() show URLs without user:password
+        for name, value in super().__repr_args__():
+            yield name, mask_userinfo(value) if isinstance(value, str) else value
+
 
 class PipelineSection(_Section):
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     mode: Literal["stream", "validation"] = "stream"
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30
+    # /healthz answers 503 after this many seconds without a poll attempt (None: see liveness_bound)
+    liveness_timeout: Annotated[float | None, Field(gt=0, le=86400)] = None
 
 
 class TaniumSection(_Section):
@@ -152,6 +158,9 @@ class EnrichSection(_Section):
     cache_ttl: Annotated[float, Field(gt=0)] = 3600
     negative_ttl: Annotated[float, Field(ge=0)] = 60
     concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+    # seconds an alert waits for its IntelDoc; then it goes without (enrichment_error) while the
+    # lookup goes on for later alerts
+    timeout: Annotated[float, Field(gt=0, le=600)] = 5
 
 
 class OutputSection(_Section):
@@ -326,11 +335,22 @@ class PipelineConfig(_Section):
         return self
 
     @property
+    def liveness_bound(self) -> float:
+        """Seconds without a poll attempt after which the stream pipeline counts as stuck:
+        pipeline.liveness_timeout, else the longest of a minute, five poll intervals, and twice what
+        one poll attempt may take with every retry timing out (room for the backoffs between)."""
+        if self.pipeline.liveness_timeout is not None:
+            return self.pipeline.liveness_timeout
+        t = self.tanium
+        return max(60.0, 5 * t.poll_interval, 2 * (t.max_retries + 1) * t.timeout)
+
+    @property
     def effective_field_map(self) -> dict[str, list[str]]:
         return {**DEFAULT_FIELD_MAP, **self.field_map}
 
     def masked(self) -> dict:
-        """Effective settings as plain data, every secret replaced by '***'."""
+        """Effective settings as plain data, every secret replaced by '***' and the user information
+        of every URL (a proxy's user:password) too."""
         data = self.model_dump(mode="json")
         data["field_map"] = self.effective_field_map
         for section in data.values():
@@ -338,6 +358,9 @@ class PipelineConfig(_Section):
                 for k in SECRET_KEYS:
                     if section.get(k):
                         section[k] = "***"
+                for k, v in section.items():
+                    if isinstance(v, str):
+                        section[k] = mask_userinfo(v)
         return data
 
     def __repr__(self) -> str:  # pydantic's repr already masks SecretStr; keep it short too
@@ -381,7 +404,9 @@ def _describe(err: Mapping[str, Any], raw: dict) -> str:
     value: Any = raw
     for p in loc:
         value = value.get(p) if isinstance(value, dict) else None
-    text = show(value, 200)  # a pasted blob must not flood the error
+    # masked before it is cut, so a cut never leaves part of a password; a pasted blob must not flood the error
+    text = mask_userinfo(show(value, 100_000))
+    text = text if len(text) <= 200 else text[:199] + "…"
     shown = f" = {text}" if value is not None and not isinstance(value, dict) else ""
     return f"{key}{shown}: {msg}"
 

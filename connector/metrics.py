@@ -24,9 +24,22 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from connector import __version__
+from connector.fieldmap import DEFAULT_FIELD_MAP
 
 P = "tanium_connector_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Every label value a counter can take that is known in advance, so its series exists at 0 from the
+# first scrape (increase() cannot see a series whose first sample is already 1).
+# NormalizeError codes (normalize.py) and the pipeline's own "too large": the reasons of DLQ records
+DLQ_REASONS = ("not an object", "bad id", "no id", "not serializable", "too large")
+# records a stage does not pass on, by stage: the normalizer's rejections, the validation query limit
+DROP_REASONS = {"normalize": ("not an object", "bad id", "no id"), "validation": ("limit",)}
+RETRY_REASONS = ("429", "5xx", "network")  # why the Tanium client retried (tanium.py)
+# freshness: fine around a poll interval (the target is p99 <= poll_interval + 1 s), coarse beyond,
+# up to the day-old alerts of a backfill
+FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120)
+FRESHNESS_BUCKETS += (300, 600, 1800, 3600, 21600, 86400)
 
 
 class Metrics:
@@ -82,6 +95,13 @@ class Metrics:
             "checkpoint_timestamp_seconds", "createdAt of the last alert whose delivery is committed in the checkpoint"
         )
         self.checkpoint_commits = counter("checkpoint_commits_total", "Checkpoint writes")
+        self.freshness = Histogram(
+            P + "freshness_seconds",
+            "Seconds from an alert's createdAt (Tanium) to Kafka's acknowledgement of its event",
+            lp,
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
         # Validation
         self.actions_in_flight = gauge("validation_actions_in_flight", "Job actions with windows still open")
         self.verdicts = counter("validation_verdicts_total", "Verdicts published by result", ["result"])
@@ -105,6 +125,15 @@ class Metrics:
             self.cache_requests.labels(pipeline, result)
         for result in ("detected", "missed", "rejected"):
             self.verdicts.labels(pipeline, result)
+        for reason in DLQ_REASONS:
+            self.dlq_records.labels(pipeline, reason)
+        for stage, reasons in DROP_REASONS.items():
+            for reason in reasons:
+                self.records_dropped.labels(pipeline, stage, reason)
+        for reason in RETRY_REASONS:
+            self.retries.labels(pipeline, reason)
+        for name in DEFAULT_FIELD_MAP:  # a field_map only re-maps these fields, never adds one
+            self.normalize_warnings.labels(pipeline, name)
         # Series exist (at 0) from the first scrape, so rate()/increase() see the first event and
         # dashboards show 0 rather than "No data". Timestamps and poll_interval stay unset until known.
         for family in (
@@ -116,6 +145,7 @@ class Metrics:
             self.produce_duration,
             self.inflight,
             self.checkpoint_commits,
+            self.freshness,
             self.actions_in_flight,
             self.detection_latency,
             self.validation_queries,
@@ -135,14 +165,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class HealthServer:
-    """Serves /metrics, /healthz (alive) and /readyz (ready() is true) on one port."""
+Check = Callable[[], tuple[bool, str]]
 
-    def __init__(self, metrics: Metrics, listen: str, ready: Callable[[], tuple[bool, str]]):
+
+class HealthServer:
+    """Serves /metrics, /healthz (alive() is true; always, without it) and /readyz (ready() is
+    true) on one port. A failing check answers 503 with its reason."""
+
+    def __init__(self, metrics: Metrics, listen: str, ready: Check, alive: Check | None = None):
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self.metrics = metrics
         self.ready = ready
+        self.alive = alive or (lambda: (True, "ok"))
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -151,12 +186,15 @@ class HealthServer:
                 if path == "/metrics":
                     self._reply(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    self._reply(200, b"ok\n")
+                    self._check(outer.alive, "ok", "not alive")
                 elif path == "/readyz":
-                    ok, why = outer.ready()
-                    self._reply(200 if ok else 503, (why or ("ready" if ok else "not ready")).encode() + b"\n")
+                    self._check(outer.ready, "ready", "not ready")
                 else:
                     self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _check(self, check: Check, good: str, bad: str) -> None:
+                ok, why = check()
+                self._reply(200 if ok else 503, (why or (good if ok else bad)).encode() + b"\n")
 
             def _reply(self, code, body, ctype="text/plain; charset=utf-8"):
                 self.send_response(code)

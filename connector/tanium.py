@@ -6,6 +6,8 @@ Every call sends `session: <api key>` and `Accept: application/json`; replies ar
 backoff, honouring `Retry-After`; everything else fails at once with a `TaniumError` whose
 `.message` says what is wrong and what to check. The API key never appears in a message, a log
 record or a metric: messages are built here from scrubbed parts, never from the request headers.
+Redirects are followed within the origin (scheme, host, port) asked only: requests would carry the
+`session` header to any other host (it strips only `Authorization`), so such a redirect fails.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
-import re
 import socket
 import ssl
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 import requests
@@ -31,7 +32,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from connector.config import TaniumSection
-from connector.text import json_type, shorten
+from connector.text import json_type, mask_userinfo, shorten
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,23 @@ class TaniumConnectionError(TaniumError):
 
 class TaniumResponseError(TaniumError):
     """Malformed body, another 4xx, or 429/5xx after the last retry."""
+
+
+class _OtherHostRedirect(requests.RequestException):
+    """Raised inside requests before it would follow a redirect to another origin."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        u = urlsplit(url)
+        self.target = f"{u.scheme}://{u.hostname}" + (f":{u.port}" if u.port else "")
+
+
+class _Session(requests.Session):
+    def rebuild_auth(self, prepared_request, response):
+        # requests' own test for "another origin" (the one that drops Authorization)
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            raise _OtherHostRedirect(prepared_request.url)
+        super().rebuild_auth(prepared_request, response)
 
 
 @dataclass
@@ -199,7 +217,7 @@ class TaniumClient:
         if s is None:
             if self._closed.is_set():
                 raise TaniumError("the Tanium client is closed")
-            s = requests.Session()
+            s = _Session()
             s.headers.update({"session": self._key, "Accept": "application/json", "User-Agent": "tanium-tr-connector"})
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
             s.mount("http://", adapter)
@@ -239,6 +257,18 @@ class TaniumClient:
                 # the body in one read: requests alone reads it in 10 KiB pieces, 4x the CPU on a 3 MB
                 # alert page; read here, so a reset mid-body is retried like any network error
                 body = b"".join(resp.iter_content(chunk_size=None))
+            except _OtherHostRedirect as e:
+                if m:
+                    m.requests.labels(m.pipeline, endpoint, "3xx").inc()
+                raise TaniumResponseError(
+                    self._scrub(
+                        f"Tanium at {self._where} redirected GET {path} to another host ({e.target}); the connector "
+                        "follows redirects only within the host it was given, so the API key is not sent there. If "
+                        f"{e.target} is your Tanium server, set tanium.host, tanium.port and tanium.protocol to it; "
+                        "otherwise check the proxy or load balancer in front of Tanium."
+                    ),
+                    status=None,
+                ) from None
             except requests.RequestException as e:
                 elapsed = time.monotonic() - t0
                 kind, retryable = _classify(e)
@@ -426,10 +456,7 @@ class TaniumClient:
     def _scrub(self, text: str) -> str:
         if self._key:
             text = text.replace(self._key, "***")
-        return _PROXY_CREDS.sub(r"\1***@", text)
-
-
-_PROXY_CREDS = re.compile(r"(\w+://)[^/@\s]+@")
+        return mask_userinfo(text)
 
 
 def _classify(e: requests.RequestException) -> tuple[str, bool]:

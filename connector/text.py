@@ -1,8 +1,19 @@
-"""Short, safe renderings of untrusted values for error messages and warnings."""
+"""Short, safe renderings of untrusted values for error messages and warnings, and URLs without
+their user information (a proxy's user:password) for anything the connector shows."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# scheme://userinfo@ : the userinfo runs to the last "@" before the host (a password may hold an
+# unencoded "@"), so it stops at the first "/" or white space
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+
+
+def mask_userinfo(text: str) -> str:
+    """`text` with the user information of every URL in it replaced by '***'."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def shorten(text: str, limit: int = 160) -> str:

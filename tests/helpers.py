@@ -1,10 +1,11 @@
 """Helpers shared by the test folders: reading topics to their end, waiting on conditions, pipeline
-files and configs, the connector CLI in a subprocess, its metrics, and a proxy that stalls or slows
-a broker's connections."""
+files and configs, the connector CLI in a subprocess, its metrics, a proxy that stalls or slows
+a broker's connections, and an HTTP forward proxy."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -14,7 +15,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -344,3 +347,41 @@ def broker_behind_proxy(tmp_path_factory, name: str, proxy_class=StallProxy, bro
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+class ForwardProxy(ThreadingHTTPServer):
+    """A minimal plain-HTTP forward proxy on 127.0.0.1: enough to prove requests go through it.
+    `seen` holds (request target, session header) per request. `hosts` maps names only the proxy
+    can resolve (as a site proxy resolves internal names) to addresses."""
+
+    daemon_threads = True
+
+    def __init__(self, hosts: dict[str, str] | None = None):
+        seen = self.seen = []
+        names = hosts or {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                seen.append((self.path, self.headers.get("session")))
+                u = urlsplit(self.path)
+                conn = http.client.HTTPConnection(names.get(u.hostname, u.hostname), u.port, timeout=10)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "host")}
+                conn.request("GET", u.path + ("?" + u.query if u.query else ""), headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status)
+                self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()

@@ -9,6 +9,12 @@ so every alert that needs it, in this page or in a page another thread is enrich
 that one fetch. The distinct missing docs of a page are fetched at the same time on a bounded
 thread pool (`concurrency`).
 
+Bound (`timeout`, the enrich.timeout setting): a page waits at most that long for its lookups. An
+alert whose doc is not there by then goes on with an `enrichment_error` (normalize makes it a
+warning); its lookup keeps running in the background and stays registered in `_inflight`, so later
+alerts join it or find its result in the cache. A slow or rate-limited /intels thus delays alerts
+by at most `timeout`, never by the client's whole retry sequence.
+
 Stats and the cache_requests metric count one lookup per alert that needs a doc: `miss` = this
 lookup started a fetch, `hit` = served from the cache or by joining a fetch already running,
 `negative_hit` = a cached 404. `requests` = IntelDoc fetches issued (one per miss).
@@ -19,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from cachetools import TLRUCache
@@ -45,10 +51,14 @@ class Enricher:
         concurrency: int,
         metrics=None,
         timer: Callable[[], float] = time.monotonic,
+        timeout: float | None = None,
     ):
-        if cache_size < 1 or concurrency < 1 or ttl <= 0 or negative_ttl < 0:
-            raise ValueError("Enricher: cache_size and concurrency must be ≥ 1, ttl > 0, negative_ttl ≥ 0")
+        if cache_size < 1 or concurrency < 1 or ttl <= 0 or negative_ttl < 0 or (timeout is not None and timeout <= 0):
+            raise ValueError(
+                "Enricher: cache_size and concurrency must be ≥ 1, ttl > 0, negative_ttl ≥ 0, timeout > 0 or None"
+            )
         self._fetch = fetch
+        self.timeout = timeout  # None: wait for every lookup to finish
         self._ttl, self._neg_ttl = float(ttl), float(negative_ttl)
         self._cache = TLRUCache(cache_size, self._ttu, timer=timer)
         self._lock = threading.Lock()
@@ -77,7 +87,9 @@ class Enricher:
             return {**self._counts, "entries": len(self._cache)}
 
     def enrich(self, alerts: list) -> list:
-        """Adds `intelDoc` (or an `enrichment_error` note) to each alert in place; returns `alerts`."""
+        """Adds `intelDoc` (or an `enrichment_error` note) to each alert in place; returns `alerts`.
+        Returns within `timeout` seconds (plus the cache work) whatever the lookups do."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         wanted: dict[tuple, list[dict]] = {}
         for alert in alerts:
             if not isinstance(alert, dict):
@@ -127,8 +139,20 @@ class Enricher:
             c["negative_hits"] += neg
 
         errors = 0
+        if pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait([fut for _, fut in pending], timeout=left)
         for key, fut in pending:
             group = wanted[key]
+            if not fut.done():  # still running: it fills the cache for later alerts
+                errors += 1
+                note = (
+                    f"IntelDoc {key[0]} lookup did not finish within enrich.timeout = {self.timeout:g}s; "
+                    "the alert goes without it, the lookup goes on for later alerts"
+                )
+                for alert in group:
+                    alert["enrichment_error"] = note
+                continue
             try:
                 doc = fut.result()
             except Exception as e:  # noqa: BLE001 (any fetch failure: the alert flows on unenriched)
@@ -189,7 +213,8 @@ class Enricher:
         return doc
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancels queued lookups; one still running is not waited for (closing its client ends it)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _is_key(v) -> bool:

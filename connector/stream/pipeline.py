@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import orjson
 from kafka.errors import KafkaError
@@ -99,9 +100,11 @@ class StreamPipeline:
         # one id per pipeline: a restarted (or newly elected) instance fences the previous one
         self.transactional_id = f"tanium-connector.{cfg.pipeline.name}" if self.exactly_once else None
         ha = cfg.ha.enabled and not dry_run
+        self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
+        self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
         if sink is None:
-            if dry_run:
-                sink = DryRunSink(out or sys.stdout)
+            if dry_run:  # events on stdout, DLQ records in the log; a closed stdout ends the run
+                sink = DryRunSink(out or sys.stdout, dlq_topic=self.dlq_topic, on_closed=self.stop)
             elif cfg.kafka is None:
                 raise ConfigError(
                     f"{cfg.pipeline.name}: the pipeline has no [kafka] section: add one, or use --dry-run"
@@ -123,8 +126,6 @@ class StreamPipeline:
         self.store = store if store is not None else open_store(cfg)
         stages = build_stages(cfg, self.client, metrics)
         self.source, self.enricher, self.normalizer = stages.source, stages.enricher, stages.normalizer
-        self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
-        self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
         self.max_value = (cfg.kafka.max_request_size if cfg.kafka else 1024 * 1024) - RECORD_OVERHEAD
         self.headers = [
             ("schema_version", str(SCHEMA_VERSION).encode()),
@@ -137,6 +138,7 @@ class StreamPipeline:
         self.last_commit = time.monotonic()
         self.window = AckWindow()
         self.delivery_failed = threading.Event()
+        self.last_poll = time.monotonic()  # liveness: the poll loop's last sign of progress
 
     def _new_sink(self) -> KafkaSink:
         return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
@@ -167,6 +169,16 @@ class StreamPipeline:
             return False, f"checkpoint has not moved for more than {stale:.0f}s"
         return True, "ready"
 
+    def liveness(self) -> tuple[bool, str]:
+        """False when the poll loop has made no progress (a poll attempt, or a wait for the
+        processing stage to take a page) for cfg.liveness_bound seconds: the process is stuck and
+        must be restarted. A standby (HA) process does not poll and is alive."""
+        idle = time.monotonic() - self.last_poll
+        bound = self.cfg.liveness_bound
+        if self._active() and idle > bound:
+            return False, f"no poll attempt for {idle:.0f}s (pipeline.liveness_timeout {bound:g}s)"
+        return True, "ok"
+
     def _report_ready(self) -> None:
         if self.metrics:
             self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
@@ -175,6 +187,7 @@ class StreamPipeline:
     def _poll(self, pages: queue.Queue, stop: threading.Event) -> None:
         backoff = 1.0
         while not stop.is_set() and self._active():
+            self.last_poll = time.monotonic()
             try:
                 for page in self.source.cycle():
                     self.tanium_ok = True
@@ -182,7 +195,8 @@ class StreamPipeline:
                         try:
                             pages.put(page, timeout=0.5)
                             break
-                        except queue.Full:
+                        except queue.Full:  # back pressure: Kafka's trouble (/readyz), not a stuck loop
+                            self.last_poll = time.monotonic()
                             continue
                     if stop.is_set() or not self._active():
                         return
@@ -229,7 +243,7 @@ class StreamPipeline:
     def _process(self, page: list) -> None:
         for pos, topic, key, value, headers, kind in self._records(page):
             seq = self.window.add(pos)
-            self.sink.send(topic, key, value, headers, self._on_done(seq, kind))
+            self.sink.send(topic, key, value, headers, self._on_done(seq, kind, pos.created_at))
 
     def _fit(self, event: dict, value: bytes) -> bytes:
         """Kafka refuses records over max_request_size, and a refused record would be re-read
@@ -270,7 +284,7 @@ class StreamPipeline:
     def _process_tx(self, page: list) -> None:
         """One transaction: the page's events and DLQ records plus the checkpoint of its last
         record. On any failure the transaction is aborted and delivery_failed set (→ rewind)."""
-        sink, failed, counts, last = self.sink, [], {"published": 0, "dlq": 0}, None
+        sink, failed, counts, last, created = self.sink, [], {"published": 0, "dlq": 0}, None, []
 
         def on_done(ok: bool, exc: Exception | None = None) -> None:
             if not ok:
@@ -281,6 +295,8 @@ class StreamPipeline:
             for pos, topic, key, value, headers, kind in self._records(page):
                 last = pos
                 counts[kind] += 1
+                if kind == "published":
+                    created.append(pos.created_at)
                 if not sink.send(topic, key, value, headers, on_done):
                     break
             if failed:
@@ -294,6 +310,8 @@ class StreamPipeline:
             self._abort()
             self.delivery_failed.set()
             return
+        for created_at in created:  # a transaction's events are delivered when it commits
+            self._freshness(created_at)
         self.summary.published += counts["published"]
         self.summary.dlq += counts["dlq"]
         self._committed(checkpoint, last)
@@ -343,13 +361,14 @@ class StreamPipeline:
                 backoff = min(backoff * 2, 30)
         return None, False
 
-    def _on_done(self, seq: int, kind: str):
+    def _on_done(self, seq: int, kind: str, created_at: str | None):
         def done(ok: bool, exc: Exception | None = None) -> None:
             self.window.done(seq, ok)
             if ok:
                 if kind == "dlq":
                     self.summary.dlq += 1
                 else:
+                    self._freshness(created_at)
                     self.summary.published += 1
             else:
                 self.summary.delivery_failures += 1
@@ -357,6 +376,17 @@ class StreamPipeline:
                 log.error("Kafka did not confirm a record (%s): %s", kind, exc)
 
         return done
+
+    def _freshness(self, created_at: str | None) -> None:
+        """Observes an event's freshness: seconds from its alert's createdAt to now (its ack)."""
+        if self.metrics is None or not created_at:
+            return
+        try:  # Tanium's form; parse_ts takes any RFC 3339 time but costs 8x on this hot path
+            when = datetime.fromisoformat(created_at)
+        except ValueError:
+            return
+        if when.tzinfo is not None:
+            self.metrics.freshness.labels(self.metrics.pipeline).observe(time.time() - when.timestamp())
 
     def _commit(self) -> None:
         pos: Position | None = self.window.committable()
@@ -390,6 +420,7 @@ class StreamPipeline:
     def _term(self) -> bool:
         """Polls and publishes from the durable checkpoint until stopped, finished (--once) or
         the HA lead is lost. True when the pipeline is done (stopped or finished)."""
+        self.last_poll = time.monotonic()  # a term starts polling afresh (after an HA standby)
         checkpoint = None if self.since else self.store.load()
         self.since = None  # a later HA term resumes from the shared checkpoint
         self.committed = checkpoint

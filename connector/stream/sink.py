@@ -19,6 +19,7 @@ the contiguous prefix (in send order) that Kafka confirmed.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -402,13 +403,25 @@ class AckWindow:
 
 
 class DryRunSink:
-    """Prints each record's value as one line on `stream` and acknowledges it at once."""
+    """Prints each event's value as one line on `stream` and acknowledges it at once. Records for
+    `dlq_topic` are logged (stderr) as warnings instead, so `stream` carries events only. When the
+    reader of `stream` goes away (`… | head`), later records are dropped and `on_closed` is called:
+    a closed output is a normal end of a dry run."""
 
     transactional_id = None
 
-    def __init__(self, stream: TextIO, metrics=None):
+    def __init__(
+        self,
+        stream: TextIO,
+        metrics=None,
+        dlq_topic: str | None = None,
+        on_closed: Callable[[], None] | None = None,
+    ):
         self.stream = stream
         self.metrics = metrics
+        self.dlq_topic = dlq_topic
+        self.on_closed = on_closed
+        self.closed = False
         self._lock = threading.Lock()
 
     def send(
@@ -424,12 +437,36 @@ class DryRunSink:
         if m:
             m.records_received.labels(m.pipeline, "sink").inc()
         line = value.decode("utf-8", "replace").replace("\n", " ")
-        with self._lock:
-            self.stream.write(line + "\n")
+        if topic == self.dlq_topic:
+            log.warning("dry run: dead-letter record for %s: %s", topic, line)
+        else:
+            self._write(line + "\n")
         if m:
             m.records_sent.labels(m.pipeline, "sink").inc()
         on_done(True, None)
         return True
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        """Called with the lock held when the reader closed the output."""
+        self.closed = True
+        try:  # the interpreter flushes stdout at exit: let that go to /dev/null, not fail again
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):  # not a file (a test's StringIO)
+            pass
+        log.info("dry run: the reader of the output went away; stopping")
+        if self.on_closed:
+            self.on_closed()
 
     pending = 0
     blocked = 0
@@ -440,7 +477,11 @@ class DryRunSink:
 
     def flush(self, timeout: float | None = None) -> bool:
         with self._lock:
-            self.stream.flush()
+            if not self.closed:
+                try:
+                    self.stream.flush()
+                except BrokenPipeError:
+                    self._reader_gone()
         return True
 
     def stop(self) -> None:

@@ -24,7 +24,9 @@ def build_stages(cfg, client, metrics=None) -> Stages:
     enricher = None
     if cfg.tanium.enrich_intel_docs:
         e = cfg.enrich
-        enricher = Enricher(client.get_intel, e.cache_size, e.cache_ttl, e.negative_ttl, e.concurrency, metrics)
+        enricher = Enricher(
+            client.get_intel, e.cache_size, e.cache_ttl, e.negative_ttl, e.concurrency, metrics, timeout=e.timeout
+        )
     # the one place the event-time adjustment is applied
     normalizer = Normalizer(
         cfg.effective_field_map,

@@ -11,11 +11,19 @@ RSS are its own (the simulator's and the broker's work is in other processes):
 3. pipeline: StreamPipeline(once=True) with enrich + normalize + publish + checkpoint, metrics on,
    over the same alerts into a fresh topic with a fresh checkpoint.
 
+Every phase process first applies the interpreter settings `run` ships (connector/tuning.py:
+switch interval, GC threshold) unless --switch-interval / --gc-threshold ask for a what-if, and
+reports the settings it ran with (`interpreter` of each phase in --json).
+
 Figures: events/s of each, pipeline / min(ceilings) (per run, then the median over --repeat runs),
 IntelDoc requests per distinct (doc, revision), Tanium requests per 1,000 events, peak RSS (VmHWM)
 and CPU seconds per 1,000 events of each phase's process. `--validation-actions N` also counts the
 Tanium requests of the validation engine for N concurrent job actions against 1 over the same
 simulated period; `--rss-scale` compares the pipeline's peak RSS for 100k and 1M alerts.
+Freshness (`--freshness-seconds`, default 15): the pipeline runs on a live stream of 50 alerts/s
+with tanium.poll_interval = 1 s, and its tanium_connector_freshness_seconds histogram (createdAt →
+Kafka acknowledgement) gives p50 and p99, estimated from the buckets as Prometheus'
+histogram_quantile does (the figure the dashboard shows); target p99 <= poll interval + 1 s.
 Each phase topic is deleted afterwards: the in-memory broker would otherwise hold every event.
 """
 
@@ -41,12 +49,15 @@ from connector.tools.bench_report import (
     print_rss_report,
     targets,
 )
+from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 500
 SINK_POOL = 1000  # distinct pre-serialized events the sink ceiling cycles through
 PHASE_START_TIMEOUT = 60.0  # spawning a child and importing the connector
+FRESHNESS_RATE = 50  # live alerts per second in the freshness phase
+FRESHNESS_POLL = 1.0  # its tanium.poll_interval (seconds)
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -78,6 +89,16 @@ def _latency(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (e.g. 20)") from None
     if not 0 <= v <= 10_000:
         raise argparse.ArgumentTypeError(f"{v:g} ms is outside 0–10000 ms")
+    return v
+
+
+def _switch_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (e.g. 0.5)") from None
+    if not 0 < v <= 1000:
+        raise argparse.ArgumentTypeError(f"{v:g} ms is outside 0–1000 ms (0 excluded)")
     return v
 
 
@@ -129,17 +150,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gc-threshold",
         type=_count,
-        default=0,
+        default=None,
         metavar="N",
-        help="what-if: every phase process runs gc.freeze() and gc.set_threshold(N, 10, 10) "
-        "first (default 0: Python's collector settings, as the connector ships)",
+        help="what-if: every phase process runs gc.freeze() and gc.set_threshold(N, 10, 10) first; 0 leaves "
+        f"Python's collector settings (default: {GC_THRESHOLD}, as `run` ships)",
     )
     parser.add_argument(
         "--switch-interval",
-        type=_latency,
-        default=0,
+        type=_switch_ms,
+        default=None,
         metavar="MS",
-        help="what-if: every phase process runs sys.setswitchinterval(MS / 1000) first (default 0: Python's 5 ms)",
+        help="what-if: every phase process runs sys.setswitchinterval(MS / 1000) first "
+        f"(default: {SWITCH_INTERVAL * 1000:g}, as `run` ships; Python's own is 5)",
+    )
+    parser.add_argument(
+        "--freshness-seconds",
+        type=_count,
+        default=15,
+        metavar="S",
+        help=f"run the pipeline for S seconds on a live stream of {FRESHNESS_RATE} alerts/s and report "
+        "p50/p99 freshness, createdAt to Kafka acknowledgement (default %(default)s; 0 = skip)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -286,29 +316,78 @@ def _phase_pipeline(raw: dict) -> dict:
     return out
 
 
-_PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline}
+def _phase_freshness(raw: dict, seconds: float) -> dict:
+    import threading
+
+    from connector.config import parse_pipeline
+    from connector.metrics import Metrics
+    from connector.stream.pipeline import StreamPipeline
+
+    cfg = parse_pipeline(raw)
+    metrics = Metrics(cfg.pipeline.name)
+    pipe = StreamPipeline(cfg, metrics=metrics)
+    runner = threading.Thread(target=pipe.run, name="bench-pipeline", daemon=True)
+    runner.start()
+    time.sleep(seconds)  # the measured period: the simulator adds alerts meanwhile
+    pipe.stop()
+    runner.join(cfg.pipeline.shutdown_timeout + 10)
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for family in metrics.registry.collect()
+        if family.name == "tanium_connector_freshness_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    )
+    return {
+        "events": pipe.summary.published,
+        "observed": int(buckets[-1][1]),
+        "p50_s": histogram_quantile(0.5, buckets),
+        "p99_s": histogram_quantile(0.99, buckets),
+        "errors": list(pipe.summary.errors),
+    }
 
 
-def _child(name: str, args: tuple, conn, gc_threshold: int = 0, switch_ms: float = 0) -> None:
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The q-quantile of a histogram as Prometheus estimates it: linear within the bucket that
+    holds it. `buckets`: (upper bound, cumulative count), ascending, +Inf last. None when empty."""
+    total = buckets[-1][1]
+    if not total:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower  # the highest finite bound, as Prometheus answers
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+_PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline, "freshness": _phase_freshness}
+
+
+def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
+    """One phase in this (spawned) process, with the interpreter settings `run` ships unless a
+    what-if option says otherwise; the result says which settings it ran with."""
     logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
-    if gc_threshold:
-        import gc
-
-        gc.freeze()
-        gc.set_threshold(gc_threshold, 10, 10)
-    if switch_ms:
-        sys.setswitchinterval(switch_ms / 1000)
+    tune_interpreter(
+        SWITCH_INTERVAL if switch_ms is None else switch_ms / 1000,
+        GC_THRESHOLD if gc_threshold is None else gc_threshold,
+    )
     try:
         result = _PHASES[name](*args)
+        result["interpreter"] = interpreter_settings()
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
         result = {"error": f"{type(e).__name__}: {e}"}
     conn.send(result)
     conn.close()
 
 
-def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (0, 0)) -> dict:
-    """Runs one phase in a fresh spawned process and returns its figures (raises BenchError)."""
+def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (None, None)) -> dict:
+    """Runs one phase in a fresh spawned process and returns its figures (raises BenchError).
+    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(name, args, send, *what_if), name=f"bench-{name}", daemon=True)
@@ -596,6 +675,40 @@ def measure_validation(n_actions: int) -> dict:
     }
 
 
+# ---- freshness: createdAt → Kafka acknowledgement on a live stream ---------------------------------
+
+
+def measure_freshness(opts, bootstrap: str, workdir: Path) -> dict:
+    from connector.simulator import Simulator
+
+    seconds = opts.freshness_seconds
+    with Simulator(
+        alerts=0, intel_docs=opts.intel_docs, seed=5, live_rate=FRESHNESS_RATE, latency=opts.latency_ms / 1000
+    ) as sim:
+        topics = _Topics(bootstrap)
+        try:
+            name = f"bench-{uuid.uuid4().hex[:8]}-freshness"
+            # start_from "now": only alerts created once the pipeline runs, none waiting for its start
+            raw = _pipeline_raw(
+                sim,
+                bootstrap,
+                name,
+                workdir / name,
+                tanium={"poll_interval": FRESHNESS_POLL},
+                source={"start_from": "now"},
+            )
+            topics.create(f"{name}.events", f"{name}.events.dlq")
+            try:
+                f = run_phase("freshness", (raw, seconds), seconds + 60, _what_if(opts))
+            finally:
+                topics.delete(f"{name}.events", f"{name}.events.dlq")
+        finally:
+            topics.close()
+    if f["errors"] or not f["observed"]:
+        raise BenchError(f"freshness: {f['events']} events published (errors: {'; '.join(f['errors']) or 'none'})")
+    return {"rate": FRESHNESS_RATE, "seconds": seconds, "poll_interval_s": FRESHNESS_POLL, **f}
+
+
 # ---- RSS scale: pipeline peak RSS for SMALL vs LARGE alerts ----------------------------------------
 
 
@@ -655,9 +768,12 @@ def run_bench(args) -> int:
         "repeat": args.repeat,
         "page_size": PAGE_SIZE,
         "validation_actions": args.validation_actions,
-        "gc_threshold": args.gc_threshold or None,
-        "switch_interval_ms": args.switch_interval or None,
+        # what every phase process runs with (what-if options, else what `run` ships)
+        "gc_threshold": GC_THRESHOLD if args.gc_threshold is None else args.gc_threshold,
+        "switch_interval_ms": SWITCH_INTERVAL * 1000 if args.switch_interval is None else args.switch_interval,
+        "what_if": args.gc_threshold is not None or args.switch_interval is not None,
         "clients": args.clients,
+        "freshness_seconds": args.freshness_seconds,
     }
     report: dict = {"config": config, "hardware": hw}
     try:
@@ -703,6 +819,14 @@ def _stream(report: dict, args, bootstrap: str, work: Path, simulator_cls) -> No
     report["event_bytes"] = statistics.mean(len(v) for _, v in pool)
     report["runs"] = runs
     report["median"] = _median_run(runs)
+    if args.freshness_seconds:
+        if not args.json:
+            print(
+                f"freshness: {args.freshness_seconds}s of live alerts at {FRESHNESS_RATE}/s …",
+                file=sys.stderr,
+                flush=True,
+            )
+        report["freshness"] = measure_freshness(args, bootstrap, work)
     if args.validation_actions:
         if not args.json:
             print(f"validation: {args.validation_actions} concurrent job actions vs 1 …", file=sys.stderr, flush=True)

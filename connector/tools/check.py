@@ -1,12 +1,22 @@
-"""`tanium-connector check`: connectivity test, step by step, each failure explained."""
+"""`tanium-connector check`: connectivity test, step by step, each failure explained.
+
+Route: the one `run` takes. Without a proxy the first steps are a TCP connection (and TLS
+handshake) to the Tanium host; through a proxy (tanium.proxy, else HTTPS_PROXY / HTTP_PROXY /
+ALL_PROXY unless NO_PROXY names the host, as requests decides for the client) the first step
+is a TCP connection to the proxy, and the client's requests through it test the rest.
+"""
 
 from __future__ import annotations
 
 import socket
 import ssl
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from requests.utils import get_environ_proxies, select_proxy
 
 from connector.tanium import TaniumClient, TaniumError
+from connector.text import mask_userinfo
 
 
 @dataclass
@@ -27,6 +37,33 @@ def _tls(t) -> str:
         with ctx.wrap_socket(raw, server_hostname=t.host) as tls:
             note = "" if t.verify_ssl else " (certificate NOT verified: tanium.verify_ssl = false)"
             return f"{tls.version()} handshake with {t.host}:{t.port}{note}"
+
+
+def proxy_route(t) -> tuple[str, str] | None:
+    """(proxy URL, where it was configured) the client uses for Tanium, or None for a direct route."""
+    if t.proxy:
+        return t.proxy, "tanium.proxy"
+    url = t.base_url
+    proxy = select_proxy(url, get_environ_proxies(url))  # {} when NO_PROXY names the host
+    return (proxy, f"{t.protocol.upper()}_PROXY / ALL_PROXY in the environment") if proxy else None
+
+
+def _proxy_tcp(proxy: str, source: str) -> str:
+    u = urlsplit(proxy)
+    with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=10):
+        return f"{mask_userinfo(proxy)} ({source}) accepts TCP connections; Tanium is reached through it"
+
+
+def _explain_proxy(proxy: str, source: str, e: Exception) -> str:
+    shown = mask_userinfo(proxy)
+    fix = f"check {source}" + (", or add the Tanium host to NO_PROXY to go direct" if source != "tanium.proxy" else "")
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve the proxy host of {shown}: {fix}"
+    if isinstance(e, ConnectionRefusedError):
+        return f"connection refused by the proxy {shown}: {fix}"
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return f"no answer from the proxy {shown} within 10s: {fix}"
+    return f"TCP connection to the proxy {shown} failed ({e}): {fix}"
 
 
 def _explain_socket(t, step: str, e: Exception) -> str:
@@ -53,14 +90,18 @@ def run_checks(cfg) -> list[Step]:
 
     def attempt(name, fn, explain) -> bool:
         try:
-            steps.append(Step(name, True, fn()))
+            steps.append(Step(name, True, mask_userinfo(fn())))
             return True
         except Exception as e:  # noqa: BLE001 (every failure becomes a reported step)
-            steps.append(Step(name, False, explain(e)))
+            steps.append(Step(name, False, mask_userinfo(explain(e))))
             return False
 
     socket_explain = lambda name: (lambda e: _explain_socket(t, name, e))  # noqa: E731
-    if not t.proxy:  # through a proxy the client's requests are the reachability test
+    route = proxy_route(t)
+    if route:  # through a proxy the client's requests are the reachability test
+        if not attempt("proxy", lambda: _proxy_tcp(*route), lambda e: _explain_proxy(*route, e)):
+            return steps
+    else:
         if not attempt("tcp", lambda: _tcp(t), socket_explain("TCP connection")):
             return steps
         if t.protocol == "https" and not attempt("tls", lambda: _tls(t), socket_explain("TLS handshake")):

@@ -617,3 +617,10 @@ def test_init_from_config_exposes_poll_interval_and_zero_delivery_failures(tmp_p
         assert (
             f'tanium_connector_sink_delivery_failures_total{{pipeline="{cfg.pipeline.name}",topic="{topic}"}} 0.0'
         ) in text
+
+
+def test_freshness_has_a_p50_p99_panel_and_an_alert_rule():
+    name = "tanium_connector_freshness_seconds_bucket"
+    exprs = [e for _, _, e in dashboard_queries() if name in metric_names(e)]
+    assert {q for q in ("0.5", "0.99") for e in exprs if e.startswith(f"histogram_quantile({q},")} == {"0.5", "0.99"}
+    assert [r["alert"] for r in alert_rules() if name in metric_names(r["expr"])] == ["TaniumConnectorFreshnessHigh"]

@@ -33,6 +33,8 @@ def test_bench_json_has_every_figure_and_they_agree():
         "0",
         "--validation-actions",
         "5",
+        "--freshness-seconds",
+        "3",
         "--json",
     )
     assert r.returncode == 0, r.stderr
@@ -51,6 +53,7 @@ def test_bench_json_has_every_figure_and_they_agree():
             assert positive(ph[key]), (phase, key, ph[key])
         assert ph["events_per_s"] == pytest.approx(ph["events"] / ph["seconds"])
         assert med[phase]["events_per_s"] == ph["events_per_s"]  # one run: the median is the run
+        assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == 10_000, phase
     p = run["pipeline"]
     assert p["published"] == 300 and p["dlq"] == 0 and p["errors"] == []
     # the ratio is the one computed from the printed events/s
@@ -76,6 +79,12 @@ def test_bench_json_has_every_figure_and_they_agree():
             c["pipeline"]["events_per_s"] / min(c["sink"]["events_per_s"], run["source"]["events_per_s"])
         )
         assert rep["targets"]["ratio_confluent"]["value"] == med["confluent"]["ratio"]
+    f = rep["freshness"]  # createdAt → Kafka ack on a live stream, from the pipeline's own histogram
+    assert (f["rate"], f["seconds"], f["poll_interval_s"]) == (50, 3, 1.0)
+    assert f["observed"] == f["events"] > 0 and f["errors"] == []
+    assert positive(f["p50_s"]) and f["p50_s"] <= f["p99_s"]
+    assert rep["targets"]["freshness_p99"]["value"] == f["p99_s"]
+    assert rep["targets"]["freshness_p99"]["target"] == "<= 2 s"
     v = rep["validation"]
     assert v["actions"] == 5 and positive(v["requests_1"]) and positive(v["requests_n"])
     assert v["ratio"] == pytest.approx(v["requests_n"] / v["requests_1"])
@@ -95,6 +104,8 @@ def test_bench_table_names_every_figure():
         "0",
         "--client",
         "kafka-python",
+        "--freshness-seconds",
+        "2",
     )
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -111,6 +122,8 @@ def test_bench_table_names_every_figure():
         "hardware: ",
         "kafka-python 3",
         "Python 3",
+        "interpreter: switch interval 0.5 ms, GC threshold 10000 (gc.freeze) - as `run` ships",
+        "alert freshness            createdAt to Kafka ack, 50 alerts/s for 2s, poll interval 1 s: p50 ",
     ):
         assert text in out, text
     assert "validation requests" not in out
@@ -135,6 +148,8 @@ def test_rss_scale_reports_both_sizes_and_their_ratio():
         (["--latency-ms", "-5"], "outside 0"),
         (["--rss-scale", "1000,10"], "below LARGE"),
         (["--validation-actions", "-1"], "give 0 or more"),
+        (["--freshness-seconds", "-1"], "give 0 or more"),
+        (["--switch-interval", "0"], "outside 0"),
     ],
 )
 def test_bad_options_are_clear_errors(args, message):
@@ -180,3 +195,39 @@ def test_key_partitioner_puts_every_key_where_kafka_python_does(broker, topic_pr
         assert [f.get(30).partition for f in futures] == expected[:40]
     finally:
         producer.close(5)
+
+
+def test_freshness_quantiles_are_estimated_as_prometheus_does():
+    """The same buckets as the alert rule's promtool test, where Prometheus answers 298.2 s (4m 58s)."""
+    from connector.tools.bench import histogram_quantile
+
+    inf = float("inf")
+    assert histogram_quantile(0.99, [(1, 0), (120, 0), (300, 60), (inf, 60)]) == pytest.approx(298.2)
+    assert histogram_quantile(0.5, [(1, 30), (2, 60), (inf, 60)]) == pytest.approx(1.0)
+    assert histogram_quantile(0.99, [(1, 0), (2, 10), (inf, 20)]) == 2  # beyond the last bound: that bound
+    assert histogram_quantile(0.5, [(1, 0), (inf, 0)]) is None
+
+
+# ---- every phase process runs with the interpreter settings `run` ships -------------------------
+
+
+def _source_phase(sim, tmp_path, what_if):
+    from connector.tools.bench import _pipeline_raw, run_phase
+
+    raw = _pipeline_raw(sim, "127.0.0.1:9", "bench-interp", tmp_path / "state")
+    return run_phase("source", (raw,), 60, what_if)
+
+
+def test_phase_processes_run_with_the_settings_run_ships(sim, tmp_path):
+    from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL
+
+    shipped = _source_phase(sim, tmp_path, (None, None))
+    assert shipped["events"] == 300
+    assert shipped["interpreter"] == {
+        "switch_interval_ms": pytest.approx(SWITCH_INTERVAL * 1000),
+        "gc_threshold": GC_THRESHOLD,
+        "gc_frozen": True,
+    }
+    what_if = _source_phase(sim, tmp_path, (0, 2.0))  # --gc-threshold 0 --switch-interval 2
+    assert what_if["interpreter"]["switch_interval_ms"] == pytest.approx(2.0)
+    assert what_if["interpreter"]["gc_threshold"] == 700 and what_if["interpreter"]["gc_frozen"] is False

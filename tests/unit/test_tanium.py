@@ -4,16 +4,14 @@ Retry-After, every error class and its message, TLS, proxies, metrics, and the k
 from __future__ import annotations
 
 import email.utils
-import http.client
 import logging
 import threading
 import time
 import traceback
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import pytest
+from helpers import ForwardProxy
 
 from connector.config import TaniumSection, parse_pipeline
 from connector.metrics import Metrics
@@ -443,40 +441,6 @@ def test_https_client_against_plain_http_server(tsim):
 
 
 # -- proxies ---------------------------------------------------------------------------------------
-
-
-class ForwardProxy(ThreadingHTTPServer):
-    """A minimal plain-HTTP forward proxy: enough to prove requests go through it."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        seen = self.seen = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                seen.append((self.path, self.headers.get("session")))
-                u = urlsplit(self.path)
-                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "host")}
-                conn.request("GET", u.path + ("?" + u.query if u.query else ""), headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                self.send_response(resp.status)
-                self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
 
 
 @pytest.fixture

@@ -1,0 +1,81 @@
+"""Labelled counters that dashboards and alert rules watch exist at 0 from the first scrape, for
+every label value the connector can produce: increase() and rate() cannot see a series whose first
+sample is already 1. The label values are checked against what the code really produces, so a new
+reason cannot appear without its series being created up front."""
+
+from __future__ import annotations
+
+import pytest
+
+from connector.fieldmap import DEFAULT_FIELD_MAP
+from connector.metrics import DLQ_REASONS, DROP_REASONS, RETRY_REASONS, Metrics
+from connector.stream.normalize import NormalizeError, Normalizer, serialize
+from connector.tanium import TaniumClient, TaniumError
+
+P = "pipe"
+
+
+def samples(m: Metrics, family: str) -> dict[tuple, float]:
+    """{label values (without pipeline): value} of a counter family's `_total` samples."""
+    out = {}
+    for metric in m.registry.collect():
+        if metric.name == f"tanium_connector_{family}":
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    out[tuple(v for k, v in sorted(s.labels.items()) if k != "pipeline")] = s.value
+    return out
+
+
+def test_a_fresh_registry_has_every_known_label_value_at_zero():
+    m = Metrics(P)
+    assert samples(m, "dlq_records") == {(r,): 0.0 for r in DLQ_REASONS}
+    assert samples(m, "normalize_warnings") == {(f,): 0.0 for f in DEFAULT_FIELD_MAP}
+    dropped = {(r, stage): 0.0 for stage, reasons in DROP_REASONS.items() for r in reasons}
+    assert samples(m, "records_dropped") == dropped  # labels sorted by name: reason, stage
+    assert samples(m, "source_retries") == {(r,): 0.0 for r in RETRY_REASONS}
+    text = m.render().decode()
+    assert f'tanium_connector_dlq_records_total{{pipeline="{P}",reason="bad id"}} 0.0' in text
+    assert f'tanium_connector_source_retries_total{{pipeline="{P}",reason="429"}} 0.0' in text
+
+
+BAD_RECORDS = [[1, 2], "text", {"id": True}, {"id": 5, "guid": 7}, {"guid": ""}, {"id": "x1"}]
+
+
+@pytest.mark.parametrize("record", BAD_RECORDS, ids=repr)
+def test_every_normalize_rejection_has_a_precreated_reason(record):
+    m = Metrics(P)
+    with pytest.raises(NormalizeError) as e:
+        Normalizer(DEFAULT_FIELD_MAP, P, metrics=m).normalize(record)
+    assert e.value.code in DLQ_REASONS and e.value.code in DROP_REASONS["normalize"]
+    assert set(samples(m, "records_dropped")) == {(r, s) for s, rs in DROP_REASONS.items() for r in rs}
+
+
+def test_serialize_and_size_rejections_have_precreated_reasons():
+    nested: list = []
+    for _ in range(300):
+        nested = [nested]
+    with pytest.raises(NormalizeError) as e:
+        serialize({"x": nested})
+    assert e.value.code in DLQ_REASONS
+    assert "too large" in DLQ_REASONS  # the pipeline's own reason for an event over kafka.max_request_size
+
+
+def test_every_retry_reason_the_client_produces_is_precreated(sim):
+    """429, 5xx and a connection reset: each retried once, no series beyond the pre-created ones."""
+    from connector.config import TaniumSection
+
+    m = Metrics(P)
+    client = TaniumClient(TaniumSection(**sim.settings(max_retries=1)), m, backoff_base=0.01, backoff_cap=0.02)
+    sim.faults.retry_after = "0"
+    for fault in ("rate_limit_next", "error_next", "reset_next"):
+        setattr(sim.faults, fault, 1)
+        client.list_alerts([], 0, 1)
+    sim.faults.stall_next, sim.faults.stall_seconds = 2, 1
+    slow = TaniumClient(TaniumSection(**sim.settings(max_retries=1, timeout=0.2)), m)
+    with pytest.raises(TaniumError):
+        slow.list_alerts([], 0, 1)
+    client.close()
+    slow.close()
+    retries = samples(m, "source_retries")
+    assert set(retries) == {(r,) for r in RETRY_REASONS}
+    assert retries[("429",)] == 1 and retries[("5xx",)] == 1 and retries[("network",)] == 2
