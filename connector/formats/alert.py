@@ -223,17 +223,15 @@ class Facts:
         doc_id = top("intelDocId", integer)
         self.doc_id = str(doc_id) if doc_id is not None else None
         rev = top("intelDocRevisionId", integer)
-        self.match_type = text(alert.get("matchType"))
         self.alert_type = text(alert.get("type"))
         self._mapped = mapped
         self._leftovers: dict | None = None
 
         details = _dict(alert.get("details"))
-        self.details = details
         match = _dict(details.get("match"))
         self.match, finding = match, _dict(details.get("finding"))
         self.finding = finding
-        self.match_type = self.match_type or text(match.get("type"))
+        self.match_type = text(alert.get("matchType")) or text(match.get("type"))
         self.match_source = text(match.get("source"))
         self.first_seen = stamp(finding.get("first_seen"))
         self.last_seen = stamp(finding.get("last_seen"))
