@@ -1065,3 +1065,15 @@ test_checkpoint_waits_for_every_format = CheckpointWaitsForEveryFormat.TestCase
 test_checkpoint_waits_for_every_format.settings = settings(
     max_examples=60, stateful_step_count=25, derandomize=True, deadline=None
 )
+
+
+def test_each_format_topic_has_a_zero_delivery_failures_series_from_the_start():
+    from connector.metrics import Metrics
+
+    cfg = _cfg(output={"formats": ["normalized", "ocsf"]}, kafka={"topic": "tr"})
+    m = Metrics("p")
+    m.init_from_config(cfg)
+    text = m.render().decode()
+    for topic in ("tr", "tr.dlq", "tr.ocsf"):
+        assert f'tanium_connector_sink_delivery_failures_total{{pipeline="p",topic="{topic}"}} 0.0' in text
+    assert 'topic="tr.ecs"' not in text  # not configured
