@@ -135,7 +135,8 @@ def _dict(v: Any) -> dict:
 
 def _hashes(f: dict) -> tuple[tuple[str, str], ...]:
     """(algorithm, hex) of a file node: flat md5/sha1/sha256 or a nested `hash` object."""
-    src = f.get("hash") if f.get("hash").__class__ is dict else f
+    nested = f.get("hash")
+    src: dict = nested if nested.__class__ is dict else f
     out = []
     for algo in HASHES:
         h = hex_hash(src.get(algo))
@@ -268,8 +269,10 @@ class Facts:
                 seen[got[0]] = got[1]
         self.techniques = tuple(seen.items())
 
-        self.ingested: Stamp = stamp(event["ingested_at"])  # type: ignore[assignment]  (always a time)
-        self.event_time: Stamp = stamp(event.get("event_time")) or self.ingested
+        ingested = stamp(event["ingested_at"])
+        assert ingested is not None  # the normalizer writes it
+        self.ingested: Stamp = ingested
+        self.event_time: Stamp = stamp(event.get("event_time")) or ingested
 
     @property
     def title(self) -> str:

@@ -89,9 +89,9 @@ def render(facts: Facts, pipeline: str, observer_host: str, raw: str | None, eve
             if port is not None:
                 ep["port"] = port
             doc[key] = ep
-    related = {k: list(v) for k, v in related.items() if v}
-    if related:
-        doc["related"] = related
+    lists = {k: list(v) for k, v in related.items() if v}
+    if lists:
+        doc["related"] = lists
     doc["tanium"] = f.leftovers()
     return doc
 
