@@ -15,7 +15,7 @@ VERSION = "1.7.0"
 CLASS_UID, CATEGORY_UID = 2004, 2
 ACTIVITIES = {1: "Create", 2: "Update", 3: "Close"}
 SEVERITY = {"info": 1, "informational": 1, "low": 2, "medium": 3, "high": 4, "critical": 5}
-SEVERITY_NAMES = {0: "Unknown", 1: "Informational", 2: "Low", 3: "Medium", 4: "High", 5: "Critical", 99: "Other"}
+SEVERITY_NAMES = {0: "Unknown", 1: "Informational", 2: "Low", 3: "Medium", 4: "High", 5: "Critical"}
 STATUS = {
     "unresolved": (1, "New"),
     "inprogress": (2, "In Progress"),
