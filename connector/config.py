@@ -26,6 +26,8 @@ from pydantic import (
 from connector.fieldmap import DEFAULT_FIELD_MAP, check_field_map
 from connector.text import mask_userinfo, show
 
+# Output formats (connector/formats): the normalized event first, then the standard schemas
+OUTPUT_FORMATS = ("normalized", "ocsf", "ecs")
 # Alert filter parameters documented for GET …/alerts (see ../shared/reference/tanium-tr-api.md 3.1).
 ALERT_FILTERS = frozenset(
     {
@@ -163,14 +165,38 @@ class EnrichSection(_Section):
     timeout: Annotated[float, Field(gt=0, le=600)] = 5
 
 
+_TOPIC = r"^[A-Za-z0-9._-]{1,249}$"
+
+
 class OutputSection(_Section):
     include_raw: bool = True
+    # every format listed is published for every alert, each to its own topic (kafka.topic for
+    # "normalized", kafka.topics.<format> for the others), in this order
+    formats: list[str] = ["normalized"]
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats(cls, v: Any) -> list[str]:
+        allowed = ", ".join(OUTPUT_FORMATS)
+        if not isinstance(v, list) or not all(isinstance(name, str) for name in v):
+            raise ValueError(f'must be a list of format names, such as ["normalized", "ocsf"]; allowed: {allowed}')
+        if not v:
+            raise ValueError(f"needs at least one format; allowed: {allowed}")
+        for name in v:
+            if name not in OUTPUT_FORMATS:
+                raise ValueError(f"unknown format {name!r}; allowed: {allowed}")
+        dup = sorted({name for name in v if v.count(name) > 1})
+        if dup:
+            raise ValueError(f"{', '.join(map(repr, dup))} listed twice; each format is published once")
+        return v
 
 
 class KafkaSection(_Section):
     bootstrap_servers: str | list[str] = "127.0.0.1:9092"
     topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "tanium.threat-response.events"
     dlq_topic: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = None
+    # topic per standard output format; a format not named here goes to "<topic>.<format>"
+    topics: dict[str, str] = Field(default_factory=dict)
     client_id: str = "tanium-connector"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -227,10 +253,36 @@ class KafkaSection(_Section):
                 ) from None
         return v
 
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, v: dict[str, str]) -> dict[str, str]:
+        allowed = ", ".join(OUTPUT_FORMATS[1:])
+        for fmt, topic in v.items():
+            if fmt == "normalized":
+                raise ValueError("normalized events go to kafka.topic; kafka.topics names the other formats' topics")
+            if fmt not in OUTPUT_FORMATS:
+                raise ValueError(f"unknown format {fmt!r}; allowed: {allowed}")
+            if not isinstance(topic, str) or not re.match(_TOPIC, topic):
+                raise ValueError(f"{fmt} = {show(topic)} is not a topic name (1–249 of A-Z a-z 0-9 . _ -)")
+        return v
+
     @model_validator(mode="after")
     def _dlq(self) -> KafkaSection:
         if self.dlq_topic is None:
             self.dlq_topic = f"{self.topic}.dlq"
+        return self
+
+    @model_validator(mode="after")
+    def _format_topics(self) -> KafkaSection:
+        for fmt in OUTPUT_FORMATS[1:]:
+            self.topics.setdefault(fmt, f"{self.topic}.{fmt}")
+        # one topic per kind of record, so a consumer never meets two shapes on one topic
+        seen = {self.topic: "kafka.topic", self.dlq_topic: "kafka.dlq_topic"}
+        for fmt in OUTPUT_FORMATS[1:]:
+            topic = self.topics[fmt]
+            if topic in seen:
+                raise ValueError(f"topics.{fmt}: {topic!r} is also {seen[topic]}; each format needs its own topic")
+            seen[topic] = f"kafka.topics.{fmt}"
         return self
 
 

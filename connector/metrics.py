@@ -158,7 +158,8 @@ class Metrics:
         the first failure shows as an increase and the dashboard shows 0 instead of "No data"."""
         self.poll_interval.labels(self.pipeline).set(cfg.tanium.poll_interval)
         if cfg.kafka is not None:
-            for topic in (cfg.kafka.topic, cfg.kafka.dlq_topic):
+            formats = [cfg.kafka.topics[f] for f in cfg.output.formats if f != "normalized"]
+            for topic in (cfg.kafka.topic, cfg.kafka.dlq_topic, *formats):
                 self.delivery_failures.labels(self.pipeline, topic)
 
     def render(self) -> bytes:

@@ -8,12 +8,9 @@ import socket
 import ssl
 import struct
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
-
-if TYPE_CHECKING:
-    from connector.simulator.server import Simulator
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +20,7 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr, handler, sim: Simulator):
+    def __init__(self, addr, handler, sim: Any):  # a Simulator: it calls sim.handle(request)
         self.sim = sim
         super().__init__(addr, handler)
 

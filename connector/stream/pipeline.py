@@ -36,6 +36,8 @@ from kafka.errors import KafkaError
 
 from connector import __version__
 from connector.config import ConfigError
+from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
+from connector.formats import Settings as FormatSettings
 from connector.kafka import SinkError
 from connector.stream.checkpoint import CheckpointError, open_store
 from connector.stream.leader import LeaderElection, LeaderError, group_id, leader_topic
@@ -132,6 +134,18 @@ class StreamPipeline:
             ("pipeline", cfg.pipeline.name.encode()),
             ("connector_version", __version__.encode()),
         ]
+        # output formats (connector/formats): each alert becomes one record per format, on that
+        # format's topic; the standard formats say which they are in a `format` header
+        self.formats = cfg.output.formats
+        self.format_settings = FormatSettings.of(cfg)
+        topics = cfg.kafka.topics if cfg.kafka else {f: f"dry-run.{f}" for f in FORMATS[1:]}
+        self.outputs = {"normalized": (self.topic, self.headers)}
+        for fmt in FORMATS[1:]:
+            version = SCHEMA_VERSIONS[fmt].encode()
+            self.outputs[fmt] = (
+                topics[fmt],
+                [("format", fmt.encode()), ("schema_version", version), *self.headers[1:]],
+            )
         self.since = since
         self.committed: dict | None = None
         self.tanium_ok = False
@@ -222,21 +236,38 @@ class StreamPipeline:
 
     # ---- processing -------------------------------------------------------------------------
     def _records(self, page: list):
-        """(position, topic, key, value, headers, kind) per alert of the page, in read order;
-        kind is "published" (an event) or "dlq"."""
+        """(position, topic, key, value, headers, kind) per record of the page, in read order: one
+        per output format of each alert, or one DLQ record; kind is "published" or "dlq"."""
         m = self.metrics
         self.summary.fetched += len(page)
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
+        prev = None  # position of the previous record of this page
         for alert, pos in page:
             try:
                 event = self.normalizer.normalize(alert)
-                value = self._fit(event, serialize(event))
+                docs = render_all(self.formats, alert, event, self.format_settings)
+                values = [
+                    self._fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
+                    for fmt, doc in zip(self.formats, docs, strict=True)
+                ]
             except NormalizeError as e:
                 yield (pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq")
+                prev = pos
                 continue
             key = str(event.get("uid") or "").encode() or None
-            yield pos, self.topic, key, value, self.headers, "published"
+            guid = alert.get("guid")
+            guid_key = guid.encode() if isinstance(guid, str) and guid else key
+            # Every record of the alert enters the ack window, but only its last one carries the
+            # alert's position: the others carry the previous record's (None on a page's first alert,
+            # which the checkpoint never moves to), so the checkpoint passes the alert only once all
+            # its formats are acknowledged.
+            last = len(values) - 1
+            for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
+                topic, headers = self.outputs[fmt]
+                at = pos if i == last else prev
+                yield at, topic, key if fmt == "normalized" else guid_key, value, headers, "published"
+            prev = pos
         if m:
             m.records_sent.labels(m.pipeline, "source").inc(len(page))
 
