@@ -236,8 +236,10 @@ class StreamPipeline:
 
     # ---- processing -------------------------------------------------------------------------
     def _records(self, page: list):
-        """(position, topic, key, value, headers, kind) per record of the page, in read order: one
-        per output format of each alert, or one DLQ record; kind is "published" or "dlq"."""
+        """(position, topic, key, value, headers, kind, created) per record of the page, in read order:
+        one per output format of each alert, or one DLQ record; kind is "published" or "dlq";
+        `created` is the alert's createdAt on the record that completes a published alert (for the
+        freshness histogram), else None."""
         m = self.metrics
         self.summary.fetched += len(page)
         if self.enricher:
@@ -252,7 +254,7 @@ class StreamPipeline:
                     for fmt, doc in zip(self.formats, docs, strict=True)
                 ]
             except NormalizeError as e:
-                yield (pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq")
+                yield (pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq", None)
                 prev = pos
                 continue
             key = str(event.get("uid") or "").encode() or None
@@ -263,18 +265,19 @@ class StreamPipeline:
             # which the checkpoint never moves to), so the checkpoint passes the alert only once all
             # its formats are acknowledged.
             last = len(values) - 1
+            created = alert.get("createdAt") if isinstance(alert.get("createdAt"), str) else None
             for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
                 topic, headers = self.outputs[fmt]
-                at = pos if i == last else prev
-                yield at, topic, key if fmt == "normalized" else guid_key, value, headers, "published"
+                at, done = (pos, created) if i == last else (prev, None)
+                yield at, topic, key if fmt == "normalized" else guid_key, value, headers, "published", done
             prev = pos
         if m:
             m.records_sent.labels(m.pipeline, "source").inc(len(page))
 
     def _process(self, page: list) -> None:
-        for pos, topic, key, value, headers, kind in self._records(page):
+        for pos, topic, key, value, headers, kind, created in self._records(page):
             seq = self.window.add(pos)
-            self.sink.send(topic, key, value, headers, self._on_done(seq, kind, pos.created_at))
+            self.sink.send(topic, key, value, headers, self._on_done(seq, kind, created))
 
     def _fit(self, event: dict, value: bytes) -> bytes:
         """Kafka refuses records over max_request_size, and a refused record would be re-read
@@ -323,11 +326,11 @@ class StreamPipeline:
 
         try:
             sink.begin()
-            for pos, topic, key, value, headers, kind in self._records(page):
+            for pos, topic, key, value, headers, kind, created_at in self._records(page):
                 last = pos
                 counts[kind] += 1
-                if kind == "published":
-                    created.append(pos.created_at)
+                if created_at:
+                    created.append(created_at)
                 if not sink.send(topic, key, value, headers, on_done):
                     break
             if failed:
