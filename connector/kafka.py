@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 
 from kafka import KafkaProducer, codec
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import InvalidProducerEpochError, KafkaError, KafkaTimeoutError, ProducerFencedError
 from kafka.partitioner.abc import Partitioner
 
 from connector.config import KafkaSection
@@ -25,6 +25,29 @@ _EXTRA_PACKAGE = {
 
 class SinkError(Exception):
     """The sink cannot work (Kafka unreachable at start, unusable settings); str() is for the user."""
+
+
+class ProducerFenced(SinkError):
+    """Another producer initialised the same transactional id: this one may never write again.
+    Replacing it would fence the other in turn, so the owner stops writing instead."""
+
+
+# broker and librdkafka error codes that mean "a newer producer with this transactional id exists"
+FENCED_CODES = frozenset({ProducerFencedError.errno, InvalidProducerEpochError.errno, -144})  # -144: librdkafka _FENCED
+
+
+def is_fenced(error: BaseException | None) -> bool:
+    """True when `error` (or what it wraps) says another producer took over the transactional id:
+    kafka-python's ProducerFencedError / InvalidProducerEpochError, or a librdkafka error
+    (ConfluentError) with one of FENCED_CODES."""
+    seen = 0
+    while error is not None and seen < 5:
+        if isinstance(error, (ProducerFencedError, InvalidProducerEpochError)):
+            return True
+        if getattr(error, "code", None) in FENCED_CODES:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def client_settings(kafka: KafkaSection) -> dict:

@@ -14,7 +14,10 @@ Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka tran
 its events, its DLQ records and the checkpoint of its last record (transactional_id
 `tanium-connector.<pipeline name>`, so a restarted instance fences the old one and aborts its
 open transaction). A transaction that fails is aborted and the source rewinds to the checkpoint
-read back from Kafka, i.e. to the last committed transaction.
+read back from Kafka, i.e. to the last committed transaction. A producer that Kafka reports fenced
+(another instance initialised the same id) is never replaced, since a replacement would fence the
+other in turn and the two would take turns for ever: without HA the process exits 1 with one line
+naming the transactional id; with HA it stands by until it is elected anew.
 
 HA (`ha.enabled`): the pipeline polls only while connector/stream/leader.py says this process is the
 leader; on losing the lead it stops the source and the sink at once and stands by again. Each
@@ -35,7 +38,7 @@ from kafka.errors import KafkaError
 
 from connector import __version__
 from connector.config import ConfigError
-from connector.kafka import SinkError
+from connector.kafka import ProducerFenced, SinkError, is_fenced
 from connector.stream.checkpoint import CheckpointError, open_store
 from connector.stream.leader import LeaderElection, LeaderError, group_id, leader_topic
 from connector.stream.normalize import (
@@ -137,13 +140,15 @@ class StreamPipeline:
         self.last_commit = time.monotonic()
         self.window = AckWindow()
         self.delivery_failed = threading.Event()
+        self.fenced: ProducerFenced | None = None  # set when another instance took over the transactional id
 
     def _new_sink(self) -> KafkaSink:
         return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
 
     def _active(self) -> bool:
-        """False while another process is the HA leader: then nothing may poll or publish."""
-        return self.election is None or self.election.is_leader
+        """False while another process is the HA leader, or once another instance fenced this one's
+        transactional producer: then nothing may poll or publish."""
+        return self.fenced is None and (self.election is None or self.election.is_leader)
 
     def _leadership(self, leader: bool) -> None:
         # on the election thread: refuse every further record at once; the processing thread
@@ -153,6 +158,8 @@ class StreamPipeline:
 
     # ---- health -------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
+        if self.fenced is not None:
+            return True, "standing by: another process took over the transactional id"
         if not self._active():
             return True, "standing by: another process is the HA leader"
         if not self.tanium_ok:
@@ -269,7 +276,8 @@ class StreamPipeline:
     # ---- exactly-once -----------------------------------------------------------------------
     def _process_tx(self, page: list) -> None:
         """One transaction: the page's events and DLQ records plus the checkpoint of its last
-        record. On any failure the transaction is aborted and delivery_failed set (→ rewind)."""
+        record. On a failure the transaction is aborted and delivery_failed set (→ rewind); when
+        another producer fenced this one, the pipeline stops writing instead (_stop_writing)."""
         sink, failed, counts, last = self.sink, [], {"published": 0, "dlq": 0}, None
 
         def on_done(ok: bool, exc: Exception | None = None) -> None:
@@ -284,10 +292,13 @@ class StreamPipeline:
                 if not sink.send(topic, key, value, headers, on_done):
                     break
             if failed:
-                raise SinkError(f"Kafka did not take a record: {failed[0]}")
+                raise SinkError(f"Kafka did not take a record: {failed[0]}") from failed[0]
             checkpoint = last.to_checkpoint()
             sink.commit(records=[self.store.record(checkpoint)], timeout=self._tx_timeout())
         except (SinkError, CheckpointError, KafkaError) as e:
+            if isinstance(e, ProducerFenced) or sink.fenced or is_fenced(e):
+                self._stop_writing()
+                return
             self.summary.delivery_failures += 1
             if self._active() and not self.stop_event.is_set():
                 log.error("Kafka transaction failed, aborting it: %s", e)
@@ -304,11 +315,31 @@ class StreamPipeline:
     def _abort(self) -> None:
         try:
             self.sink.abort(timeout=self._tx_timeout())
+        except ProducerFenced:
+            self._stop_writing()
         except (SinkError, KafkaError) as e:
-            # a producer that cannot abort (fenced, timed out, broken) is replaced: the new one's
+            # a producer that cannot abort (timed out, broken) is replaced: the new one's
             # init_transactions aborts whatever the old one left open
             log.warning("could not abort the Kafka transaction (%s); opening a new producer", e)
             self._replace_sink()
+
+    def _stop_writing(self) -> None:
+        """Another instance initialised our transactional id: it is the writer now, and it aborted
+        our open transaction. A new producer of ours would fence it in turn, and the two would take
+        turns for ever; so this one stops writing: without HA the process exits (run() raises), with
+        HA it stands by until it is elected again (_run_ha)."""
+        then = (
+            "standing by until elected again"
+            if self.election
+            else "stopping (run one instance per pipeline, or enable [ha] so that the others stand by)"
+        )
+        self.fenced = ProducerFenced(
+            f"pipeline {self.cfg.pipeline.name}: another instance took over transactional.id "
+            f"{self.transactional_id!r} and fenced this one's producer; {then}"
+        )
+        if self.election is not None:
+            log.error("%s", self.fenced)
+        self.sink.stop()
 
     def _replace_sink(self) -> None:
         old, self.sink = self.sink, None
@@ -385,6 +416,8 @@ class StreamPipeline:
         else:
             self._run_ha()
         self._shutdown()
+        if self.fenced is not None and self.election is None:
+            raise self.fenced  # the CLI prints it as the one error line and exits 1
         return 1 if self.summary.errors else 0
 
     def _term(self) -> bool:
@@ -427,24 +460,37 @@ class StreamPipeline:
             self.summary.errors.append(str(e))
             return
         log.info("HA: pipeline %s waits to be elected (group %s)", self.cfg.pipeline.name, self.election.group)
+        fenced_term = None  # the election term in which another instance fenced our producer
         try:
             while not self.stop_event.is_set():
                 if not self.election.wait_leader(0.5):
                     self._report_ready()
                     continue
+                term = self.election.terms
+                if term == fenced_term:
+                    # still the group's leader, but another producer owns the transactional id:
+                    # write again only once elected anew, never fight over it
+                    self._report_ready()
+                    self.stop_event.wait(0.5)
+                    continue
+                self.fenced = None
                 # in exactly-once mode this fences the previous leader's producer
                 self.sink = self._open_sink()
                 if self.sink is None:
                     continue
+                done = False
                 try:
-                    if self._term():
-                        break
+                    done = self._term()
                 except CheckpointError as e:  # Kafka trouble while loading: a new term tries again
                     log.error("%s", e)
                     self.stop_event.wait(1)
-                if not self._active():
+                if self.fenced is not None:
+                    fenced_term = term
+                elif not done and not self._active():
                     log.warning("HA: lost the lead; stopped polling and publishing, standing by")
                 self._end_term()
+                if done:
+                    break
         finally:
             self.election.close()
 
