@@ -21,7 +21,10 @@ naming the transactional id; with HA it stands by until it is elected anew.
 
 HA (`ha.enabled`): the pipeline polls only while connector/stream/leader.py says this process is the
 leader; on losing the lead it stops the source and the sink at once and stands by again. Each
-term starts from the shared Kafka checkpoint.
+term starts from the shared Kafka checkpoint, and ends before another process can lead: with
+at-least-once delivery the records already handed to Kafka get their answers and the checkpoint
+moves past them within the lease's margin, so the next leader re-reads at most what was still in
+flight; with exactly-once delivery no page commits after the step-down.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ QUEUE_PAGES = 4
 RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
 DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the raw record
 _DONE = object()  # source finished (--once)
+# an HA leader that steps down stops flushing this long before another process may lead, so that
+# the checkpoint it then writes is in Kafka before the next leader reads it
+STEP_DOWN_RESERVE = 0.25
 
 
 @dataclass
@@ -293,6 +299,9 @@ class StreamPipeline:
                     break
             if failed:
                 raise SinkError(f"Kafka did not take a record: {failed[0]}") from failed[0]
+            if not self._active():  # stepped down mid-page: nothing of this term commits any more
+                self._abort()
+                return
             checkpoint = last.to_checkpoint()
             sink.commit(records=[self.store.record(checkpoint)], timeout=self._tx_timeout())
         except (SinkError, CheckpointError, KafkaError) as e:
@@ -488,20 +497,35 @@ class StreamPipeline:
                     fenced_term = term
                 elif not done and not self._active():
                     log.warning("HA: lost the lead; stopped polling and publishing, standing by")
-                self._end_term()
+                self._end_term()  # before leaving the group below: a standby takes over at once
                 if done:
                     break
         finally:
             self.election.close()
 
     def _end_term(self) -> None:
-        # records this term already handed to Kafka may still land (at-least-once: duplicates
-        # of what the next leader re-reads after the checkpoint); no checkpoint is written now
+        """Ends a term as leader so that nothing of it reaches Kafka once the next leader may have
+        started. At-least-once: while no other process can have been given the lead yet
+        (election.safe_until()), the records already handed to Kafka get their answers and the
+        checkpoint moves past the confirmed ones, so the next leader re-reads at most what was
+        still in flight; then the producer closes at once, dropping what it had not sent yet (read
+        again after the checkpoint). Exactly-once: every page commits or aborts in _process_tx and
+        none commits after a step-down; the next leader's producer aborts a transaction left open."""
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.stop()
+            if not self.exactly_once:
+                until = self.election.safe_until() - STEP_DOWN_RESERVE
+                left = min(until - time.monotonic(), self.cfg.pipeline.shutdown_timeout)
+                if left > 0:
+                    sink.flush(left)
+                if self.election.is_leader or time.monotonic() < until:
+                    try:
+                        self._commit()
+                    except CheckpointError as e:
+                        log.error("HA: the checkpoint of the last term was not saved: %s", e)
             try:
-                sink.close(1)
+                sink.close(0)
             except Exception as e:  # noqa: BLE001 (the producer of a finished term)
                 log.debug("closing the producer of the last term: %s", e)
         self.window = AckWindow()
