@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 
 from kafka import KafkaProducer, codec
-from kafka.errors import InvalidProducerEpochError, KafkaError, KafkaTimeoutError, ProducerFencedError
+from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
 from kafka.partitioner.abc import Partitioner
 
 from connector.config import KafkaSection
@@ -32,17 +32,20 @@ class ProducerFenced(SinkError):
     Replacing it would fence the other in turn, so the owner stops writing instead."""
 
 
-# broker and librdkafka error codes that mean "a newer producer with this transactional id exists"
-FENCED_CODES = frozenset({ProducerFencedError.errno, InvalidProducerEpochError.errno, -144})  # -144: librdkafka _FENCED
+# error codes that mean "a newer producer with this transactional id exists": the broker's
+# PRODUCER_FENCED and librdkafka's _FENCED. Not INVALID_PRODUCER_EPOCH: a broker also answers that
+# after aborting a transaction that outlived transaction.timeout.ms, which the clients recover from
+# (kafka-python turns a real fence found that way into ProducerFencedError, librdkafka into _FENCED).
+FENCED_CODES = frozenset({ProducerFencedError.errno, -144})
 
 
 def is_fenced(error: BaseException | None) -> bool:
     """True when `error` (or what it wraps) says another producer took over the transactional id:
-    kafka-python's ProducerFencedError / InvalidProducerEpochError, or a librdkafka error
-    (ConfluentError) with one of FENCED_CODES."""
+    kafka-python's ProducerFencedError, or a librdkafka error (ConfluentError) with one of
+    FENCED_CODES."""
     seen = 0
     while error is not None and seen < 5:
-        if isinstance(error, (ProducerFencedError, InvalidProducerEpochError)):
+        if isinstance(error, ProducerFencedError):
             return True
         if getattr(error, "code", None) in FENCED_CODES:
             return True

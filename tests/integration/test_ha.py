@@ -148,9 +148,9 @@ def _alert_requests(port: int) -> float:
 
 class Pair:
     """Two CLI processes running the same HA pipeline, each with its own metrics port and Kafka
-    client id (`client_ids`); `kafka` adds settings to both."""
+    client id (`client_ids`); `kafka` and `ha` add settings to both."""
 
-    def __init__(self, tmp_path, sim, bootstrap, name, delivery, kafka=None):
+    def __init__(self, tmp_path, sim, bootstrap, name, delivery, kafka=None, ha=None):
         self.ports = [free_port(), free_port()]
         self.client_ids = [f"{name}-0", f"{name}-1"]
         self.files = []
@@ -166,7 +166,12 @@ class Pair:
                         metrics_port=port,
                         pipeline={"delivery": delivery},
                         state={"backend": "kafka", "topic": f"{name}.state"},
-                        ha={"enabled": True, "session_timeout_ms": SESSION_MS, "heartbeat_interval_ms": HEARTBEAT_MS},
+                        ha={
+                            "enabled": True,
+                            "session_timeout_ms": SESSION_MS,
+                            "heartbeat_interval_ms": HEARTBEAT_MS,
+                            **(ha or {}),
+                        },
                         tanium={"page_size": 50},
                         kafka={"delivery_timeout_ms": 10000, "client_id": self.client_ids[i], **(kafka or {})},
                     ),
@@ -356,11 +361,18 @@ def test_a_leader_cut_off_from_the_coordinator_in_mid_rebalance_steps_down_befor
     coordinator can drop it and give partition 0 to the standby, finishes up within that margin
     (flush, checkpoint), and the standby takes over from that checkpoint. Every alert arrives;
     duplicates are at most what the old leader had in flight when it stepped down
-    (kafka.max_unacked, IN_FLIGHT here)."""
+    (kafka.max_unacked, IN_FLIGHT here). The margin is the heartbeat interval: 2 s here, so that
+    finishing up fits in it on a loaded machine."""
     proxy = cut_broker.proxy
     with Simulator(alerts=600, intel_docs=8, seed=47, history=3600, live_rate=60) as sim:
         pair = Pair(
-            tmp_path, sim, cut_broker.bootstrap, topic_prefix, "at-least-once", kafka={"max_unacked": IN_FLIGHT}
+            tmp_path,
+            sim,
+            cut_broker.bootstrap,
+            topic_prefix,
+            "at-least-once",
+            kafka={"max_unacked": IN_FLIGHT},
+            ha={"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000},
         )
         store = KafkaCheckpointStore(
             KafkaSection(bootstrap_servers=cut_broker.bootstrap), f"{topic_prefix}.state", topic_prefix
