@@ -319,7 +319,9 @@ class KafkaSink:
     def commit(self, records: list[tuple[str, bytes | None, bytes]] = (), timeout: float = 60) -> None:
         """Write `records` (e.g. the checkpoint, see KafkaCheckpointStore.record) inside the open
         transaction, then commit it. Raises SinkError if the commit failed or did not finish
-        within `timeout` seconds; then abort() (or exit: a restarted producer aborts it)."""
+        within `timeout` seconds; then abort() (or exit: a restarted producer aborts it). Raises
+        ProducerFenced (a SinkError), here and from begin() and abort(), once another producer
+        initialised the same transactional id: this one can never write again."""
         self._require_tx()
         for topic, key, value in records:
             try:
