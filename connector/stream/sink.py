@@ -327,7 +327,7 @@ class KafkaSink:
             try:
                 self._producer.send(topic, value=value, key=key)
             except KafkaError as e:
-                raise self._tx_error(f"adding a record for topic {topic} to", e) from e
+                raise self._tx_error(f"write to {topic}", e) from e
         self._run_bounded(self._tx_call("commit_transaction", timeout), "commit", timeout)
 
     def abort(self, timeout: float = 60) -> None:
@@ -348,7 +348,7 @@ class KafkaSink:
         if self.fenced or is_fenced(error):
             return ProducerFenced(
                 f"another producer took over transactional.id {self.transactional_id!r}: this one was "
-                f"fenced (Kafka refused the transaction {what})"
+                f"fenced (Kafka refused its transaction {what})"
             )
         return SinkError(f"Kafka transaction {what} failed: {type(error).__name__}: {error}")
 
