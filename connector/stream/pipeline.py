@@ -504,13 +504,14 @@ class StreamPipeline:
             self.election.close()
 
     def _end_term(self) -> None:
-        """Ends a term as leader so that nothing of it reaches Kafka once the next leader may have
-        started. At-least-once: while no other process can have been given the lead yet
+        """Ends a term as leader, leaving the next leader as little to repeat as can be avoided.
+        At-least-once: while no other process can have been given the lead yet
         (election.safe_until()), the records already handed to Kafka get their answers and the
-        checkpoint moves past the confirmed ones, so the next leader re-reads at most what was
-        still in flight; then the producer closes at once, dropping what it had not sent yet (read
-        again after the checkpoint). Exactly-once: every page commits or aborts in _process_tx and
-        none commits after a step-down; the next leader's producer aborts a transaction left open."""
+        checkpoint moves past the confirmed ones; then the producer closes at once, dropping what
+        it had not sent yet (read again after the checkpoint). So the next leader repeats at most
+        what was still on the wire (kafka.max_unacked at most). Exactly-once: every page commits or
+        aborts in _process_tx and none starts its commit after a step-down; the next leader's
+        producer aborts a transaction left open, and fences this one's."""
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.stop()
