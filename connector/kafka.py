@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaProducer, codec
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
 from kafka.partitioner.abc import Partitioner
 
 from connector.config import KafkaSection
@@ -26,6 +26,32 @@ _EXTRA_PACKAGE = {
 
 class SinkError(Exception):
     """The sink cannot work (Kafka unreachable at start, unusable settings); str() is for the user."""
+
+
+class ProducerFenced(SinkError):
+    """Another producer initialised the same transactional id: this one may never write again.
+    Replacing it would fence the other in turn, so the owner stops writing instead."""
+
+
+# error codes that mean "a newer producer with this transactional id exists": the broker's
+# PRODUCER_FENCED and librdkafka's _FENCED. Not INVALID_PRODUCER_EPOCH: a broker also answers that
+# after aborting a transaction that outlived transaction.timeout.ms, which the clients recover from
+# (kafka-python turns a real fence found that way into ProducerFencedError, librdkafka into _FENCED).
+FENCED_CODES = frozenset({ProducerFencedError.errno, -144})
+
+
+def is_fenced(error: BaseException | None) -> bool:
+    """True when `error` (or what it wraps) says another producer took over the transactional id:
+    kafka-python's ProducerFencedError, or a librdkafka error (ConfluentError) with one of
+    FENCED_CODES."""
+    seen = 0
+    while error is not None and seen < 5:
+        if isinstance(error, ProducerFencedError):
+            return True
+        if getattr(error, "code", None) in FENCED_CODES:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def client_settings(kafka: KafkaSection) -> dict:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from kafka.errors import KafkaError
 
 from connector.config import KafkaSection
-from connector.kafka import SinkError, check_timeouts, describe_servers
+from connector.kafka import FENCED_CODES, SinkError, check_timeouts, describe_servers
 
 log = logging.getLogger(__name__)
 LIBRDKAFKA_LOG = logging.getLogger("kafka.librdkafka")  # under "kafka": the CLI's level for it applies
@@ -107,6 +107,7 @@ class ConfluentProducer:
         self._timeout = kafka.delivery_timeout_ms / 1000
         self._transactional = bool(transactional_id)
         self._fatal = False
+        self.fenced = False  # a newer producer took over the transactional id (see KafkaSink.fenced)
         self._conf = {**confluent_settings(kafka, transactional_id), "error_cb": self._error}
         self._new = lambda: Producer(self._conf)
         try:
@@ -131,6 +132,7 @@ class ConfluentProducer:
     def _error(self, err) -> None:
         if err.fatal():
             self._fatal = True
+            self.fenced = self.fenced or err.code() in FENCED_CODES
         log.log(logging.ERROR if err.fatal() else logging.DEBUG, "confluent producer: %s", ConfluentError.of(err))
 
     def _poll(self) -> None:
@@ -139,6 +141,16 @@ class ConfluentProducer:
                 self._p.poll(0.1)
                 if self._fatal and not self._transactional:
                     self._renew()
+            except self._kafka_exception as e:
+                # poll() raises librdkafka's fatal error (a fenced transactional producer): the
+                # transaction calls report it to the sink; keep serving delivery reports meanwhile
+                err = ConfluentError.of(e)
+                if err.fatal:
+                    self._fatal = True
+                    self.fenced = self.fenced or err.code in FENCED_CODES
+                    self._closed.wait(0.1)
+                else:
+                    log.warning("confluent producer: %s", err)
             except Exception:  # a failing callback must not stop delivery reports for good
                 log.exception("confluent producer: delivery report handling failed")
 
@@ -207,7 +219,9 @@ class ConfluentProducer:
         try:
             fn(*args)
         except self._kafka_exception as e:
-            raise ConfluentError.of(e, f"{what}: ") from None
+            err = ConfluentError.of(e, f"{what}: ")
+            self.fenced = self.fenced or err.code in FENCED_CODES
+            raise err from None
 
     def init_transactions(self) -> None:
         self._call("init_transactions", self._p.init_transactions, self._timeout)

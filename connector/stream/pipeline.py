@@ -14,11 +14,17 @@ Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka tran
 its events, its DLQ records and the checkpoint of its last record (transactional_id
 `tanium-connector.<pipeline name>`, so a restarted instance fences the old one and aborts its
 open transaction). A transaction that fails is aborted and the source rewinds to the checkpoint
-read back from Kafka, i.e. to the last committed transaction.
+read back from Kafka, i.e. to the last committed transaction. A producer that Kafka reports fenced
+(another instance initialised the same id) is never replaced, since a replacement would fence the
+other in turn and the two would take turns for ever: without HA the process exits 1 with one line
+naming the transactional id; with HA it stands by until it is elected anew.
 
 HA (`ha.enabled`): the pipeline polls only while connector/stream/leader.py says this process is the
 leader; on losing the lead it stops the source and the sink at once and stands by again. Each
-term starts from the shared Kafka checkpoint.
+term starts from the shared Kafka checkpoint, and ends before another process can lead: with
+at-least-once delivery the records already handed to Kafka get their answers and the checkpoint
+moves past them within the lease's margin, so the next leader re-reads at most what was still in
+flight; with exactly-once delivery no page commits after the step-down.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from connector import __version__
 from connector.config import ConfigError
 from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
 from connector.formats import Settings as FormatSettings
-from connector.kafka import SinkError
+from connector.kafka import ProducerFenced, SinkError, is_fenced
 from connector.stream.checkpoint import CheckpointError, open_store
 from connector.stream.leader import LeaderElection, LeaderError, group_id, leader_topic
 from connector.stream.normalize import (
@@ -58,6 +64,9 @@ QUEUE_PAGES = 4
 RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
 DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the raw record
 _DONE = object()  # source finished (--once)
+# an HA leader that steps down stops flushing this long before another process may lead, so that
+# the checkpoint it then writes is in Kafka before the next leader reads it
+STEP_DOWN_RESERVE = 0.25
 
 
 @dataclass
@@ -153,13 +162,15 @@ class StreamPipeline:
         self.window = AckWindow()
         self.delivery_failed = threading.Event()
         self.last_poll = time.monotonic()  # liveness: the poll loop's last sign of progress
+        self.fenced: ProducerFenced | None = None  # set when another instance took over the transactional id
 
     def _new_sink(self) -> KafkaSink:
         return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
 
     def _active(self) -> bool:
-        """False while another process is the HA leader: then nothing may poll or publish."""
-        return self.election is None or self.election.is_leader
+        """False while another process is the HA leader, or once another instance fenced this one's
+        transactional producer: then nothing may poll or publish."""
+        return self.fenced is None and (self.election is None or self.election.is_leader)
 
     def _leadership(self, leader: bool) -> None:
         # on the election thread: refuse every further record at once; the processing thread
@@ -169,6 +180,8 @@ class StreamPipeline:
 
     # ---- health -------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
+        if self.fenced is not None:
+            return True, "standing by: another process took over the transactional id"
         if not self._active():
             return True, "standing by: another process is the HA leader"
         if not self.tanium_ok:
@@ -317,7 +330,8 @@ class StreamPipeline:
     # ---- exactly-once -----------------------------------------------------------------------
     def _process_tx(self, page: list) -> None:
         """One transaction: the page's events and DLQ records plus the checkpoint of its last
-        record. On any failure the transaction is aborted and delivery_failed set (→ rewind)."""
+        record. On a failure the transaction is aborted and delivery_failed set (→ rewind); when
+        another producer fenced this one, the pipeline stops writing instead (_stop_writing)."""
         sink, failed, counts, last, created = self.sink, [], {"published": 0, "dlq": 0}, None, []
 
         def on_done(ok: bool, exc: Exception | None = None) -> None:
@@ -334,10 +348,16 @@ class StreamPipeline:
                 if not sink.send(topic, key, value, headers, on_done):
                     break
             if failed:
-                raise SinkError(f"Kafka did not take a record: {failed[0]}")
+                raise SinkError(f"Kafka did not take a record: {failed[0]}") from failed[0]
+            if not self._active():  # stepped down mid-page: nothing of this term commits any more
+                self._abort()
+                return
             checkpoint = last.to_checkpoint()
             sink.commit(records=[self.store.record(checkpoint)], timeout=self._tx_timeout())
         except (SinkError, CheckpointError, KafkaError) as e:
+            if isinstance(e, ProducerFenced) or sink.fenced or is_fenced(e):
+                self._stop_writing()
+                return
             self.summary.delivery_failures += 1
             if self._active() and not self.stop_event.is_set():
                 log.error("Kafka transaction failed, aborting it: %s", e)
@@ -356,11 +376,31 @@ class StreamPipeline:
     def _abort(self) -> None:
         try:
             self.sink.abort(timeout=self._tx_timeout())
+        except ProducerFenced:
+            self._stop_writing()
         except (SinkError, KafkaError) as e:
-            # a producer that cannot abort (fenced, timed out, broken) is replaced: the new one's
+            # a producer that cannot abort (timed out, broken) is replaced: the new one's
             # init_transactions aborts whatever the old one left open
             log.warning("could not abort the Kafka transaction (%s); opening a new producer", e)
             self._replace_sink()
+
+    def _stop_writing(self) -> None:
+        """Another instance initialised our transactional id: it is the writer now, and it aborted
+        our open transaction. A new producer of ours would fence it in turn, and the two would take
+        turns for ever; so this one stops writing: without HA the process exits (run() raises), with
+        HA it stands by until it is elected again (_run_ha)."""
+        then = (
+            "standing by until elected again"
+            if self.election
+            else "stopping (run one instance per pipeline, or enable [ha] so that the others stand by)"
+        )
+        self.fenced = ProducerFenced(
+            f"pipeline {self.cfg.pipeline.name}: another instance took over transactional.id "
+            f"{self.transactional_id!r} and fenced this one's producer; {then}"
+        )
+        if self.election is not None:
+            log.error("%s", self.fenced)
+        self.sink.stop()
 
     def _replace_sink(self) -> None:
         old, self.sink = self.sink, None
@@ -449,6 +489,8 @@ class StreamPipeline:
         else:
             self._run_ha()
         self._shutdown()
+        if self.fenced is not None and self.election is None:
+            raise self.fenced  # the CLI prints it as the one error line and exits 1
         return 1 if self.summary.errors else 0
 
     def _term(self) -> bool:
@@ -492,35 +534,64 @@ class StreamPipeline:
             self.summary.errors.append(str(e))
             return
         log.info("HA: pipeline %s waits to be elected (group %s)", self.cfg.pipeline.name, self.election.group)
+        fenced_term = None  # the election term in which another instance fenced our producer
         try:
             while not self.stop_event.is_set():
                 if not self.election.wait_leader(0.5):
                     self._report_ready()
                     continue
+                term = self.election.terms
+                if term == fenced_term:
+                    # still the group's leader, but another producer owns the transactional id:
+                    # write again only once elected anew, never fight over it
+                    self._report_ready()
+                    self.stop_event.wait(0.5)
+                    continue
+                self.fenced = None
                 # in exactly-once mode this fences the previous leader's producer
                 self.sink = self._open_sink()
                 if self.sink is None:
                     continue
+                done = False
                 try:
-                    if self._term():
-                        break
+                    done = self._term()
                 except CheckpointError as e:  # Kafka trouble while loading: a new term tries again
                     log.error("%s", e)
                     self.stop_event.wait(1)
-                if not self._active():
+                if self.fenced is not None:
+                    fenced_term = term
+                elif not done and not self._active():
                     log.warning("HA: lost the lead; stopped polling and publishing, standing by")
-                self._end_term()
+                self._end_term()  # before leaving the group below: a standby takes over at once
+                if done:
+                    break
         finally:
             self.election.close()
 
     def _end_term(self) -> None:
-        # records this term already handed to Kafka may still land (at-least-once: duplicates
-        # of what the next leader re-reads after the checkpoint); no checkpoint is written now
+        """Ends a term as leader, leaving the next leader as little to repeat as can be avoided.
+        At-least-once: while no other process can have been given the lead yet
+        (election.safe_until()), the records already handed to Kafka get their answers and the
+        checkpoint moves past the confirmed ones; then the producer closes at once, dropping what
+        it had not sent yet (read again after the checkpoint). So the next leader repeats at most
+        what was still on the wire (kafka.max_unacked at most). Exactly-once: every page commits or
+        aborts in _process_tx and none starts its commit after a step-down; the next leader's
+        producer aborts a transaction left open, and fences this one's."""
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.stop()
+            if not self.exactly_once:
+                until = self.election.safe_until() - STEP_DOWN_RESERVE
+                left = min(until - time.monotonic(), self.cfg.pipeline.shutdown_timeout)
+                if left > 0:
+                    sink.flush(left)
+                if self.election.is_leader or time.monotonic() < until:
+                    try:
+                        self._commit()
+                    except CheckpointError as e:
+                        log.error("HA: the checkpoint of the last term was not saved: %s", e)
             try:
-                sink.close(1)
+                sink.close(0)
             except Exception as e:  # noqa: BLE001 (the producer of a finished term)
                 log.debug("closing the producer of the last term: %s", e)
         self.window = AckWindow()

@@ -29,7 +29,7 @@ from typing import TextIO
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from connector.config import KafkaSection
-from connector.kafka import SinkError, describe_servers, make_producer
+from connector.kafka import ProducerFenced, SinkError, describe_servers, is_fenced, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ class KafkaSink:
                     f"cannot initialise Kafka transactions (transactional_id "
                     f"{transactional_id!r}) on {describe_servers(kafka)}: {e}"
                 ) from None
+            log.info(
+                "transactional producer ready (transactional.id %r); any older one with this id is fenced",
+                transactional_id,
+            )
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -296,20 +300,35 @@ class KafkaSink:
 
     # -- transactions (exactly-once mode) --------------------------------------------------
 
+    @property
+    def fenced(self) -> bool:
+        """True once Kafka said a newer producer took over this sink's transactional id (then every
+        later transaction call raises ProducerFenced)."""
+        if self.kafka.client == "confluent":
+            return self._producer.fenced
+        # kafka-python keeps the fatal error in its transaction manager; its later calls only
+        # raise a generic KafkaError that names it
+        return is_fenced(getattr(getattr(self._producer, "_transaction_manager", None), "last_error", None))
+
     def begin(self) -> None:
         self._require_tx()
-        self._producer.begin_transaction()
+        try:
+            self._producer.begin_transaction()
+        except KafkaError as e:
+            raise self._tx_error("begin", e) from e
 
     def commit(self, records: list[tuple[str, bytes | None, bytes]] = (), timeout: float = 60) -> None:
         """Write `records` (e.g. the checkpoint, see KafkaCheckpointStore.record) inside the open
         transaction, then commit it. Raises SinkError if the commit failed or did not finish
-        within `timeout` seconds; then abort() (or exit: a restarted producer aborts it)."""
+        within `timeout` seconds; then abort() (or exit: a restarted producer aborts it). Raises
+        ProducerFenced (a SinkError), here and from begin() and abort(), once another producer
+        initialised the same transactional id: this one can never write again."""
         self._require_tx()
         for topic, key, value in records:
             try:
                 self._producer.send(topic, value=value, key=key)
             except KafkaError as e:
-                raise SinkError(f"could not add a record for topic {topic} to the transaction: {e}") from None
+                raise self._tx_error(f"write to {topic}", e) from e
         self._run_bounded(self._tx_call("commit_transaction", timeout), "commit", timeout)
 
     def abort(self, timeout: float = 60) -> None:
@@ -326,8 +345,15 @@ class KafkaSink:
         if not self.transactional_id:
             raise SinkError("transactions need a KafkaSink created with a transactional_id")
 
-    @staticmethod
-    def _run_bounded(fn: Callable[[], None], what: str, timeout: float) -> None:
+    def _tx_error(self, what: str, error: BaseException) -> SinkError:
+        if self.fenced or is_fenced(error):
+            return ProducerFenced(
+                f"another producer took over transactional.id {self.transactional_id!r}: this one was "
+                f"fenced (Kafka refused its transaction {what})"
+            )
+        return SinkError(f"Kafka transaction {what} failed: {type(error).__name__}: {error}")
+
+    def _run_bounded(self, fn: Callable[[], None], what: str, timeout: float) -> None:
         # kafka-python waits for commit/abort without a time limit; a black-holed broker must
         # not hang the pipeline, so run it aside and give up after `timeout`
         err: list[BaseException] = []
@@ -342,9 +368,11 @@ class KafkaSink:
         t.start()
         t.join(timeout)
         if t.is_alive():
+            if self.fenced:
+                raise self._tx_error(what, TimeoutError())
             raise SinkError(f"Kafka transaction {what} did not finish within {timeout:g}s")
         if err:
-            raise SinkError(f"Kafka transaction {what} failed: {type(err[0]).__name__}: {err[0]}") from err[0]
+            raise self._tx_error(what, err[0]) from err[0]
 
 
 class AckWindow:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 
 import pytest
-from helpers import Running, make_cfg, read_topic, wait_until
+from helpers import Cli, Running, make_cfg, read_topic, stream_sections, wait_until, write_pipeline
 
 from connector.config import KafkaSection
+from connector.kafka import ProducerFenced
 from connector.metrics import Metrics
 from connector.simulator import Simulator
 from connector.stream.checkpoint import (
@@ -56,6 +58,7 @@ def eo_cfg(sim, bootstrap, prefix, tmp_path, **over):
 _OPEN_TX = """
 import sys
 from connector.config import KafkaSection
+from connector.kafka import ProducerFenced
 from connector.stream.sink import KafkaSink
 sink = KafkaSink(KafkaSection(bootstrap_servers=sys.argv[1], linger_ms=0), transactional_id=sys.argv[2])
 sink.begin()
@@ -186,7 +189,6 @@ def crash_run(broker, tmp_path_factory):
     Kill points (seeded): a random moment; just after a transaction committed (the commit counter
     moved); inside a transaction (records handed to Kafka, not yet acknowledged: mid-page); while
     an alerts request is on the wire."""
-    from helpers import Cli, stream_sections, write_pipeline
     from test_reliability import KILL_KINDS, kill_and_restart, stop_live
 
     from connector.tools.embedded import free_port
@@ -308,3 +310,94 @@ def test_a_failed_transaction_is_aborted_and_the_pipeline_rewinds(proxied, proxy
     assert open_store(cfg).load()["id"] == 3000
     # kafka-python's read_committed consumer may stall on tansu here: its last stable offset can
     # stick behind the transaction the fenced producer had open (see the module docstring)
+
+
+# ---- two instances of one pipeline ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_fenced_producer_says_so(broker, topic_prefix, client):
+    """Once another producer initialised the same transactional id, the older one's transaction
+    calls raise ProducerFenced (with either client), not the plain failure after which the
+    pipeline would open a new producer and fence the newer one in turn; the newer one is unharmed."""
+    k = kafka(broker.bootstrap, client=client, delivery_timeout_ms=10000)
+    tid, topic = f"{topic_prefix}-tx", f"{topic_prefix}.v"
+    old = KafkaSink(k, transactional_id=tid)
+    new = KafkaSink(k, transactional_id=tid)
+    try:
+        with pytest.raises(ProducerFenced, match=tid):
+            old.begin()
+            old.send(topic, b"k", b"old", [], lambda ok, e: None)
+            old.commit(timeout=10)
+        assert old.fenced and not new.fenced
+        with pytest.raises(ProducerFenced):
+            old.abort(timeout=10)
+        new.begin()
+        new.send(topic, b"k", b"new", [], lambda ok, e: None)
+        new.commit(timeout=10)
+    finally:
+        old.close(1)
+        new.close(1)
+    assert values(read_committed_log(k, topic)) == [b"new"]
+
+
+PRODUCER_READY = "transactional producer ready"
+
+
+def test_a_fenced_instance_stops_and_the_instance_that_fenced_it_goes_on(broker, topic_prefix, tmp_path):
+    """Two instances of the same exactly-once pipeline without HA: B's producer fences A's. A stops
+    writing and exits 1 with one line naming the transactional.id and that another instance took
+    over; it never opens a new producer (that would fence B in turn, and the two would take turns
+    for ever), so each instance initialises its transactions once, B delivers every alert, and
+    the committed view holds each alert exactly once.
+
+    A has caught up when B starts, so it learns of the fence from its next transaction's first
+    request. (tansu answers a fenced producer's commit by closing the connection instead of with
+    PRODUCER_FENCED, so there a fence that lands inside a commit looks like a broker outage.)"""
+    name = topic_prefix
+    with Simulator(alerts=200, intel_docs=5, seed=43, history=3600) as sim:
+        cfg_file = write_pipeline(
+            tmp_path / "p.toml",
+            stream_sections(
+                name,
+                sim,
+                broker.bootstrap,
+                tmp_path / "state",
+                pipeline={"delivery": "exactly-once"},
+                state={"backend": "kafka", "topic": f"{name}.state"},
+                tanium={"page_size": 50},
+                kafka={"delivery_timeout_ms": 10000},
+            ),
+        )
+        store = KafkaCheckpointStore(kafka(broker.bootstrap), f"{name}.state", name, transactional=True)
+        args = ["--log-format", "json", "run", str(cfg_file)]
+        a = Cli(args, tmp_path / "a.log")
+        b = None
+        try:
+            wait_until(lambda: (store.load() or {}).get("id") == 200, timeout=60, what="A to deliver the history")
+            b = Cli(args, tmp_path / "b.log")
+            wait_until(lambda: PRODUCER_READY in b.logs(), timeout=60, what="B's producer, which fences A's")
+            for _ in range(60):  # new alerts, read by both instances
+                sim.inject()
+            code, _ = a.wait(60)
+            assert code == 1, a.logs()[-3000:]
+            last = a.logs().strip().splitlines()[-1]
+            assert last.startswith("error: ") and f"'tanium-connector.{name}'" in last, last
+            assert "another instance took over" in last, last
+            assert b.alive, b.logs()[-3000:]
+            for _ in range(60):
+                sim.inject()
+            created = sim.alert_count
+            wait_until(lambda: (store.load() or {}).get("id") == created, timeout=60, what="B to deliver everything")
+            b.proc.send_signal(signal.SIGTERM)
+            code, _ = b.wait(60)
+            assert code == 0, b.logs()[-3000:]
+            logs = {"a": a.logs(), "b": b.logs()}
+        finally:
+            a.stop()
+            if b is not None:
+                b.stop()
+    assert logs["a"].count(PRODUCER_READY) == 1 and logs["b"].count(PRODUCER_READY) == 1, "no producer re-opened"
+    assert "Traceback" not in logs["a"] + logs["b"]
+    committed = alert_ids(read_committed_log(kafka(broker.bootstrap), f"{name}.events"))
+    assert sorted(committed) == list(range(1, created + 1)), "every alert committed exactly once"
