@@ -1,5 +1,6 @@
-"""The source's cursor against the simulator: page and poll boundaries, pruning, late arrivals,
-records that cannot be placed, the per-cycle limit."""
+"""The source's cursor against the simulator: page and poll boundaries, pruning (also past the
+cursor's offset and across a restart), late arrivals, records that cannot be placed, the per-cycle
+limit, what each costs in requests."""
 
 from __future__ import annotations
 
@@ -63,6 +64,41 @@ def test_pruning_below_the_cursor_neither_skips_nor_repeats(tr):
     for _ in range(3):
         rest += [i for i, _ in drain(src)]
     assert rest == list(range(201, 501))
+
+
+def test_pruning_below_the_cursor_past_its_offset_finds_its_place_by_search(tr):
+    """1,000 read, 900 pruned, 300 new: the page at the old offset is empty (the list shrank, it
+    is not "nothing new"); the cost is that page, a binary search of limit=1 probes over the 400
+    records left, then the pages of new alerts. The next poll is one aligned page again."""
+    with Simulator(alerts=1000, intel_docs=4, seed=22, history=3600) as sim:
+        cfg = parse_pipeline({"pipeline": {"name": "s"}, "tanium": sim.settings()})
+        client = TaniumClient(cfg.tanium)
+        src = make(client, page_size=100)
+        assert [i for i, _ in drain(src)] == list(range(1, 1001))
+        sim.prune(900)
+        for _ in range(300):
+            sim.inject()
+        before = sim.stats["alerts"]
+        got = drain(src)
+        assert [i for i, _ in got] == list(range(1001, 1301))
+        assert got[-1][1].offset == 400  # the offset counts the list as it is now
+        assert sim.stats["alerts"] - before <= 1 + 9 + 4  # empty page, log2(400) probes, 4 pages of 99 new
+        before = sim.stats["alerts"]
+        assert drain(src) == []
+        assert sim.stats["alerts"] - before == 1
+        client.close()
+
+
+def test_restart_from_a_checkpoint_below_which_everything_was_pruned(tr):
+    sim, client = tr
+    src = make(client, page_size=50)
+    checkpoint = drain(src)[-1][1].to_checkpoint()
+    assert checkpoint["id"] == 500
+    sim.prune(500)  # the checkpoint's record and everything before it
+    for _ in range(20):
+        sim.inject()
+    again = make(client, page_size=50, checkpoint=checkpoint)
+    assert [i for i, _ in drain(again)] == list(range(501, 521))
 
 
 def test_pruning_between_two_pages_of_one_cycle(tr):
