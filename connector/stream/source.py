@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from connector.tanium import TaniumResponseError
-from connector.timeutil import format_ts
+from connector.timeutil import format_ts, parse_ts
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,25 @@ class Position:
 
     @classmethod
     def from_checkpoint(cls, data: dict) -> Position:
-        return cls(data.get("created_at"), data.get("id"), int(data.get("offset", 0)))
+        """Raises ValueError naming the field that is missing or wrong and what it may be."""
+        missing = [f for f in ("created_at", "id", "offset") if f not in data]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} missing; a checkpoint must have created_at, id and offset")
+        created, ident, offset = data["created_at"], data["id"], data["offset"]
+        if not _whole(offset) or offset < 0:
+            raise ValueError(f"offset is {offset!r}; it must be a whole number >= 0")
+        if created is None and ident is None:
+            return cls(None, None, offset)  # only records without a key were delivered
+        if not _whole(ident) or ident <= 0:
+            raise ValueError(f"id is {ident!r}; it must be an alert id (a whole number > 0), or null with created_at")
+        try:
+            parse_ts(created)
+        except ValueError:
+            raise ValueError(
+                f"created_at is {created!r}; it must be the alert's createdAt, an ISO-8601 time such as "
+                "2026-01-31T12:00:00.000Z"
+            ) from None
+        return cls(created, ident, offset)
 
 
 def sort_key(alert) -> tuple[str, int] | None:

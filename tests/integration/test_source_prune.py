@@ -1,12 +1,15 @@
 """The source cursor in the running pipeline (simulator over HTTP → pipeline → real broker) when
-Tanium prunes below it: while alerts keep arriving, and across restarts from the checkpoint."""
+Tanium prunes below it: while alerts keep arriving, and across restarts from the checkpoint; and a
+hand-edited checkpoint with a field of the wrong type, through the CLI."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
-from helpers import Running, ids_of, make_cfg, read_topic, wait_until
+import pytest
+from helpers import Cli, Running, ids_of, make_cfg, read_topic, stream_sections, wait_until, write_pipeline
 
 from connector.simulator import Simulator
 
@@ -71,3 +74,35 @@ def test_prune_below_the_checkpoint_across_restarts(broker, topic_prefix, tmp_pa
         assert run.code == 0
     ids = ids_of(read_topic(broker.bootstrap, cfg.kafka.topic, expect=1250))
     assert sorted(ids) == list(range(1, 1251)), "every alert exactly once"
+
+
+GOOD = {"created_at": "2026-01-31T12:00:00.000Z", "id": 7, "offset": 7}
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "field"),
+    [
+        ({**GOOD, "offset": "abc"}, "offset"),
+        ({**GOOD, "id": "x"}, "id"),
+        ({**GOOD, "created_at": 5}, "created_at"),
+        ({"created_at": GOOD["created_at"], "id": 7}, "offset"),
+    ],
+    ids=["offset-not-a-number", "id-not-a-number", "created_at-not-a-time", "offset-missing"],
+)
+def test_a_hand_edited_checkpoint_with_a_wrong_field_is_a_clear_error(
+    checkpoint, field, broker, tmp_path, topic_prefix
+):
+    """`run` ends with exit code 1 and one `error:` line that names the checkpoint file, the field
+    and what it may hold; no traceback."""
+    with Simulator(alerts=10, intel_docs=2, seed=43, history=600) as sim:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / f"{topic_prefix}.json").write_text(json.dumps(checkpoint), encoding="utf-8")
+        pipeline = write_pipeline(tmp_path / "p.toml", stream_sections(topic_prefix, sim, broker.bootstrap, state))
+        cli = Cli(["run", str(pipeline), "--once"], tmp_path / "run.log")
+        code, _ = cli.wait(60)
+    err = cli.logs()
+    assert code == 1, err
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert str(state / f"{topic_prefix}.json") in line and field in line and ("must" in line), line

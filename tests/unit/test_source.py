@@ -1,6 +1,6 @@
 """The source's cursor against the simulator: page and poll boundaries, pruning (also past the
 cursor's offset and across a restart), late arrivals, records that cannot be placed, the per-cycle
-limit, what each costs in requests."""
+limit, what each costs in requests; and the checks on a checkpoint's fields."""
 
 from __future__ import annotations
 
@@ -151,3 +151,28 @@ def test_start_time_without_checkpoint_uses_binary_search(tr):
     before = sim.stats["alerts"]
     assert [i for i, _ in drain(src)] == list(range(400, 501))
     assert sim.stats["alerts"] - before <= 1 + 9 + 3  # a first probe, log2(500) bisection probes, 3 pages
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "says"),
+    [
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 3, "offset": "abc"}, "offset is 'abc'"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 3, "offset": -1}, "offset is -1"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 3, "offset": True}, "offset is True"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": "x", "offset": 3}, "id is 'x'"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 0, "offset": 3}, "id is 0"),
+        ({"created_at": 5, "id": 3, "offset": 3}, "created_at is 5"),
+        ({"created_at": "yesterday", "id": 3, "offset": 3}, "created_at is 'yesterday'"),
+        ({"created_at": None, "id": 3, "offset": 3}, "created_at is None"),
+        ({"id": 3}, "created_at and offset missing"),
+    ],
+)
+def test_a_checkpoint_with_a_missing_or_wrong_field_is_refused_with_what_is_allowed(checkpoint, says):
+    with pytest.raises(ValueError, match="must") as e:
+        Position.from_checkpoint(checkpoint)
+    assert str(e.value).startswith(says)
+
+
+def test_checkpoints_the_cursor_writes_are_accepted():
+    for pos in (Position("2026-01-01T00:00:00.000Z", 3, 3), Position(None, None, 0)):
+        assert Position.from_checkpoint({**pos.to_checkpoint(), "saved_at": "2026-01-02T00:00:00.000Z"}) == pos
