@@ -30,7 +30,9 @@ place again by binary search over offsets with limit=1 probes: the largest offse
 sorts at or before the key, or 0 when the cursor record and all before it are gone. That costs the
 failed page plus about log2(list size) small requests, after which reading goes on as usual. A
 restart from a checkpoint whose offset no longer fits is the same case, and the same search finds
-source.start_from when there is no checkpoint. Guarantees (tests/unit/test_source_model.py):
+source.start_from when there is no checkpoint. A list that moves under the cursor more than
+MAX_SEARCHES times in one cycle ends it with a retryable Tanium error (the next poll tries again).
+Guarantees (tests/unit/test_source_model.py):
 every alert that is in the list from the first to the last request of a cycle that reaches the
 end of the list (not cut by the limit) is delivered by that cycle or an earlier one, whatever was
 pruned before or during it; within one run of the cursor (between restarts) no alert is delivered
@@ -39,12 +41,17 @@ pruned before any cycle could read it cannot be delivered.
 
 Records without a usable (createdAt, id) key cannot be placed by key. Where Tanium counts them
 in offsets, the offset hint counts keyed records only, so it errs towards the front (a few records
-are read again and skipped); where a server adds them to a page beyond `limit`, they hold no
-offset and the hint is exact. A keyless record is delivered (the DLQ explains it) when it lies
-after the cursor record and is not one of the keyless JSON objects already delivered right after
-it (compared by content; other JSON values cannot be told apart and are delivered each time a page
-shows them there). Keyless records ahead of a page's first keyed record wait until that record
-shows which side of the cursor they are on. They never move the key.
+are read again and skipped); where a server adds them to a page beyond `limit` (the simulator's
+garbage fault), they hold no offset and the hint is exact. A full page with one keyed record or
+none is read again with twice the limit (up to 500; beyond, the next page overlaps on the last
+record itself), so a run of keyless records never stalls the cursor. A keyless record is
+delivered (the DLQ explains it) when it lies after the cursor record, unless it is one of the
+keyless JSON objects already delivered there (told apart by content and by count; other JSON
+values cannot be, and are delivered each time a page shows them there). Keyless records ahead of
+a page's first keyed record wait until that record shows which side of the cursor they are on; at
+the head of the list, once the cursor record is pruned, an object equal to one already delivered
+after it is taken for that one. They never move the key. Otherwise the guarantees above hold for
+keyless records too.
 
 The in-memory cursor moves as pages are read; the durable checkpoint (`Position`) is a separate
 thing that the pipeline advances only behind Kafka acknowledgements (see pipeline.py).
@@ -52,12 +59,14 @@ thing that the pipeline advances only behind Kafka acknowledgements (see pipelin
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from connector.tanium import TaniumResponseError
+from connector.tanium import MAX_PAGE, TaniumResponseError
 from connector.timeutil import format_ts, parse_ts
 
 log = logging.getLogger(__name__)
@@ -121,6 +130,13 @@ def _same(a, b) -> bool:
     return key == sort_key(b) if key is not None else a == b
 
 
+def _fingerprint(keyless) -> str | None:
+    """What tells keyless JSON objects apart (their content); None for other values, which cannot be."""
+    if not isinstance(keyless, dict):
+        return None
+    return hashlib.blake2b(repr(keyless).encode("utf-8", "replace"), digest_size=16).hexdigest()
+
+
 def _count(page) -> int | None:
     return page.filtered if page.filtered is not None else page.total
 
@@ -134,7 +150,7 @@ class AlertSource:
         self.key: tuple[str, int] = ("", 0)  # cursor key: the last alert delivered, or (start_from, 0)
         self.from_start = True  # the key is (start_from, 0): no alert delivered yet
         self.offset: int | None = None  # records up to and including the cursor record; None: search
-        self.after: list[dict] = []  # keyless objects delivered after the cursor record, in list order
+        self.after: Counter[str] = Counter()  # fingerprints of keyless objects delivered after the cursor record
         self.hit_limit = False
 
     def resume(self, checkpoint: dict | None, start_at: datetime) -> None:
@@ -143,7 +159,7 @@ class AlertSource:
             self.key, self.from_start, self.offset = (pos.created_at, pos.id), False, pos.offset or None
         else:
             self.key, self.from_start, self.offset = (format_ts(start_at), 0), True, None
-        self.after = []
+        self.after = Counter()
 
     def _position(self) -> Position:
         return Position(None, None, self.offset) if self.from_start else Position(*self.key, self.offset)
@@ -152,14 +168,19 @@ class AlertSource:
         """Moves the cursor over a record being delivered (`at`: a keyed record's offset)."""
         key = sort_key(alert)
         if key is not None:
-            self.key, self.from_start, self.offset, self.after = key, False, at + 1, []
-        elif isinstance(alert, dict):
-            self.after.append(alert)
+            self.key, self.from_start, self.offset, self.after = key, False, at + 1, Counter()
+        elif (fp := _fingerprint(alert)) is not None:
+            self.after[fp] += 1
         return alert, self._position()
 
-    def _unseen(self, keyless) -> bool:
-        """False for a keyless object already delivered after the cursor record."""
-        return not (isinstance(keyless, dict) and keyless in self.after)
+    def _delivered(self, keyless, seen: Counter) -> bool:
+        """Whether a keyless record after the cursor record is one already delivered there; `seen`
+        counts those met since the cursor record, so equal objects are told apart by number."""
+        fp = _fingerprint(keyless)
+        if fp is None or seen[fp] >= self.after[fp]:
+            return False
+        seen[fp] += 1
+        return True
 
     def _probe(self, offset: int) -> tuple[bool, object]:
         """(whether the record at `offset` sorts at or before the key, the page)."""
@@ -193,7 +214,7 @@ class AlertSource:
         emitted = searches = 0
         start = self._search(None) if self.offset is None else max(0, self.offset - 1)
         expect = None  # set: the record the page must start with (the previous page's last record)
-        phase, pending, matched = _PENDING, [], 0
+        phase, pending, seen = _PENDING, [], Counter()
         while True:
             got = self.client.list_alerts([], offset=start, limit=size, sort=SORT)
             items = got.items
@@ -217,7 +238,7 @@ class AlertSource:
                     "source.start_from" if self.from_start else f"createdAt {self.key[0]} id {self.key[1]}",
                     start,
                 )
-                expect, phase, pending = None, _PENDING, []
+                expect, phase, pending, seen = None, _PENDING, [], Counter()
                 continue
             out, keyed = [], 0
             for i, alert in enumerate(items):
@@ -230,21 +251,19 @@ class AlertSource:
                     if phase == _PENDING:
                         pending.append(alert)
                         continue
-                    if phase == _BEFORE:
-                        continue
-                    if isinstance(alert, dict) and matched < len(self.after) and alert == self.after[matched]:
-                        matched += 1
+                    if phase == _BEFORE or self._delivered(alert, seen):
                         continue
                     new = [alert]
                 elif k <= self.key:
                     # at or before the cursor: done, and so are the keyless records before it
-                    phase, pending, matched = (_AFTER if k == self.key else _BEFORE), [], 0
+                    phase, pending, seen = (_AFTER if k == self.key else _BEFORE), [], Counter()
                     self.offset = at + 1
                     continue
                 else:
-                    # a new alert at the head of the list: the keyless records before it follow a
+                    # a new alert; keyless records ahead of it at the head of the list follow a
                     # cursor record that was pruned
-                    new, pending = [*filter(self._unseen, pending), alert], []
+                    new = [g for g in pending if not self._delivered(g, seen)] + [alert]
+                    pending = []
                 for a in new:
                     out.append(self._take(a, at))
                     emitted += 1
@@ -252,14 +271,14 @@ class AlertSource:
                         break
                 if emitted >= self.limit:
                     break
-                phase = _AFTER
-                if isinstance(new[-1], dict):  # other keyless values are not remembered
-                    matched = len(self.after)
-            # more records than asked for hold no offset; then the keyed ones tell whether the list goes on
-            full = len(items) >= size and (len(items) == size or keyed >= size)
+                if k is not None:
+                    phase, seen = _AFTER, Counter()
+                elif (fp := _fingerprint(alert)) is not None:
+                    seen[fp] += 1
+            full = len(items) >= size
             if not full and emitted < self.limit:
-                # the list holds nothing keyed from offset 0 on: all of it follows the cursor record
-                for g in filter(self._unseen, pending):
+                # nothing keyed from offset 0 to the end of the list: all of it follows the cursor record
+                for g in [g for g in pending if not self._delivered(g, seen)]:
                     out.append(self._take(g))
                     emitted += 1
                     if emitted >= self.limit:
@@ -275,6 +294,8 @@ class AlertSource:
             if not full:
                 return
             if keyed >= 2:  # the next page starts at the last keyed record read
-                start, expect, phase, pending = start + keyed - 1, None, _PENDING, []
-            else:  # mostly keyless: overlap on the last record itself
+                start, expect, phase, pending, seen = start + keyed - 1, None, _PENDING, [], Counter()
+            elif size < MAX_PAGE:  # one keyed record or none: read the same place further
+                size, phase, pending, seen = min(MAX_PAGE, 2 * size), _PENDING, [], Counter()
+            else:  # 499 keyless records in a row: overlap on the last record itself
                 start, expect = start + len(items) - 1, items[-1]
