@@ -225,8 +225,8 @@ class SourceModel(RuleBasedStateMachine):
 
 
 SourceModel.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=400,
+    stateful_step_count=50,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
