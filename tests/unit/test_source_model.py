@@ -4,22 +4,23 @@ list served the way Tanium serves `sort=createdAt,id` with `offset` and `limit`.
 The list changes as Tanium's does: alerts are appended at the end (`createdAt` is the insert time,
 so an alert whose `alertedAt` is days old still sorts last; some share the previous alert's
 `createdAt` and the id breaks the tie); records without a usable (createdAt, id) key arrive at the
-end and take a list position (like the simulator's garbage records: negative, missing or non-integer
-id, the neighbour's `createdAt` or none, a unique `guid`; or twins with the very same content); the oldest N
-are pruned (below the cursor, to empty, across a restart). Changes also land between two requests
-of one poll. Each poll uses any page size (1..500) and any `tanium.limit`. A restart builds a new
-AlertSource from the durable checkpoint: the Position of a record the session delivered, the last
-one or one lagging behind it (the pipeline commits only acknowledged prefixes).
+end and take a list position (like the simulator's garbage records: negative, missing or
+non-integer id, the neighbour's `createdAt` or none, a unique `guid`; or twins with the very same
+content); the oldest N are pruned (below the cursor, to empty, across a restart). Changes also land
+between two requests of one poll. Each poll uses any page size (1..500) and any `tanium.limit`. The
+server may also add keyless records to every answer beyond `limit` (the simulator's garbage fault):
+they hold no list position and are not part of the list. A restart builds a new AlertSource from
+the durable checkpoint: the Position of a record the session delivered, the last one or one lagging
+behind it (the pipeline commits only acknowledged prefixes).
 
 Checked after every poll:
 - a complete poll is a cycle that ended at the end of the list, not cut by the limit; every record
   present in the list from the poll's first request to its last was delivered by the end of that
-  poll (in this session or an earlier one);
+  poll, in this session or an earlier one (a delivered twin stands in for an identical one: at the
+  head of the list, after a prune, the source cannot tell them apart);
 - within a session (between restarts) no record is delivered twice, and the cursor key of the
   delivered positions never goes back;
 - a poll with nothing new, on a list without keyless records, costs one request.
-The server may also add keyless records to every answer beyond `limit` (they hold no list position,
-as with the simulator's garbage fault): then the same checks hold for the list's records.
 And a list that moves before every request ends the poll with a retryable error.
 """
 
