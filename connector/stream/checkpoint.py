@@ -1,7 +1,9 @@
 """Checkpoint stores: where a pipeline's durable position lives between runs.
 
-The checkpoint is an opaque JSON object from the pipeline (e.g. {"created_at": …, "id": …});
-the store adds `saved_at`. Two backends:
+The checkpoint is a JSON object from the pipeline (a source Position: {"created_at", "id",
+"offset"}); the store adds `saved_at`. The stores themselves treat it as opaque; open_store()
+wraps them in a PositionStore whose load() rejects a checkpoint with a missing or wrong field.
+Two backends:
 - file: one JSON file per pipeline in `state.path`, replaced atomically (temp file in the same
   directory, fsync, rename, fsync of the directory), so a crash leaves the old or the new
   checkpoint, never a torn one.
@@ -39,6 +41,7 @@ from kafka.record.memory_records import MemoryRecords
 
 from connector.config import ConfigError, KafkaSection
 from connector.kafka import SinkError, client_settings, describe_servers, make_producer
+from connector.stream.source import Position
 from connector.timeutil import format_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -392,12 +395,38 @@ def _read_partition(
             return sorted(done, key=lambda r: r.offset)
 
 
+class PositionStore:
+    """A pipeline's store: load() also checks that the checkpoint is a source Position, so a
+    hand-edited checkpoint with a missing or wrong field is a CheckpointError naming it."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+        self.location = store.location
+
+    def load(self) -> dict | None:
+        data = self.store.load()
+        if data is not None:
+            try:
+                Position.from_checkpoint(data)
+            except ValueError as e:
+                raise CheckpointError(
+                    f"the checkpoint in {self.location} is invalid: {e}; fix it, or delete it to start "
+                    "again from source.start_from"
+                ) from None
+        return data
+
+    def __getattr__(self, name: str):  # save, record, close: the store's own
+        return getattr(self.store, name)
+
+
 def open_store(cfg) -> CheckpointStore:
     """The checkpoint store chosen by cfg.state for pipeline cfg.pipeline.name."""
     if cfg.state.backend == "kafka":
         if cfg.kafka is None:
             raise ConfigError('state.backend = "kafka" needs a [kafka] section with bootstrap_servers')
-        return KafkaCheckpointStore(
-            cfg.kafka, cfg.state.topic, cfg.pipeline.name, transactional=cfg.pipeline.delivery == "exactly-once"
+        return PositionStore(
+            KafkaCheckpointStore(
+                cfg.kafka, cfg.state.topic, cfg.pipeline.name, transactional=cfg.pipeline.delivery == "exactly-once"
+            )
         )
-    return FileCheckpointStore(cfg.state.path, cfg.pipeline.name)
+    return PositionStore(FileCheckpointStore(cfg.state.path, cfg.pipeline.name))

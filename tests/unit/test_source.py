@@ -1,5 +1,6 @@
-"""The source's cursor against the simulator: page and poll boundaries, pruning, late arrivals,
-records that cannot be placed, the per-cycle limit."""
+"""The source's cursor against the simulator: page and poll boundaries, pruning (also past the
+cursor's offset and across a restart), late arrivals, records that cannot be placed, the per-cycle
+limit, what each costs in requests; and the checks on a checkpoint's fields."""
 
 from __future__ import annotations
 
@@ -65,6 +66,41 @@ def test_pruning_below_the_cursor_neither_skips_nor_repeats(tr):
     assert rest == list(range(201, 501))
 
 
+def test_pruning_below_the_cursor_past_its_offset_finds_its_place_by_search(tr):
+    """1,000 read, 900 pruned, 300 new: the page at the old offset is empty (the list shrank, it
+    is not "nothing new"); the cost is that page, a binary search of limit=1 probes over the 400
+    records left, then the pages of new alerts. The next poll is one aligned page again."""
+    with Simulator(alerts=1000, intel_docs=4, seed=22, history=3600) as sim:
+        cfg = parse_pipeline({"pipeline": {"name": "s"}, "tanium": sim.settings()})
+        client = TaniumClient(cfg.tanium)
+        src = make(client, page_size=100)
+        assert [i for i, _ in drain(src)] == list(range(1, 1001))
+        sim.prune(900)
+        for _ in range(300):
+            sim.inject()
+        before = sim.stats["alerts"]
+        got = drain(src)
+        assert [i for i, _ in got] == list(range(1001, 1301))
+        assert got[-1][1].offset == 400  # the offset counts the list as it is now
+        assert sim.stats["alerts"] - before <= 1 + 9 + 4  # empty page, log2(400) probes, 4 pages of 99 new
+        before = sim.stats["alerts"]
+        assert drain(src) == []
+        assert sim.stats["alerts"] - before == 1
+        client.close()
+
+
+def test_restart_from_a_checkpoint_below_which_everything_was_pruned(tr):
+    sim, client = tr
+    src = make(client, page_size=50)
+    checkpoint = drain(src)[-1][1].to_checkpoint()
+    assert checkpoint["id"] == 500
+    sim.prune(500)  # the checkpoint's record and everything before it
+    for _ in range(20):
+        sim.inject()
+    again = make(client, page_size=50, checkpoint=checkpoint)
+    assert [i for i, _ in drain(again)] == list(range(501, 521))
+
+
 def test_pruning_between_two_pages_of_one_cycle(tr):
     sim, client = tr
     src = make(client, page_size=50)
@@ -115,3 +151,28 @@ def test_start_time_without_checkpoint_uses_binary_search(tr):
     before = sim.stats["alerts"]
     assert [i for i, _ in drain(src)] == list(range(400, 501))
     assert sim.stats["alerts"] - before <= 1 + 9 + 3  # a first probe, log2(500) bisection probes, 3 pages
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "says"),
+    [
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 3, "offset": "abc"}, "offset is 'abc'"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 3, "offset": -1}, "offset is -1"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 3, "offset": True}, "offset is True"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": "x", "offset": 3}, "id is 'x'"),
+        ({"created_at": "2026-01-01T00:00:00.000Z", "id": 0, "offset": 3}, "id is 0"),
+        ({"created_at": 5, "id": 3, "offset": 3}, "created_at is 5"),
+        ({"created_at": "yesterday", "id": 3, "offset": 3}, "created_at is 'yesterday'"),
+        ({"created_at": None, "id": 3, "offset": 3}, "created_at is None"),
+        ({"id": 3}, "created_at and offset missing"),
+    ],
+)
+def test_a_checkpoint_with_a_missing_or_wrong_field_is_refused_with_what_is_allowed(checkpoint, says):
+    with pytest.raises(ValueError, match="must") as e:
+        Position.from_checkpoint(checkpoint)
+    assert str(e.value).startswith(says)
+
+
+def test_checkpoints_the_cursor_writes_are_accepted():
+    for pos in (Position("2026-01-01T00:00:00.000Z", 3, 3), Position(None, None, 0)):
+        assert Position.from_checkpoint({**pos.to_checkpoint(), "saved_at": "2026-01-02T00:00:00.000Z"}) == pos
