@@ -38,8 +38,8 @@ DROP_REASONS = {"normalize": ("not an object", "bad id", "no id"), "validation":
 RETRY_REASONS = ("429", "5xx", "network")  # why the Tanium client retried (tanium.py)
 # freshness: fine around a poll interval (the target is p99 <= poll_interval + 1 s), coarse beyond,
 # up to the day-old alerts of a backfill
-FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120)
-FRESHNESS_BUCKETS += (300, 600, 1800, 3600, 21600, 86400)
+FRESHNESS_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30)
+FRESHNESS_BUCKETS += (45, 60, 90, 120, 300, 600, 1800, 3600, 21600, 86400)
 
 
 class Metrics:

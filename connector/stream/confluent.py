@@ -166,7 +166,7 @@ class ConfluentProducer:
         old.poll(0)
         old.close()
 
-    def produce(self, topic: str, key: bytes | None, value: bytes, headers: list, done: Done) -> None:
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list, done: Done) -> None:
         """Queues one record; `done(ok, exc)` follows from the poll thread. Raises ConfluentError when
         librdkafka refuses the record (then `done` is never called)."""
 

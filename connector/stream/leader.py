@@ -249,6 +249,7 @@ class LeaderElection:
 
     def _loop(self) -> None:
         consumer = self._consumer
+        assert consumer is not None, "start() creates the consumer before the loop runs"
         try:
             while not self._closing.is_set():
                 try:

@@ -119,7 +119,7 @@ def sort_key(alert) -> tuple[str, int] | None:
     if not isinstance(alert, dict):
         return None
     created, ident = alert.get("createdAt"), alert.get("id")
-    if not isinstance(created, str) or not _whole(ident) or ident <= 0:
+    if not isinstance(created, str) or not isinstance(ident, int) or isinstance(ident, bool) or ident <= 0:
         return None
     return created, ident
 
@@ -155,14 +155,14 @@ class AlertSource:
 
     def resume(self, checkpoint: dict | None, start_at: datetime) -> None:
         pos = Position.from_checkpoint(checkpoint) if checkpoint else None
-        if pos is not None and pos.id is not None:
+        if pos is not None and pos.id is not None and pos.created_at is not None:
             self.key, self.from_start, self.offset = (pos.created_at, pos.id), False, pos.offset or None
         else:
             self.key, self.from_start, self.offset = (format_ts(start_at), 0), True, None
         self.after = Counter()
 
     def _position(self) -> Position:
-        return Position(None, None, self.offset) if self.from_start else Position(*self.key, self.offset)
+        return Position(None, None, self.offset or 0) if self.from_start else Position(*self.key, self.offset or 0)
 
     def _take(self, alert, at: int = 0) -> tuple[object, Position]:
         """Moves the cursor over a record being delivered (`at`: a keyed record's offset)."""
@@ -214,7 +214,8 @@ class AlertSource:
         emitted = searches = 0
         start = self._search(None) if self.offset is None else max(0, self.offset - 1)
         expect = None  # set: the record the page must start with (the previous page's last record)
-        phase, pending, seen = _PENDING, [], Counter()
+        pending: list = []  # keyless records met before the scan knows whether they lie before or after the cursor
+        phase, seen = _PENDING, Counter[str]()
         while True:
             got = self.client.list_alerts([], offset=start, limit=size, sort=SORT)
             items = got.items
