@@ -371,6 +371,35 @@ def test_limit_caps_each_query_and_is_noted_and_counted(sim, tmp_path):
     assert v["L1"]["requests"] == 1 + 10 * 3  # window 0 is empty (1 request); the others: pages of 2, 2, 1
 
 
+@pytest.fixture(scope="module")
+def noisy():
+    """About 8 alerts a minute from 20 endpoints over four hours that end an hour ago."""
+    with Simulator(seed=3, alerts=2000, hosts=20, history=4 * 3600, end=NOW - timedelta(hours=1)) as s:
+        yield s
+
+
+def test_limit_applies_to_each_window_so_judging_together_changes_no_verdict(noisy, tmp_path):
+    """Six actions ten minutes apart, tanium.limit 150: each window holds about 40 alerts, the hour
+    they span about 500. Judged from one file (every window due at once) they get the verdicts,
+    matched events and windows they get when each is judged alone."""
+    t = NOW - timedelta(hours=3)
+    acts = []
+    for i in range(6):
+        h = host()
+        noisy.inject(computer_name=h, alerted_at=t + i * 10 * M + 20 * S)
+        acts.append(action(f"noisy {i}", [h], t=t + i * 10 * M, id=f"n{i}"))
+    cfg = make_cfg(noisy, tanium={"limit": 150, "enrich_intel_docs": False}, discover_network_devices=False)
+    late = t + 2 * timedelta(hours=1)  # after every window: all of them are due at the first tick
+    _, together, col = judge(cfg, acts, tmp_path, start=late)
+    for a in acts:
+        _, alone, col1 = judge(cfg, [a], tmp_path, start=late)
+        v, w = together[a["id"]], alone[a["id"]]
+        assert (v["result"], v["matched_events"], v["notes"]) == ("detected", 1, []), v
+        assert (w["result"], w["matched_events"], w["notes"]) == (v["result"], v["matched_events"], v["notes"])
+        mine = [(rec["event"]["uid"], rec["window"]) for k, rec in col.on(cfg.validation.events_topic) if k == a["id"]]
+        assert mine == [(rec["event"]["uid"], rec["window"]) for _, rec in col1.on(cfg.validation.events_topic)]
+
+
 def test_correlation_query_sets_alerted_and_publishes_correlated_events(sim, tmp_path):
     docs = sim.intel_doc_ids
     h1, h2 = host(), host()
