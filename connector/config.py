@@ -261,6 +261,8 @@ class ValidationSection(_Section):
     discover_network_devices: bool = True
     save_suspicious_events: bool = False
     event_time_adjustment: float = 0
+    # minutes a job action's started_at may lie ahead of this host's clock; later ones are rejected
+    max_clock_skew: Annotated[float, Field(ge=0, le=1440)] = 5
     job_actions_topic: str = "security-validation.job-actions"
     group_id: str = "tanium-connector-validation"
     events_topic: str = "security-validation.events"

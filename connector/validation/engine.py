@@ -235,6 +235,15 @@ class ValidationEngine:
             t = max(t, self.last_tick + self.gap)
         return t
 
+    def waiting_for(self, t: datetime) -> str:
+        """What a tick at `t` will run, for people watching a wait: the first action's next window."""
+        pending = [(aid, st) for aid, st in self.open.items() if st.schedule.window(st.done).run_at <= t]
+        if not pending:
+            return "the correlation query"
+        aid, st = pending[0]
+        more = f" and {len(pending) - 1} more actions" if len(pending) > 1 else ""
+        return f"window {st.done + 1} of {st.schedule.count} of action {aid}{more}"
+
     # ---- the tick -------------------------------------------------------------------------
     def tick(self, now: datetime) -> list[dict]:
         """Runs every query due at `now`; returns the verdicts of actions whose last window ran.

@@ -267,6 +267,29 @@ def parse_job_action(obj: Any) -> JobAction | Rejection:
     return JobAction(action_id, job_id, name.strip(), typ, started, ended, source, dest, port, expected, obj)
 
 
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = float(f"{seconds / size:.3g}")
+            return f"{n:g} {unit}{'' if n == 1 else 's'}"
+    return f"{seconds:.0f} seconds"
+
+
+def check_start(action: JobAction, now: datetime, max_clock_skew: float) -> Rejection | None:
+    """A Rejection when `started_at` lies more than `max_clock_skew` minutes after `now`: a job
+    action is sent when it starts, so a later start is a wrong clock or date, and waiting for it
+    would hold the action (and in Kafka its partition's commit point) open for as long."""
+    ahead = (action.started_at - now).total_seconds()
+    if ahead <= max_clock_skew * 60:
+        return None
+    return Rejection(
+        f"started_at: {format_ts(action.started_at)} is {_span(ahead)} ahead of this connector's clock "
+        f"({format_ts(now)}); at most validation.max_clock_skew = {max_clock_skew:g} minutes ahead is accepted",
+        action.raw,
+        action.id,
+    )
+
+
 def parse_job_action_bytes(data: bytes | str) -> JobAction | Rejection:
     """A raw JSON text (a Kafka record value or a file line) → JobAction or Rejection."""
     try:

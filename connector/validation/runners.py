@@ -3,7 +3,9 @@ Kafka consumer group (`tanium-connector run` with mode = "validation").
 
 Clocks: the engine never reads the time itself. `SystemClock` waits for real; tests pass a
 `FakeClock` whose `sleep_until` jumps, so a 15-minute schedule runs in milliseconds. Against the
-simulator's past windows every run time has passed already and queries run at once.
+simulator's past windows every run time has passed already and queries run at once. A job action
+whose started_at lies more than `validation.max_clock_skew` minutes ahead of the clock is rejected
+(in Kafka mode on the results topic) instead of being waited for.
 
 Exactly one verdict per action, across consumer-group hand-overs:
 - The job-action offset is committed only after the action's verdict was acknowledged by Kafka
@@ -39,9 +41,9 @@ from kafka import ConsumerRebalanceListener
 
 from connector.config import ConfigError
 from connector.tanium import TaniumClient, TaniumError
-from connector.timeutil import utcnow
+from connector.timeutil import format_ts, utcnow
 from connector.validation.engine import ValidationEngine, count_verdict
-from connector.validation.rules import JobAction, Rejection, parse_job_action_bytes
+from connector.validation.rules import JobAction, Rejection, check_start, parse_job_action_bytes
 
 log = logging.getLogger(__name__)
 LEDGER_MARGIN = timedelta(minutes=15)  # clock skew between the job-action producer and runners
@@ -126,10 +128,21 @@ def format_verdict(v: dict) -> str:
     return line + "".join(f"  note: {n}" for n in v["notes"])
 
 
-def drive(engine: ValidationEngine, clock, emit: Callable[[dict], None], stop: threading.Event | None = None) -> None:
-    """Runs the engine until every open action has its verdict (or `stop` is set)."""
+def drive(
+    engine: ValidationEngine,
+    clock,
+    emit: Callable[[dict], None],
+    stop: threading.Event | None = None,
+    waiting: Callable[[str], None] | None = None,
+) -> None:
+    """Runs the engine until every open action has its verdict (or `stop` is set). `waiting` is
+    told what each wait of a second or more is for and until when."""
     while engine.open and not (stop and stop.is_set()):
-        clock.sleep_until(engine.next_wakeup(), stop)
+        wake = engine.next_wakeup()
+        wait = (wake - clock.now()).total_seconds()
+        if waiting and wait >= 1:
+            waiting(f"waiting until {format_ts(wake)} ({wait:.0f} s) for {engine.waiting_for(wake)}")
+        clock.sleep_until(wake, stop)
         if stop and stop.is_set():
             return
         for v in engine.tick(clock.now()):
@@ -149,7 +162,8 @@ def validate_file(
 ) -> int:
     """Judges every job action of a JSON-lines file and prints one verdict line each (JSON with
     `json_output`). Exit code: 0 all judged, 1 Tanium failed, 2 some job actions were rejected.
-    Events, suspicious events and devices go to `publish` (nothing is published by default)."""
+    Events, suspicious events and devices go to `publish` (nothing is published by default).
+    Each wait for a window is announced on stderr."""
     out = out or sys.stdout
     clock = clock or SystemClock()
     items = read_job_actions(job_actions_path)
@@ -162,15 +176,20 @@ def validate_file(
         out.flush()
         count_verdict(metrics, v)
 
+    def waiting(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     rejected = 0
     try:
         for n, item in items:
+            if isinstance(item, JobAction):
+                item = check_start(item, clock.now(), cfg.validation.max_clock_skew) or item
             if isinstance(item, Rejection):
                 rejected += 1
                 emit({**item.record(cfg.pipeline.name), "line": n})
             else:
                 engine.add(item)
-        drive(engine, clock, emit)
+        drive(engine, clock, emit, waiting=waiting)
     except TaniumError as e:
         print(f"error: Tanium query failed: {e.message}", file=sys.stderr)
         return 1
@@ -361,6 +380,8 @@ class KafkaValidationRunner:
     def _take(self, tp, rec) -> list:
         self.offsets.setdefault(tp, _Offsets()).consumed(rec.offset)
         item = parse_job_action_bytes(rec.value if rec.value is not None else b"null")
+        if isinstance(item, JobAction):
+            item = check_start(item, self.clock.now(), self.v.max_clock_skew) or item
         if isinstance(item, Rejection):
             log.warning("job action at %s[%d]@%d rejected: %s", tp.topic, tp.partition, rec.offset, item.reason)
             return [(tp, rec.offset, (item.action_id, item.record(self.cfg.pipeline.name)))]

@@ -235,6 +235,28 @@ def test_an_action_that_already_has_a_verdict_is_not_judged_twice(sim, broker, t
         r.halt()
 
 
+def test_an_action_dated_far_ahead_is_rejected_and_does_not_hold_its_partition(sim, broker, topic_prefix):
+    """A job action starting in three days gets a rejected verdict naming the clock-skew allowance;
+    the action behind it on the same partition is judged and both offsets are committed."""
+    cfg = make_cfg(sim, broker, topic_prefix)
+    now = datetime.now(UTC)
+    create_topic(broker, cfg.validation.job_actions_topic, 1)
+    ends = produce(
+        broker,
+        cfg.validation.job_actions_topic,
+        [action("f1", "nobody", now + timedelta(days=3)), action("f2", "nobody", now - timedelta(hours=2))],
+    )
+    r = Runner(cfg)
+    try:
+        wait_committed(broker, cfg, ends)
+        out = dict(verdicts(broker, cfg.validation.results_topic))
+        assert out["f1"]["result"] == "rejected" and "3 days ahead" in out["f1"]["reason"]
+        assert "validation.max_clock_skew = 5 minutes" in out["f1"]["reason"]
+        assert out["f2"]["result"] == "missed"
+    finally:
+        r.halt()
+
+
 @pytest.mark.slow
 def test_consumer_group_hand_over_gives_exactly_one_verdict_per_action(sim, broker, topic_prefix):
     """Two runners share the job actions; one is stopped while actions are mid-schedule; the other

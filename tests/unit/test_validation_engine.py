@@ -505,6 +505,37 @@ def test_human_output_has_one_line_per_action(sim, tmp_path):
     assert next(ln for ln in lines if "hu2" in ln).startswith("MISSED    hu2")
 
 
+def test_action_dated_beyond_the_clock_skew_allowance_is_rejected(sim, tmp_path):
+    """The clock reads T − 1 min: an action starting 3 days later is rejected at once with the
+    reason; one starting 3 minutes ahead (within validation.max_clock_skew = 5) is judged."""
+    h = host()
+    sim.inject(computer_name=h, alerted_at=T + 2 * M + 5 * S)
+    cfg = make_cfg(sim)
+    far = action("next week's job", [host()], t=T + timedelta(days=3), id="f1")
+    near = action("starts soon", [h], t=T + 2 * M, id="f2")
+    code, v, _ = judge(cfg, [far, near], tmp_path)
+    assert code == 2
+    assert v["line1"]["result"] == "rejected" and v["line1"]["action_id"] == "f1"
+    assert "started_at" in v["line1"]["reason"] and "3 days ahead" in v["line1"]["reason"]
+    assert "validation.max_clock_skew = 5 minutes" in v["line1"]["reason"]
+    assert v["f2"]["result"] == "detected"
+    assert set(v) == {"line1", "f2"}
+    stricter = make_cfg(sim, max_clock_skew=1)
+    _, v, _ = judge(stricter, [near], tmp_path)
+    assert v["line1"]["result"] == "rejected" and "3 minutes ahead" in v["line1"]["reason"]
+
+
+def test_validate_says_what_it_waits_for_and_until_when(sim, tmp_path, capsys):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(action("soon", [host()], id="w1")) + "\n")
+    clock = FakeClock(T - M)
+    assert validate_file(make_cfg(sim), path, True, io.StringIO(), clock) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"waiting until {format_ts(T)} (60 s) for window 1 of 11 of action w1"
+    assert lines[1] == f"waiting until {format_ts(T + 30 * S)} (30 s) for window 2 of 11 of action w1"
+    assert len(lines) == 11  # one line per wait, none when nothing is waited for
+
+
 def test_tanium_failure_in_file_mode_is_a_clear_error_without_the_key(sim, tmp_path, capsys):
     cfg = make_cfg(sim, tanium={"api_key": "wrong-secret-key-123"})
     path = tmp_path / "a.jsonl"
@@ -512,7 +543,8 @@ def test_tanium_failure_in_file_mode_is_a_clear_error_without_the_key(sim, tmp_p
     out = io.StringIO()
     assert validate_file(cfg, path, True, out, FakeClock(T - M)) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: Tanium query failed:") and "token" in err.lower(), err
+    last = err.splitlines()[-1]  # after the line saying what it waited for
+    assert last.startswith("error: Tanium query failed:") and "token" in last.lower(), err
     assert "wrong-secret-key-123" not in err + out.getvalue()
     assert out.getvalue() == ""  # no verdict when Tanium could not be asked
 
