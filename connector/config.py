@@ -263,6 +263,9 @@ class ValidationSection(_Section):
     event_time_adjustment: float = 0
     # minutes a job action's started_at may lie ahead of this host's clock; later ones are rejected
     max_clock_skew: Annotated[float, Field(ge=0, le=1440)] = 5
+    # seconds a due window may wait so that windows due close together share one query round
+    # (rounds are at least this far apart): the bound on lateness, and on rounds per second
+    max_lateness: Annotated[float, Field(ge=0, le=60)] = 0.5
     job_actions_topic: str = "security-validation.job-actions"
     group_id: str = "tanium-connector-validation"
     events_topic: str = "security-validation.events"

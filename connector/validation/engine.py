@@ -6,9 +6,13 @@ time ranges overlap (or nearly touch) with one shared query (alertedAtFrom inclu
 alertedAtUntil exclusive, offset paging sorted by createdAt,id so alerts stored meanwhile land at
 the end instead of shifting pages). Each alert is enriched and normalized once and then handed to
 every action whose window covers it (an index of host names / IPs picks the candidate actions).
-Ticks are at least one query interval apart, so the number of queries over a period depends on its
-length, not on how many actions it holds; a window can therefore run up to one interval (at most a
-minute) after its scheduled time, never before.
+
+Timing: the engine wakes at the next due time (the earliest run time of a pending window, or the
+next correlation run), never before it, and ticks are at least `validation.max_lateness` seconds
+apart (default 0.5): a window runs at most that long after its due time (plus the time the tick's
+queries take), and windows due within that span share one query round. The number of query rounds
+thus follows the distinct due times (at most one round per max_lateness), not the number of
+actions; a larger max_lateness trades punctuality for fewer rounds.
 
 `tanium.limit` belongs to one window: each window sees exactly the alerts its own query, capped at
 the limit, would return (the first `limit` of its range in createdAt,id order), however many windows
@@ -138,8 +142,9 @@ class ValidationEngine:
         self.cfg, self.client, self.publish, self.metrics = cfg, client, publish, metrics
         self.pipeline = cfg.pipeline.name
         self.adjust = timedelta(seconds=v.event_time_adjustment)
-        # ticks are at least this far apart: queries per period then depend on its length only
+        # ranges this close share one query (the alerts between them cost less than another query)
         self.gap = timedelta(seconds=min(v.query_interval, MAX_GAP_SECONDS))
+        self.min_tick_gap = timedelta(seconds=v.max_lateness)
         self.corr_params: list[tuple[str, str]] | None = None
         if v.correlation_query_enabled:
             try:
@@ -225,14 +230,14 @@ class ValidationEngine:
     # ---- timing ---------------------------------------------------------------------------
     def next_wakeup(self) -> datetime | None:
         """When the next tick has work: the earliest pending run time (or correlation run), but at
-        least one query interval after the previous tick."""
+        least max_lateness after the previous tick."""
         if not self.open:
             return None
         t = min(st.schedule.window(st.done).run_at for st in self.open.values())
         if self.corr_params is not None and self.last_correlation is not None:
             t = min(t, self.last_correlation + self.corr_every)
         if self.last_tick is not None:
-            t = max(t, self.last_tick + self.gap)
+            t = max(t, self.last_tick + self.min_tick_gap)
         return t
 
     def waiting_for(self, t: datetime) -> str:
@@ -270,6 +275,12 @@ class ValidationEngine:
         ]
         trace = {
             "at": now,
+            # the most overdue window of this tick, in seconds (the benchmark's lateness figure)
+            "late": max(
+                (now - self.open[aid].schedule.window(lo).run_at).total_seconds() for aid, (lo, _) in due.items()
+            )
+            if due
+            else 0.0,
             "windows": dict(due) if len(due) <= 50 else {"count": len(due)},
             "ranges": [],
             "kind": "windows",

@@ -22,7 +22,7 @@ from connector.simulator import Simulator
 from connector.tanium import TaniumClient
 from connector.timeutil import format_ts
 from connector.validation.engine import ValidationEngine
-from connector.validation.rules import parse_job_action
+from connector.validation.rules import Schedule, parse_job_action
 from connector.validation.runners import FakeClock, SystemClock, drive, validate_file
 
 NOW = datetime.now(UTC)
@@ -137,6 +137,29 @@ def test_documented_example_runs_11_queries_at_the_documented_times(sim):
         assert all(t["at"] >= t["ranges"][0][1] for t in ticks)  # never before the window closed
         assert sim.stats["alerts"] - before == 11  # one HTTP request per window (each range fits a page)
         client.close()
+
+
+def test_each_window_runs_at_its_due_time_with_many_actions(sim):
+    """40 actions starting 0.7 s apart (fake clock): every window runs no earlier than T + D + k·I
+    and at most validation.max_lateness (0.5 s) after it; query rounds are at least that far apart."""
+    cfg = make_cfg(sim, discover_network_devices=False)
+    engine, client = engine_for(cfg)
+    acts = [action(f"a{k}", [host()], t=T + k * 0.7 * S, id=f"due{k}") for k in range(40)]
+    schedules = {a["id"]: parse_job_action(a) for a in acts}
+    verdicts, _ = run_engine(engine, acts, T - M)
+    assert len(verdicts) == 40
+    ticks = [t for t in engine.trace if t["kind"] == "windows"]
+    late = []
+    for tick in ticks:
+        for aid, (lo, hi) in tick["windows"].items():
+            a = schedules[aid]
+            sch = Schedule.of(a.started_at, 5, 30, 0)
+            late += [(tick["at"] - sch.window(k).run_at).total_seconds() for k in range(lo, hi)]
+    assert len(late) == 40 * 11
+    assert min(late) >= 0 and max(late) <= 0.5, (min(late), max(late))
+    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert min(gaps) >= 0.5
+    client.close()
 
 
 def test_delay_shifts_execution_not_windows(sim, tmp_path):
@@ -557,27 +580,43 @@ def test_missing_job_actions_file_is_a_config_error(sim, tmp_path):
 # ---- cost ----------------------------------------------------------------------------------------
 
 
-def test_requests_for_1_vs_200_concurrent_actions(sim, capsys):
-    """The same simulated period with 1 and with 200 open actions (starts spread over a minute):
-    shared queries keep the request count flat (target ≤ 2×). A count, not a timing."""
+def count_requests(sim, cfg, starts: list[datetime], hosts: list[str], tag: str) -> tuple[int, int]:
+    """(requests the simulator saw, requests the engine counted) judging one action per start."""
+    engine, client = engine_for(cfg)
+    acts = [action(f"bench {k}", [hosts[k]], t=s, id=f"{tag}-{k}") for k, s in enumerate(starts)]
+    before = sim.stats["alerts"] + sim.stats["intel"]
+    verdicts, _ = run_engine(engine, acts, min(starts) - M)
+    client.close()
+    assert len(verdicts) == len(starts) and all(v["detected"] for v in verdicts)
+    return sim.stats["alerts"] + sim.stats["intel"] - before, engine.stats["requests"]
+
+
+def test_requests_follow_due_times_not_the_number_of_actions(sim, capsys):
+    """Counts, not timings. 200 actions whose starts fall on 5 seconds cost what 5 actions on those
+    seconds cost (one query round per distinct due time). With max_lateness = 30, 200 actions
+    spread over a minute cost at most twice one action (rounds shared over 30 s)."""
     t0 = T + 2 * timedelta(hours=1)
     hosts = [host() for _ in range(200)]
     for k, h in enumerate(hosts):
         sim.inject(computer_name=h, alerted_at=t0 + (k % 60) * S + 30 * S)
     cfg = make_cfg(sim, discover_network_devices=False)
-    counts = {}
-    for n in (1, 200):
-        engine, client = engine_for(cfg)
-        acts = [action(f"bench {k}", [hosts[k]], t=t0 + (k % 60) * S, id=f"b{n}-{k}") for k in range(n)]
-        before = sim.stats["alerts"] + sim.stats["intel"]
-        verdicts, _ = run_engine(engine, acts, t0 - M)
-        counts[n] = (sim.stats["alerts"] + sim.stats["intel"] - before, engine.stats["requests"])
-        assert len(verdicts) == n and all(v["detected"] for v in verdicts)
-        client.close()
+    on_5 = [t0 + (k % 5) * S for k in range(200)]
+    few, many = count_requests(sim, cfg, on_5[:5], hosts, "f"), count_requests(sim, cfg, on_5, hosts, "m")
+    relaxed = make_cfg(sim, discover_network_devices=False, max_lateness=30)
+    spread = [t0 + (k % 60) * S for k in range(200)]
+    one, spread_200 = (
+        count_requests(sim, relaxed, spread[:1], hosts, "o"),
+        count_requests(sim, relaxed, spread, hosts, "s"),
+    )
     with capsys.disabled():
-        print(f"\nvalidation requests (simulator count, engine count): 1 action {counts[1]}, 200 actions {counts[200]}")
-    assert counts[1][0] == counts[1][1] and counts[200][0] == counts[200][1]
-    assert counts[200][0] <= 2 * counts[1][0]
+        print(
+            f"\nvalidation requests (simulator, engine): 5 vs 200 actions on 5 start seconds {few} vs {many}; "
+            f"max_lateness 30 s, 1 vs 200 actions over a minute {one} vs {spread_200}"
+        )
+    for sim_count, engine_count in (few, many, one, spread_200):
+        assert sim_count == engine_count
+    assert many[0] <= few[0] + 5  # a few more pages for the 195 more alerts
+    assert spread_200[0] <= 2 * one[0]
 
 
 # ---- the shipped example -------------------------------------------------------------------------
