@@ -23,6 +23,12 @@ Exactly one verdict per action, across consumer-group hand-overs:
   them from scratch (their past windows run at once).
 - Remaining gap: a runner frozen longer than max.poll.interval while publishing could race the new
   owner by milliseconds; both check the results topic, which makes that window tiny.
+
+Evidence before verdict: an action's matched and suspicious-event records are tracked until Kafka
+answers; before its verdict is published, the runner waits for them and sends failed ones again.
+A verdict whose evidence is still not delivered is held back (its offset stays open) and retried,
+so a committed verdict always has its events on the events topic. Evidence is at least once: an
+action judged again after a restart or hand-over publishes its events again.
 """
 
 from __future__ import annotations
@@ -220,6 +226,21 @@ class _Offsets:
         return min(self.open) if self.open else self.next
 
 
+class _Evidence:
+    """The matched and suspicious-event records of one action: how many Kafka has not answered yet,
+    and those it failed to deliver (sent again before the verdict may go out)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()  # delivery outcomes arrive on the producer's I/O thread
+        self.pending = 0
+        self.failed: list[tuple[str, str, dict]] = []
+
+    @property
+    def settled(self) -> bool:
+        with self.lock:
+            return self.pending == 0 and not self.failed
+
+
 class VerdictLedger:
     """Which actions already have a verdict on the results topic (see the module docstring)."""
 
@@ -309,6 +330,7 @@ class KafkaValidationRunner:
         self.parked_retry: dict[Any, list] = {}
         self.retry_at = 0.0
         self.failed_sends = 0
+        self.evidence: dict[str, _Evidence] = {}  # action id → its event records' delivery state
         self.tanium_ok = True
         self.published: list[dict] = []  # verdicts this runner published (tests, summaries)
         opts = {
@@ -323,10 +345,21 @@ class KafkaValidationRunner:
 
     # ---- publishing -------------------------------------------------------------------------
     def _publish(self, topic: str, key: str | None, value: dict, on_done=None) -> None:
+        ev = None
+        if key and topic in (self.v.events_topic, self.v.suspicious_topic):  # evidence of action `key`
+            ev = self.evidence.setdefault(key, _Evidence())
+            with ev.lock:
+                ev.pending += 1
+
         def done(ok: bool, exc: Exception | None) -> None:
             if not ok:
                 self.failed_sends += 1
                 log.warning("validation record for %s not delivered to %s: %s", key, topic, exc)
+            if ev is not None:
+                with ev.lock:
+                    ev.pending -= 1
+                    if not ok:
+                        ev.failed.append((topic, key, value))
             if on_done:
                 on_done(ok)
 
@@ -420,25 +453,56 @@ class KafkaValidationRunner:
                 log.info(
                     "action %s already has a verdict (an earlier owner published it); not repeating it", v["action_id"]
                 )
+                self.evidence.pop(v["action_id"], None)
                 out.append((tp, offset, None))
             else:
                 out.append((tp, offset, (v["action_id"], v)))
         return out
 
+    def _settle_evidence(self, action_ids: set[str]) -> set[str]:
+        """Waits for the outcome of these actions' event records, sends the failed ones once more,
+        and returns the actions whose evidence is still not all delivered."""
+        mine = {aid: self.evidence[aid] for aid in action_ids if aid in self.evidence}
+        if all(ev.settled for ev in mine.values()):
+            return set()
+        timeout = self.cfg.kafka.delivery_timeout_ms / 1000
+        self.sink.flush(timeout)
+        again = []
+        for ev in mine.values():
+            with ev.lock:
+                again += ev.failed
+                ev.failed = []
+        if again:
+            log.warning("%d matched-event records were not delivered; sending them again first", len(again))
+            for topic, key, value in again:
+                self._publish(topic, key, value)
+            self.sink.flush(timeout)
+        return {aid for aid, ev in mine.items() if not ev.settled}
+
     def _finish(self, finished: list) -> None:
-        """Publish the results-topic records, then mark their offsets finished and commit."""
+        """Publish the results-topic records, then mark their offsets finished and commit. A
+        verdict goes out only once all its evidence (matched / suspicious events) is delivered."""
         from kafka.structs import OffsetAndMetadata
 
         to_send = [(i, rec) for i, (_, _, rec) in enumerate(finished) if rec is not None]
+        unsettled = self._settle_evidence({rec[0] for _, rec in to_send if rec[0]})
+        held = {i for i, rec in to_send if rec[0] in unsettled}
+        to_send = [(i, rec) for i, rec in to_send if i not in held]
         oks = self._deliver([rec for _, rec in to_send]) if to_send else []
-        failed = {i for (i, _), ok in zip(to_send, oks, strict=True) if not ok}
-        for (_, (_, value)), ok in zip(to_send, oks, strict=True):
+        failed = held | {i for (i, _), ok in zip(to_send, oks, strict=True) if not ok}
+        for (_, (key, value)), ok in zip(to_send, oks, strict=True):
             if ok:
+                self.evidence.pop(key, None)
                 self.published.append(value)
                 count_verdict(self.metrics, value)
         if failed:
-            # not delivered: the offsets stay open and the records are sent again later
-            log.error("%d verdicts were not confirmed by Kafka; retrying in %.0fs", len(failed), RETRY_SECONDS)
+            # not delivered (or their evidence was not): the offsets stay open, sent again later
+            log.error(
+                "%d verdicts were not confirmed by Kafka (%d held back for their events); retrying in %.0fs",
+                len(failed),
+                len(held),
+                RETRY_SECONDS,
+            )
             for i in failed:
                 tp, offset, rec = finished[i]
                 self.retry.setdefault(tp, []).append((offset, rec))
@@ -493,7 +557,11 @@ class KafkaValidationRunner:
         for tp, items in self.parked_retry.items():
             if tp in back:
                 self.retry[tp] = items
+            else:
+                handed.extend(rec[0] for _, rec in items if rec and rec[0])
         self.parked, self.parked_offsets, self.parked_retry = {}, {}, {}
+        for aid in handed:  # the new owner judges them again, evidence included
+            self.evidence.pop(aid, None)
         if handed:
             log.info("%d unfinished actions handed over to another runner: %s", len(handed), ", ".join(handed[:20]))
 
@@ -502,6 +570,8 @@ class KafkaValidationRunner:
         they go next (here too), so their actions are forgotten, not parked."""
         gone = set(partitions)
         dropped = self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone)
+        for st in dropped:
+            self.evidence.pop(st.action.id, None)
         for tp in gone:
             self.offsets.pop(tp, None)
             self.retry.pop(tp, None)

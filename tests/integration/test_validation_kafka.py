@@ -31,7 +31,7 @@ def sim():
         yield s
 
 
-def make_cfg(sim, broker, prefix, **validation):
+def make_cfg(sim, broker, prefix, kafka=None, **validation):
     v = {
         "job_actions_topic": f"{prefix}.jobs",
         "results_topic": f"{prefix}.results",
@@ -46,7 +46,7 @@ def make_cfg(sim, broker, prefix, **validation):
             "pipeline": {"name": "sv-kafka", "mode": "validation", "shutdown_timeout": 10},
             "tanium": sim.settings(max_retries=1),
             "metrics": {"enabled": False},
-            "kafka": {"bootstrap_servers": broker.bootstrap, "linger_ms": 0},
+            "kafka": {"bootstrap_servers": broker.bootstrap, "linger_ms": 0, **(kafka or {})},
             "validation": v,
         }
     )
@@ -253,6 +253,31 @@ def test_an_action_dated_far_ahead_is_rejected_and_does_not_hold_its_partition(s
         assert out["f1"]["result"] == "rejected" and "3 days ahead" in out["f1"]["reason"]
         assert "validation.max_clock_skew = 5 minutes" in out["f1"]["reason"]
         assert out["f2"]["result"] == "missed"
+    finally:
+        r.halt()
+
+
+def test_a_verdict_is_committed_only_after_its_evidence_was_published(sim, proxied, proxy, topic_prefix):
+    """The broker stalls while an action's matched event is being published, long enough for the
+    delivery to fail; once it is back, the event is on the events topic, then the verdict, and
+    only then the offset is committed."""
+    cfg = make_cfg(sim, proxied, topic_prefix, kafka={"delivery_timeout_ms": 3000}, query_time=0.05, query_interval=1)
+    h = f"ev-{uuid.uuid4().hex[:6]}"
+    t = datetime.now(UTC) + 3 * S  # windows run over the 6 s around t
+    sim.inject(computer_name=h, alerted_at=t)
+    create_topic(proxied, cfg.validation.job_actions_topic, 1)
+    ends = produce(proxied, cfg.validation.job_actions_topic, [action("e1", h, t)])
+    r = Runner(cfg)
+    try:
+        wait_for(lambda: "e1" in r.runner.engine.open, 60, "the action to be open")
+        proxy.stall()
+        wait_for(lambda: r.runner.failed_sends > 0, 30, "a failed delivery")
+        proxy.resume()
+        wait_committed(proxied, cfg, ends, timeout=60)
+        events = verdicts(proxied, cfg.validation.events_topic)
+        assert [(k, e["event"]["computer"]) for k, e in events if not e["correlated"]][:1] == [("e1", h)]
+        out = verdicts(proxied, cfg.validation.results_topic)
+        assert [(k, v["result"]) for k, v in out] == [("e1", "detected")]
     finally:
         r.halt()
 
