@@ -266,6 +266,9 @@ class ValidationSection(_Section):
     # seconds a due window may wait so that windows due close together share one query round
     # (rounds are at least this far apart): the bound on lateness, and on rounds per second
     max_lateness: Annotated[float, Field(ge=0, le=60)] = 0.5
+    # seconds without heartbeats before the group hands a runner's job actions to another runner
+    # (after a crash); heartbeats are sent every third of it
+    session_timeout: Annotated[float, Field(ge=6, le=300)] = 10
     job_actions_topic: str = "security-validation.job-actions"
     group_id: str = "tanium-connector-validation"
     events_topic: str = "security-validation.events"

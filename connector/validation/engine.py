@@ -472,6 +472,14 @@ class ValidationEngine:
             },
         )
 
+    def remember_devices(self, names) -> None:
+        """Devices published before (e.g. read from the devices topic): not published again."""
+        self._devices |= {n.lower() for n in names}
+
+    def forget_device(self, name: str) -> None:
+        """A device whose record was not delivered: published again when next seen."""
+        self._devices.discard(name.lower())
+
     def _candidates(self, ev: dict, allowed) -> list[str]:
         ids: set[str] = set()
         for tok in identity_tokens(ev):
