@@ -46,7 +46,11 @@ EXPECTED_KEYS = ("file_hashes", "command_line_contains", "mitre_techniques")
 _HASH = re.compile(r"^(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$", re.IGNORECASE)
 _HOSTNAME = re.compile(r"^[^\s/\\@]{1,255}$")
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+# the shape; parse_ts then rejects impossible dates (2026-02-30). The JSON Schema's pattern spells
+# out the valid dates too, so that both accept the same strings.
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+)
 _US = timedelta(microseconds=1)
 MAX_ECHO = 65536  # bytes of a rejected input repeated in its rejection record
 
@@ -569,14 +573,15 @@ def match_event(action: JobAction, event: dict) -> Match | None:
         if not r2:
             failed.append(_side_failure(event, DST_KEYS, "dest_ip", a2))
         if both and action.dest_port is not None:
-            # seen from the destination host, the action's port is the local one
-            seen = _port(event.get("dest_port" if direction == "forward" else "src_port"))
+            # seen from the destination host, the action's port is the local one (the event's src_port)
+            port_field = "dest_port" if direction == "forward" else "src_port"
+            seen = _port(event.get(port_field))
             if seen is not None:
                 if seen == action.dest_port:
                     rules.append("dest_port")
                 else:
                     failed.append(
-                        {"field": "dest_port", "reason": "mismatch", "expected": action.dest_port, "actual": seen}
+                        {"field": port_field, "reason": "mismatch", "expected": action.dest_port, "actual": seen}
                     )
     _markers(action, event, rules, failed)
     return Match(rules, failed)
