@@ -49,6 +49,8 @@ ALERT_FILTERS = frozenset(
         "alertedAtUntil",
     }
 )
+# set by the validation engine from each action's query window, so never part of a correlation query
+WINDOW_FILTERS = ("alertedAtFrom", "alertedAtUntil")
 SECRET_KEYS = ("api_key", "sasl_plain_password", "ssl_password")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -279,7 +281,12 @@ class ValidationSection(_Section):
     @field_validator("correlation_query")
     @classmethod
     def _corr(cls, v: str) -> str:
-        parse_alert_filter(v)
+        clash = [k for k, _ in parse_alert_filter(v) if k in WINDOW_FILTERS]
+        if clash:
+            raise ValueError(
+                f"{', '.join(dict.fromkeys(clash))} is set by the connector from each action's window; "
+                "remove it from the query"
+            )
         return v
 
     @model_validator(mode="after")

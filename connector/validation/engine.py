@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from connector.config import ConfigError, parse_alert_filter
+from connector.config import parse_alert_filter
 from connector.stream.normalize import NormalizeError
 from connector.stream.stages import build_stages
 from connector.timeutil import format_ts, parse_ts
@@ -77,7 +77,8 @@ class ActionState:
     first_reported_at: datetime | None = None
     first_query_at: datetime | None = None
     last_query_at: datetime | None = None
-    requests: int = 0
+    requests_attributed: float = 0.0  # its share: each query's requests divided among the actions it served
+    requests_shared_total: int = 0  # all requests of the queries that served it
     limited_windows: set = field(default_factory=set)  # window indexes whose query reached tanium.limit
     correlation_limited: bool = False
 
@@ -145,18 +146,8 @@ class ValidationEngine:
         # ranges this close share one query (the alerts between them cost less than another query)
         self.gap = timedelta(seconds=min(v.query_interval, MAX_GAP_SECONDS))
         self.min_tick_gap = timedelta(seconds=v.max_lateness)
-        self.corr_params: list[tuple[str, str]] | None = None
-        if v.correlation_query_enabled:
-            try:
-                self.corr_params = parse_alert_filter(v.correlation_query)
-            except ValueError as e:
-                raise ConfigError(f"validation.correlation_query = {v.correlation_query!r}: {e}") from None
-            clash = [k for k, _ in self.corr_params if k in ("alertedAtFrom", "alertedAtUntil")]
-            if clash:
-                raise ConfigError(
-                    f"validation.correlation_query: {', '.join(clash)} is set by the connector "
-                    "from each action's window; remove it from the query"
-                )
+        # checked when the pipeline file was loaded (config.ValidationSection)
+        self.corr_params = parse_alert_filter(v.correlation_query) if v.correlation_query_enabled else None
         self.corr_every = timedelta(minutes=v.correlation_query_interval)
         stages = build_stages(cfg, client, metrics)  # the event-time adjustment is applied there
         self.enricher, self.normalizer = stages.enricher, stages.normalizer
@@ -346,8 +337,11 @@ class ValidationEngine:
             g = work.pop(0)
             ranges.append((g.start, g.end))
             fs = self._fetch(params, g.start, g.end, lambda events, g=g: collect(events, g))
-            for aid in dict.fromkeys(u.aid for u in g.units):
-                self.open[aid].requests += fs.requests
+            served = dict.fromkeys(u.aid for u in g.units)
+            for aid in served:
+                st = self.open[aid]
+                st.requests_attributed += fs.requests / len(served)
+                st.requests_shared_total += fs.requests
             if fs.alerts < limit:
                 continue
             # the query returned `limit` alerts: the units that hold all of them reached the limit
@@ -601,7 +595,8 @@ class ValidationEngine:
                 "first_query_at": format_ts(st.first_query_at) if st.first_query_at else None,
                 "last_query_at": format_ts(st.last_query_at) if st.last_query_at else None,
             },
-            "requests": st.requests,
+            "requests_attributed": st.requests_attributed,
+            "requests_shared_total": st.requests_shared_total,
             "notes": notes,
             **({"metadata": a.raw["metadata"]} if isinstance(a.raw.get("metadata"), dict) else {}),
             "pipeline": self.pipeline,

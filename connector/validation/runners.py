@@ -146,7 +146,7 @@ def format_verdict(v: dict) -> str:
     if v["suspicious_events"]:
         parts.append(f"suspicious={v['suspicious_events']}")
     parts.append(f"windows={v['windows']['queried']}/{v['windows']['total']}")
-    parts.append(f"requests={v['requests']}")
+    parts.append(f"requests={v['requests_attributed']:.1f} (of {v['requests_shared_total']} shared)")
     line = "  ".join(parts)
     return line + "".join(f"  note: {n}" for n in v["notes"])
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import write_pipeline
 
 from connector.config import ConfigError, parse_pipeline
 from connector.metrics import Metrics
@@ -338,6 +339,23 @@ def test_expected_markers_hash_command_line_and_technique(sim, tmp_path):
     assert [f["field"] for f in sus["failed_fields"]] == ["file_hash", "command_line", "mitre_techniques"]
 
 
+def test_requests_are_reported_as_the_actions_share_and_the_shared_total(sim):
+    """Three actions with the same start share every query: each verdict reports a third of the
+    requests as its share and all of them as the shared total; the shares add up to the total."""
+    cfg = make_cfg(sim, discover_network_devices=False)
+    engine, client = engine_for(cfg)
+    acts = [action(f"share {k}", [host()], id=f"r{k}") for k in range(3)]
+    verdicts, _ = run_engine(engine, acts, T - M)
+    total = engine.stats["requests"]
+    assert total >= 11  # one request per window at least
+    for v in verdicts:
+        assert "requests" not in v
+        assert v["requests_shared_total"] == total
+        assert v["requests_attributed"] == pytest.approx(total / 3)
+    assert sum(v["requests_attributed"] for v in verdicts) == pytest.approx(total)
+    client.close()
+
+
 def test_dedup_across_overlapping_windows(sim, tmp_path):
     h = host()
     sim.inject(computer_name=h, alerted_at=T + 10 * S)  # inside windows 1 … 10
@@ -391,7 +409,7 @@ def test_limit_caps_each_query_and_is_noted_and_counted(sim, tmp_path):
     assert any("tanium.limit (5) was reached" in n for n in v["L1"]["notes"])
     dropped = metrics.records_dropped.labels("sv-test", "validation", "limit")._value.get()
     assert dropped >= 7  # 12 in range, 5 fetched, per query
-    assert v["L1"]["requests"] == 1 + 10 * 3  # window 0 is empty (1 request); the others: pages of 2, 2, 1
+    assert v["L1"]["requests_shared_total"] == 1 + 10 * 3  # window 0 is empty (1 request); the others: pages of 2, 2, 1
 
 
 @pytest.fixture(scope="module")
@@ -449,14 +467,30 @@ def test_correlation_query_with_unknown_parameter_is_a_clear_error(sim):
     with pytest.raises(ConfigError) as e:
         make_cfg(sim, correlation_query_enabled=True, correlation_query="intelDocId=700&colour=red")
     assert "unknown alert filter parameter 'colour'" in str(e.value) and "intelDocId" in str(e.value)
-    good = make_cfg(sim, correlation_query_enabled=True, correlation_query="severity=high")
-    bad = good.model_copy(
-        update={
-            "validation": good.validation.model_copy(update={"correlation_query": "alertedAtFrom=2026-01-01T00:00:00Z"})
-        }
+    make_cfg(sim, correlation_query_enabled=True, correlation_query="severity=high")
+
+
+@pytest.mark.parametrize("command", ["validate-config", "run"])
+def test_a_correlation_query_setting_the_window_is_refused_by_every_command(sim, tmp_path, command, capsys):
+    """alertedAtFrom / alertedAtUntil come from each action's window: the pipeline file is refused
+    when it is loaded, so validate-config and run give the same error (exit code 2)."""
+    from connector import cli
+
+    path = write_pipeline(
+        tmp_path / "sv.toml",
+        {
+            "pipeline": {"name": "sv-corr", "mode": "validation"},
+            "tanium": sim.settings(),
+            "kafka": {"bootstrap_servers": "127.0.0.1:9"},
+            "validation": {
+                "correlation_query_enabled": True,
+                "correlation_query": "alertedAtFrom=2026-01-01T00:00:00Z",
+            },
+        },
     )
-    with pytest.raises(ConfigError, match="alertedAtFrom is set by the connector"):
-        engine_for(bad)
+    assert cli.main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "validation.correlation_query" in err and "alertedAtFrom is set by the connector" in err, err
 
 
 @pytest.mark.parametrize("discover", [True, False])
