@@ -398,7 +398,9 @@ class KafkaValidationRunner:
         from connector.stream.checkpoint import CheckpointError, read_committed_log
 
         topic = self.v.devices_topic
-        admin = KafkaAdminClient(**client_settings(self.cfg.kafka))
+        admin = KafkaAdminClient(
+            **client_settings(self.cfg.kafka), request_timeout_ms=10000, bootstrap_timeout_ms=10000
+        )
         try:
             brokers = len(admin.describe_cluster().get("brokers") or []) or 1
             admin.create_topics([NewTopic(topic, 1, min(3, brokers), topic_configs={"cleanup.policy": "compact"})])

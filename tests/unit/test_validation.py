@@ -391,3 +391,22 @@ def test_matcher_uses_event_time_as_normalized():
     the Normalizer applied cannot be applied a second time here."""
     a = parsed()
     assert match_event(a, ev(computer="ws-fin-0001", event_time="1999-01-01T00:00:00.000Z")).matched
+
+
+def test_timing_settings_defaults_and_bounds():
+    from connector.config import ConfigError, parse_pipeline
+
+    def cfg(**validation):
+        return parse_pipeline(
+            {
+                "pipeline": {"name": "p", "mode": "validation"},
+                "tanium": {"host": "h", "api_key": "k"},
+                "validation": validation,
+            }
+        ).validation
+
+    v = cfg()
+    assert (v.max_clock_skew, v.max_lateness, v.session_timeout) == (5, 0.5, 10)
+    for key, bad in (("max_clock_skew", -1), ("max_lateness", 61), ("session_timeout", 5)):
+        with pytest.raises(ConfigError, match=f"validation.{key} = {bad}"):
+            cfg(**{key: bad})
