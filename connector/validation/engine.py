@@ -20,10 +20,13 @@ share a query. A shared query is capped at the limit too, so every alert it retu
 first `limit` of each window it falls in. When it stops at the limit, the windows that held every
 returned alert (or whose range is the whole query) have their answer and reached the limit; the
 others are fetched again, split into smaller groups (down to one window per query if need be), so
-a noisy period costs at most about twice the queries that judging each window alone would. Sharing
+a noisy period costs at most about twice the queries of one query per window. Sharing
 is thereby only an optimisation: verdicts and matched events equal those of judging each action
 alone (tests/unit/test_validation_batching.py). The correlation query works the same way, with
 each action's [T − Q, T + Q] as its one window.
+
+Requests: each query's requests (pages and IntelDoc lookups) are divided equally among the actions
+it served (a verdict's `requests_attributed`); `requests_shared_total` counts them whole.
 
 Overlapping windows return the same alert many times: per action, each event counts once (uid),
 attributed to the lowest-index window that returned it. Events are published only after every
