@@ -53,6 +53,8 @@ ALERT_FILTERS = frozenset(
         "alertedAtUntil",
     }
 )
+# set by the validation engine from each action's query window, so never part of a correlation query
+WINDOW_FILTERS = ("alertedAtFrom", "alertedAtUntil")
 SECRET_KEYS = ("api_key", "sasl_plain_password", "ssl_password")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -324,6 +326,14 @@ class ValidationSection(_Section):
     discover_network_devices: bool = True
     save_suspicious_events: bool = False
     event_time_adjustment: float = 0
+    # minutes a job action's started_at may lie ahead of this host's clock; later ones are rejected
+    max_clock_skew: Annotated[float, Field(ge=0, le=1440)] = 5
+    # seconds a due window may wait so that windows due close together share one query round
+    # (rounds are at least this far apart): the bound on lateness, and on rounds per second
+    max_lateness: Annotated[float, Field(ge=0, le=60)] = 0.5
+    # seconds without heartbeats before the group hands a runner's job actions to another runner
+    # (after a crash); heartbeats are sent every third of it
+    session_timeout: Annotated[float, Field(ge=6, le=300)] = 10
     job_actions_topic: str = "security-validation.job-actions"
     group_id: str = "tanium-connector-validation"
     events_topic: str = "security-validation.events"
@@ -334,7 +344,12 @@ class ValidationSection(_Section):
     @field_validator("correlation_query")
     @classmethod
     def _corr(cls, v: str) -> str:
-        parse_alert_filter(v)
+        clash = [k for k, _ in parse_alert_filter(v) if k in WINDOW_FILTERS]
+        if clash:
+            raise ValueError(
+                f"{', '.join(dict.fromkeys(clash))} is set by the connector from each action's window; "
+                "remove it from the query"
+            )
         return v
 
     @model_validator(mode="after")

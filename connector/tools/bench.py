@@ -603,75 +603,101 @@ def _median_run(runs: list[dict]) -> dict:
     return med
 
 
-# ---- validation: requests for N actions vs 1 -------------------------------------------------------
+# ---- validation: requests and window lateness for N actions vs 1 --------------------------------------
 
 
 def measure_validation(n_actions: int) -> dict:
-    """Tanium requests of the validation engine for 1 and for N open job actions whose windows
-    cover the same simulated period (starts spread over one minute), counted by the simulator."""
+    """The validation engine with 1 and with N open job actions (starts spread over one minute):
+    Tanium requests over the same simulated period (fake clock, counted by the simulator) at the
+    default settings and with max_lateness = 30 s (query rounds shared over 30 s); and, with the
+    real clock, how late windows run: for each tick, how overdue its most overdue window was when
+    the tick began plus how long the tick's queries took (3-second windows, starts over 2 s)."""
     from connector.config import parse_pipeline
     from connector.simulator import Simulator
     from connector.tanium import TaniumClient
     from connector.timeutil import format_ts
     from connector.validation.engine import ValidationEngine
     from connector.validation.rules import JobAction, parse_job_action
-    from connector.validation.runners import FakeClock, drive
+    from connector.validation.runners import FakeClock, SystemClock, drive
 
-    now = datetime.now(UTC)
-    t0 = (now - timedelta(days=1)).replace(hour=14, minute=0, second=0, microsecond=0)
-    hosts = [f"bench-{uuid.uuid4().hex[:8]}" for _ in range(n_actions)]
-    counts: dict[int, dict] = {}
-    with Simulator(seed=11, alerts=600, hosts=30, history=2 * 86400, end=now) as sim:
-        for k, h in enumerate(hosts):
-            sim.inject(computer_name=h, alerted_at=t0 + timedelta(seconds=k % 60 + 30))
+    def engine_with(sim, n: int, starts: list[datetime], hosts: list[str], **validation) -> ValidationEngine:
         cfg = parse_pipeline(
             {
                 "pipeline": {"name": "bench-validation", "mode": "validation"},
                 "tanium": sim.settings(max_retries=1),
                 "metrics": {"enabled": False},
-                "validation": {"discover_network_devices": False},
+                "validation": {"discover_network_devices": False, **validation},
             }
         )
+        engine = ValidationEngine(cfg, TaniumClient(cfg.tanium), lambda *_: None)
+        for k in range(n):
+            action = parse_job_action(
+                {
+                    "id": f"bench-{n}-{k}",
+                    "job_id": "bench",
+                    "name": f"bench {k}",
+                    "type": "host_cli",
+                    "started_at": format_ts(starts[k]),
+                    "source": {"hostnames": [hosts[k]]},
+                }
+            )
+            if not isinstance(action, JobAction):
+                raise BenchError(f"validation: bench job action rejected: {action.reason}")
+            engine.add(action)
+        return engine
+
+    def finish(engine: ValidationEngine) -> None:
+        if engine.enricher is not None:
+            engine.enricher.close()
+        engine.client.close()
+
+    now = datetime.now(UTC)
+    t0 = (now - timedelta(days=1)).replace(hour=14, minute=0, second=0, microsecond=0)
+    hosts = [f"bench-{uuid.uuid4().hex[:8]}" for _ in range(n_actions)]
+    starts = [t0 + timedelta(seconds=k % 60) for k in range(n_actions)]
+    counts: dict[str, dict] = {}
+    lateness: dict[str, dict] = {}
+    with Simulator(seed=11, alerts=600, hosts=30, history=2 * 86400, end=now) as sim:
+        for k, h in enumerate(hosts):
+            sim.inject(computer_name=h, alerted_at=t0 + timedelta(seconds=k % 60 + 30))
+        for label, settings in (("default", {}), ("max_lateness_30", {"max_lateness": 30})):
+            for n in sorted({1, n_actions}):
+                engine = engine_with(sim, n, starts, hosts, **settings)
+                before = _tanium_requests(sim)
+                verdicts: list[dict] = []
+                drive(engine, FakeClock(t0 - timedelta(minutes=1)), verdicts.append)
+                requests = _tanium_requests(sim) - before
+                finish(engine)
+                detected = sum(1 for v in verdicts if v.get("detected"))
+                counts[f"{label}/{n}"] = {"requests": requests, "verdicts": len(verdicts), "detected": detected}
+                if len(verdicts) != n or detected != n:
+                    raise BenchError(f"validation: {n} actions gave {len(verdicts)} verdicts, {detected} detected")
+        clock = SystemClock()
         for n in sorted({1, n_actions}):
-            client = TaniumClient(cfg.tanium)
-            engine = ValidationEngine(cfg, client, lambda *_: None)
-            for k in range(n):
-                action = parse_job_action(
-                    {
-                        "id": f"bench-{n}-{k}",
-                        "job_id": "bench",
-                        "name": f"bench {k}",
-                        "type": "host_cli",
-                        "started_at": format_ts(t0 + timedelta(seconds=k % 60)),
-                        "source": {"hostnames": [hosts[k]]},
-                    }
-                )
-                if not isinstance(action, JobAction):
-                    raise BenchError(f"validation: bench job action rejected: {action.reason}")
-                engine.add(action)
-            before = _tanium_requests(sim)
-            verdicts: list[dict] = []
-            drive(engine, FakeClock(t0 - timedelta(minutes=1)), verdicts.append)
-            requests = _tanium_requests(sim) - before
-            if engine.enricher is not None:
-                engine.enricher.close()
-            client.close()
-            detected = sum(1 for v in verdicts if v.get("detected"))
-            counts[n] = {
-                "requests": requests,
-                "verdicts": len(verdicts),
-                "detected": detected,
-                "queries": engine.stats["queries"],
-            }
-            if len(verdicts) != n or detected != n:
-                raise BenchError(f"validation: {n} actions gave {len(verdicts)} verdicts, {detected} detected")
-    one, many = counts[1]["requests"], counts[n_actions]["requests"]
+            begin = clock.now() + timedelta(seconds=0.5)
+            soon = [begin + timedelta(seconds=(k % 10) * 0.2) for k in range(n)]
+            engine = engine_with(sim, n, soon, hosts, query_time=0.05, query_interval=1)
+            late: list[float] = []
+            while engine.open:
+                clock.sleep_until(engine.next_wakeup())
+                last = engine.trace[-1] if engine.trace else None
+                began = time.monotonic()
+                engine.tick(clock.now())
+                spent = time.monotonic() - began
+                if engine.trace and engine.trace[-1] is not last and engine.trace[-1]["kind"] == "windows":
+                    late.append(engine.trace[-1]["late"] + spent)
+            finish(engine)
+            lateness[str(n)] = {"max_s": max(late), "mean_s": statistics.mean(late), "ticks": len(late)}
+    one, many = counts["max_lateness_30/1"]["requests"], counts[f"max_lateness_30/{n_actions}"]["requests"]
     return {
         "actions": n_actions,
-        "requests_1": one,
+        "requests_1": one,  # with max_lateness = 30
         "requests_n": many,
         "ratio": many / one if one else float("inf"),
-        "detail": {str(k): v for k, v in counts.items()},
+        "requests_1_default": counts["default/1"]["requests"],
+        "requests_n_default": counts[f"default/{n_actions}"]["requests"],
+        "lateness": lateness,
+        "detail": counts,
     }
 
 

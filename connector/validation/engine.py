@@ -1,18 +1,37 @@
 """The shared-query engine of Security Validation mode.
 
 Cost: Tanium requests must not grow with the number of open job actions. At each tick the engine
-takes every window that is due (run time ≤ now) across all open actions, merges their time ranges,
-and fetches each merged range once (alertedAtFrom inclusive, alertedAtUntil exclusive, offset paging
-sorted by createdAt,id so alerts stored meanwhile land at the end instead of shifting pages). Each
-alert is enriched and normalized once and then handed to every action whose due window covers it
-(an index of host names / IPs picks the candidate actions). Ticks are at least one query interval
-apart, so the number of queries over a period depends on its length, not on how many actions it
-holds; a window can therefore run up to one interval (at most a minute) after its scheduled time,
-never before.
+takes every window that is due (run time ≤ now) across all open actions and fetches windows whose
+time ranges overlap (or nearly touch) with one shared query (alertedAtFrom inclusive,
+alertedAtUntil exclusive, offset paging sorted by createdAt,id so alerts stored meanwhile land at
+the end instead of shifting pages). Each alert is enriched and normalized once and then handed to
+every action whose window covers it (an index of host names / IPs picks the candidate actions).
 
-Overlapping windows return the same alert many times: per action, each event counts once (uid).
-A failed Tanium call leaves the due windows pending; the next tick re-runs them and the uid sets
-make that idempotent.
+Timing: the engine wakes at the next due time (the earliest run time of a pending window, or the
+next correlation run), never before it, and ticks are at least `validation.max_lateness` seconds
+apart (default 0.5): a window runs at most that long after its due time (plus the time the tick's
+queries take), and windows due within that span share one query round. The number of query rounds
+thus follows the distinct due times (at most one round per max_lateness), not the number of
+actions; a larger max_lateness trades punctuality for fewer rounds.
+
+`tanium.limit` belongs to one window: each window sees exactly the alerts its own query, capped at
+the limit, would return (the first `limit` of its range in createdAt,id order), however many windows
+share a query. A shared query is capped at the limit too, so every alert it returns is among the
+first `limit` of each window it falls in. When it stops at the limit, the windows that held every
+returned alert (or whose range is the whole query) have their answer and reached the limit; the
+others are fetched again, split into smaller groups (down to one window per query if need be), so
+a noisy period costs at most about twice the queries of one query per window. Sharing
+is thereby only an optimisation: verdicts and matched events equal those of judging each action
+alone (tests/unit/test_validation_batching.py). The correlation query works the same way, with
+each action's [T − Q, T + Q] as its one window.
+
+Requests: each query's requests (pages and IntelDoc lookups) are divided equally among the actions
+it served (a verdict's `requests_attributed`); `requests_shared_total` counts them whole.
+
+Overlapping windows return the same alert many times: per action, each event counts once (uid),
+attributed to the lowest-index window that returned it. Events are published only after every
+query of a tick succeeded: a failed Tanium call publishes nothing and leaves the due windows
+pending; the next tick re-runs them.
 
 Event time adjustment: the Normalizer adds it to `event_time`; the fetch range is shifted by the
 opposite amount (raw alertedAt = event_time − adjustment), and matching uses event_time as is.
@@ -27,10 +46,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from connector.config import ConfigError, parse_alert_filter
+from connector.config import parse_alert_filter
 from connector.stream.normalize import NormalizeError
 from connector.stream.stages import build_stages
-from connector.timeutil import format_ts
+from connector.timeutil import format_ts, parse_ts
 from connector.validation.rules import (
     JobAction,
     Schedule,
@@ -61,19 +80,34 @@ class ActionState:
     first_reported_at: datetime | None = None
     first_query_at: datetime | None = None
     last_query_at: datetime | None = None
-    requests: int = 0
-    limit_hits: int = 0
+    requests_attributed: float = 0.0  # its share: each query's requests divided among the actions it served
+    requests_shared_total: int = 0  # all requests of the queries that served it
+    limited_windows: set = field(default_factory=set)  # window indexes whose query reached tanium.limit
+    correlation_limited: bool = False
 
     @property
     def finished(self) -> bool:
         return self.done >= self.schedule.count
 
 
-@dataclass
-class _Range:
-    start: datetime  # raw alertedAt bounds (closed)
+@dataclass(frozen=True)
+class _Unit:
+    """One query of one action: window `k` of its schedule, or (k None) its correlation range.
+    Raw alertedAt bounds (event time − adjustment), both inclusive."""
+
+    aid: str
+    k: int | None
+    start: datetime
     end: datetime
-    states: list = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    """Units fetched with one shared query over [start, end]."""
+
+    units: list[_Unit]
+    start: datetime
+    end: datetime
 
 
 @dataclass
@@ -82,6 +116,28 @@ class FetchStats:
     alerts: int = 0
     limited: bool = False
     filtered: int | None = None
+    first: datetime | None = None  # earliest / latest raw alertedAt returned (None: unknown)
+    last: datetime | None = None
+    times_known: bool = True
+
+    def saw(self, alerts: list) -> None:
+        for a in alerts:
+            try:
+                t = parse_ts(a.get("alertedAt")) if isinstance(a, dict) else None
+            except (ValueError, TypeError):
+                t = None
+            if t is None:
+                self.times_known = False
+                continue
+            self.first = t if self.first is None else min(self.first, t)
+            self.last = t if self.last is None else max(self.last, t)
+
+    def complete_for(self, u: _Unit, g: _Group) -> bool:
+        """After a query that returned `limit` alerts: whether they are `u`'s whole answer, the first
+        `limit` alerts of u's range (u's range is the query's, or holds every alert returned)."""
+        if u.start <= g.start and u.end >= g.end:
+            return True
+        return self.times_known and self.first is not None and u.start <= self.first and self.last <= u.end
 
 
 class ValidationEngine:
@@ -90,20 +146,11 @@ class ValidationEngine:
         self.cfg, self.client, self.publish, self.metrics = cfg, client, publish, metrics
         self.pipeline = cfg.pipeline.name
         self.adjust = timedelta(seconds=v.event_time_adjustment)
-        # ticks are at least this far apart: queries per period then depend on its length only
+        # ranges this close share one query (the alerts between them cost less than another query)
         self.gap = timedelta(seconds=min(v.query_interval, MAX_GAP_SECONDS))
-        self.corr_params: list[tuple[str, str]] | None = None
-        if v.correlation_query_enabled:
-            try:
-                self.corr_params = parse_alert_filter(v.correlation_query)
-            except ValueError as e:
-                raise ConfigError(f"validation.correlation_query = {v.correlation_query!r}: {e}") from None
-            clash = [k for k, _ in self.corr_params if k in ("alertedAtFrom", "alertedAtUntil")]
-            if clash:
-                raise ConfigError(
-                    f"validation.correlation_query: {', '.join(clash)} is set by the connector "
-                    "from each action's window; remove it from the query"
-                )
+        self.min_tick_gap = timedelta(seconds=v.max_lateness)
+        # checked when the pipeline file was loaded (config.ValidationSection)
+        self.corr_params = parse_alert_filter(v.correlation_query) if v.correlation_query_enabled else None
         self.corr_every = timedelta(minutes=v.correlation_query_interval)
         stages = build_stages(cfg, client, metrics)  # the event-time adjustment is applied there
         self.enricher, self.normalizer = stages.enricher, stages.normalizer
@@ -177,15 +224,24 @@ class ValidationEngine:
     # ---- timing ---------------------------------------------------------------------------
     def next_wakeup(self) -> datetime | None:
         """When the next tick has work: the earliest pending run time (or correlation run), but at
-        least one query interval after the previous tick."""
+        least max_lateness after the previous tick."""
         if not self.open:
             return None
         t = min(st.schedule.window(st.done).run_at for st in self.open.values())
         if self.corr_params is not None and self.last_correlation is not None:
             t = min(t, self.last_correlation + self.corr_every)
         if self.last_tick is not None:
-            t = max(t, self.last_tick + self.gap)
+            t = max(t, self.last_tick + self.min_tick_gap)
         return t
+
+    def waiting_for(self, t: datetime) -> str:
+        """What a tick at `t` will run, for people watching a wait: the first action's next window."""
+        pending = [(aid, st) for aid, st in self.open.items() if st.schedule.window(st.done).run_at <= t]
+        if not pending:
+            return "the correlation query"
+        aid, st = pending[0]
+        more = f" and {len(pending) - 1} more actions" if len(pending) > 1 else ""
+        return f"window {st.done + 1} of {st.schedule.count} of action {aid}{more}"
 
     # ---- the tick -------------------------------------------------------------------------
     def tick(self, now: datetime) -> list[dict]:
@@ -206,31 +262,35 @@ class ValidationEngine:
             return []
         self.last_tick = now
         self.stats["ticks"] += 1
-        ranges = self._ranges({aid: self.open[aid].schedule.span(lo, hi) for aid, (lo, hi) in due.items()})
-        self.trace.append(
-            {
-                "at": now,
-                "windows": dict(due) if len(due) <= 50 else {"count": len(due)},
-                "ranges": [(r.start, r.end) for r in ranges],
-                "kind": "windows",
-            }
-        )
-        for r in ranges:
-            fs = self._fetch([], r, lambda events, r=r: self._distribute(events, r, due, now))
-            self.stats["queries"] += 1
-            for aid in r.states:
-                st = self.open[aid]
-                st.requests += fs.requests
-                if fs.limited:
-                    st.limit_hits += 1
-        if corr_due:
-            self._correlate(
-                now,
-                list(self.open)
-                if (self.last_correlation is None or now - self.last_correlation >= self.corr_every)
-                else finishing,
+        units = [
+            _Unit(aid, w.index, w.start - self.adjust, w.end - self.adjust)
+            for aid, (lo, hi) in due.items()
+            for w in (self.open[aid].schedule.window(k) for k in range(lo, hi))
+        ]
+        trace = {
+            "at": now,
+            # the most overdue window of this tick, in seconds (the benchmark's lateness figure)
+            "late": max(
+                (now - self.open[aid].schedule.window(lo).run_at).total_seconds() for aid, (lo, _) in due.items()
             )
-        for aid, (_, hi) in due.items():  # only now: a failure above leaves them pending
+            if due
+            else 0.0,
+            "windows": dict(due) if len(due) <= 50 else {"count": len(due)},
+            "ranges": [],
+            "kind": "windows",
+        }
+        self.trace.append(trace)
+        found: dict[tuple[str, str], tuple[int, dict, datetime | None]] = {}
+        self._query(units, [], lambda events, g: self._collect(events, g, found), trace["ranges"])
+        self.stats["queries"] += len(trace["ranges"])
+        correlated: dict[tuple[str, str], dict] = {}
+        if corr_due:
+            periodic = self.last_correlation is None or now - self.last_correlation >= self.corr_every
+            self.last_correlation = now
+            self._correlate(now, list(self.open) if periodic else finishing, correlated)
+        # every query succeeded: only now record and publish (a failure above leaves them pending)
+        self._apply(found, correlated, now)
+        for aid, (_, hi) in due.items():
             st = self.open[aid]
             st.done = hi
             st.first_query_at = st.first_query_at or now
@@ -243,27 +303,91 @@ class ValidationEngine:
             self._remove(aid)
         return verdicts
 
-    def _ranges(self, spans: dict[str, list[tuple[datetime, datetime]]]) -> list[_Range]:
-        """Merged raw-time ranges (event time − adjustment) and the actions each one serves."""
-        pieces = sorted((s - self.adjust, e - self.adjust, aid) for aid, sp in spans.items() for s, e in sp)
-        out: list[_Range] = []
-        for s, e, aid in pieces:
-            if out and s <= out[-1].end + self.gap:
-                cur = out[-1]
-                cur.end = max(cur.end, e)
-                if not cur.states or cur.states[-1] != aid:
-                    cur.states.append(aid)
+    def _groups(self, units: list[_Unit]) -> list[_Group]:
+        """Units whose raw ranges overlap or lie within `gap` of each other share one query."""
+        out: list[_Group] = []
+        for u in sorted(units, key=lambda u: (u.start, u.end)):
+            if out and u.start <= out[-1].end + self.gap:
+                g = out[-1]
+                g.units.append(u)
+                g.end = max(g.end, u.end)
             else:
-                out.append(_Range(s, e, [aid]))
-        for r in out:
-            r.states = list(dict.fromkeys(r.states))
+                out.append(_Group([u], u.start, u.end))
         return out
 
-    def _fetch(self, params: list[tuple[str, str]], r: _Range, handle: Callable[[list[dict]], None]) -> FetchStats:
-        """Pages through one time range (capped at tanium.limit), enriching and normalizing each
+    def _split(self, units: list[_Unit]) -> list[_Group]:
+        """Smaller groups for units whose shared query stopped at the limit before it held their
+        answer: the separate ranges they form, or else two halves (in start order)."""
+        groups = self._groups(units)
+        if len(groups) > 1 or len(units) < 2:
+            return groups
+        ordered = groups[0].units
+        half = len(ordered) // 2
+        return [g for part in (ordered[:half], ordered[half:]) for g in self._groups(part)]
+
+    def _query(
+        self,
+        units: list[_Unit],
+        params: list[tuple[str, str]],
+        collect: Callable[[list[dict], _Group], None],
+        ranges: list,
+    ) -> None:
+        """Fetches `units` with shared queries so that each unit gets exactly the alerts its own
+        query would (see the module docstring); `collect(events, group)` sees every page."""
+        limit = self.cfg.tanium.limit
+        work = self._groups(units)
+        while work:
+            g = work.pop(0)
+            ranges.append((g.start, g.end))
+            fs = self._fetch(params, g.start, g.end, lambda events, g=g: collect(events, g))
+            served = dict.fromkeys(u.aid for u in g.units)
+            for aid in served:
+                st = self.open[aid]
+                st.requests_attributed += fs.requests / len(served)
+                st.requests_shared_total += fs.requests
+            if fs.alerts < limit:
+                continue
+            # the query returned `limit` alerts: the units that hold all of them reached the limit
+            # (as their own query would have); the others may be missing alerts when more exist
+            capped = [u for u in g.units if fs.complete_for(u, g)]
+            rest = [u for u in g.units if not fs.complete_for(u, g)] if fs.limited else []
+            for u in capped:
+                st = self.open[u.aid]
+                if u.k is None:
+                    st.correlation_limited = True
+                else:
+                    st.limited_windows.add(u.k)
+            if capped and fs.limited:
+                self.stats["limit_reached"] += 1
+                more = f" of {fs.filtered}" if fs.filtered is not None else ""
+                log.warning(
+                    "validation query %s–%s stopped at tanium.limit = %d alerts%s; %d windows reached "
+                    "the limit, later alerts of their ranges were not examined",
+                    format_ts(g.start),
+                    format_ts(g.end),
+                    limit,
+                    more,
+                    len(capped),
+                )
+                if self.metrics:
+                    skipped = max(1, (fs.filtered or 0) - fs.alerts)
+                    self.metrics.records_dropped.labels(self.pipeline, "validation", "limit").inc(skipped)
+            if rest:
+                log.debug(
+                    "shared query %s–%s reached the limit: %d windows are fetched again in smaller groups",
+                    format_ts(g.start),
+                    format_ts(g.end),
+                    len(rest),
+                )
+                work.extend(self._split(rest))
+
+    def _fetch(
+        self, params: list[tuple[str, str]], start: datetime, end: datetime, handle: Callable[[list[dict]], None]
+    ) -> FetchStats:
+        """Pages through one raw time range (capped at tanium.limit), enriching and normalizing each
         page once, and hands the events to `handle`."""
         t = self.cfg.tanium
-        q = list(params) + [("alertedAtFrom", format_ts(r.start)), ("alertedAtUntil", format_ts(r.end + _MS))]
+        q = list(params) + [("alertedAtFrom", format_ts(start)), ("alertedAtUntil", format_ts(end + _MS))]
         fs = FetchStats()
         offset = 0
         while fs.alerts < t.limit:
@@ -274,6 +398,7 @@ class ValidationEngine:
             items = [a for a in page.items if isinstance(a, dict)]
             fs.alerts += len(page.items)
             offset += len(page.items)
+            fs.saw(page.items)
             if items:
                 if self.enricher is not None:
                     before = self.enricher.stats["requests"]
@@ -288,20 +413,6 @@ class ValidationEngine:
         self.stats["alerts"] += fs.alerts
         if self.metrics:
             self.metrics.validation_queries.labels(self.pipeline).inc()
-        if fs.limited:
-            self.stats["limit_reached"] += 1
-            more = f" of {fs.filtered}" if fs.filtered is not None else ""
-            log.warning(
-                "validation query %s–%s stopped at tanium.limit = %d alerts%s; later alerts of this "
-                "range were not examined",
-                format_ts(r.start),
-                format_ts(r.end),
-                t.limit,
-                more,
-            )
-            if self.metrics:
-                skipped = max(1, (fs.filtered or 0) - fs.alerts)
-                self.metrics.records_dropped.labels(self.pipeline, "validation", "limit").inc(skipped)
         return fs
 
     def _normalize(self, alerts: list[dict]) -> list[dict]:
@@ -358,93 +469,108 @@ class ValidationEngine:
             },
         )
 
+    def remember_devices(self, names) -> None:
+        """Devices published before (e.g. read from the devices topic): not published again."""
+        self._devices |= {n.lower() for n in names}
+
+    def forget_device(self, name: str) -> None:
+        """A device whose record was not delivered: published again when next seen."""
+        self._devices.discard(name.lower())
+
     def _candidates(self, ev: dict, allowed) -> list[str]:
         ids: set[str] = set()
         for tok in identity_tokens(ev):
             ids |= self._index.get(tok, set())
         return [aid for aid in ids if aid in allowed]
 
-    def _distribute(self, events: list[dict], r: _Range, due: dict[str, tuple[int, int]], now: datetime) -> None:
-        v = self.cfg.validation
+    def _collect(self, events: list[dict], g: _Group, found: dict) -> None:
+        """Per (action, uid): the lowest-index window of this query's windows that covers it."""
+        ks: dict[str, list[int]] = {}
+        for u in g.units:
+            ks.setdefault(u.aid, []).append(u.k)
         for ev in events:
             uid = str(ev.get("uid") or (ev.get("raw") or {}).get("id"))
             t = event_time(ev)
-            for aid in self._candidates(ev, due):
-                st = self.open[aid]
-                lo, hi = due[aid]
+            for aid in self._candidates(ev, ks):
+                sch = self.open[aid].schedule
                 if t is None:
-                    window = st.schedule.window(lo)
+                    k = min(ks[aid])
                 else:
-                    window = st.schedule.first_covering(t, lo, hi)
-                    if window is None:
-                        continue  # outside this action's due windows
-                m = match_event(st.action, ev)
-                if m is None:
-                    continue
-                if t is None:
-                    m.failed.insert(0, {"field": "event_time", "reason": "missing"})
-                if m.matched:
-                    if uid in st.matched:
-                        continue
-                    st.matched.add(uid)
-                    if st.first_detection is None or t < st.first_detection:
-                        st.first_detection = t
-                    st.first_reported_at = st.first_reported_at or now
-                    self.publish(
-                        v.events_topic, aid, self._record(st, ev, window.describe(), ["time"] + m.rules, False)
-                    )
-                elif uid not in st.suspicious:
-                    st.suspicious.add(uid)
-                    if v.save_suspicious_events:
-                        rec = self._record(st, ev, window.describe(), (["time"] if t else []) + m.rules, False)
-                        rec["failed_fields"] = m.failed
-                        self.publish(v.suspicious_topic, aid, rec)
+                    k = min((k for k in ks[aid] if sch.window(k).covers(t)), default=None)
+                    if k is None:
+                        continue  # outside this action's windows in this query
+                prev = found.get((aid, uid))
+                if prev is None or k < prev[0]:
+                    found[(aid, uid)] = (k, ev, t)
 
-    def _correlate(self, now: datetime, aids: list[str]) -> None:
-        """The correlation query over each action's overall window [T − Q, T + Q]; a match sets
-        `alerted` and is published like an event, with correlated = true."""
-        self.last_correlation = now
-        spans = {aid: [(self.open[aid].schedule.first_start, self.open[aid].schedule.last_end)] for aid in aids}
-        for r in self._ranges(spans):
+    def _correlate(self, now: datetime, aids: list[str], found: dict) -> None:
+        """The correlation query over each action's overall window [T − Q, T + Q] (one unit per
+        action); a match sets `alerted` and is published like an event, with correlated = true."""
+        units = []
+        for aid in aids:
+            sch = self.open[aid].schedule
+            units.append(_Unit(aid, None, sch.first_start - self.adjust, sch.last_end - self.adjust))
+        trace = {"at": now, "kind": "correlation", "ranges": [], "actions": len(units)}
+        self.trace.append(trace)
 
-            def handle(events, r=r):
-                for ev in events:
-                    t = event_time(ev)
-                    uid = str(ev.get("uid"))
-                    for aid in self._candidates(ev, r.states):
-                        st = self.open[aid]
-                        sch = st.schedule
-                        if t is None or not sch.first_start <= t <= sch.last_end or uid in st.correlated:
-                            continue
-                        m = match_event(st.action, ev)
-                        if m is None or not m.matched:
-                            continue
-                        st.correlated.add(uid)
-                        window = {"index": None, "start": format_ts(sch.first_start), "end": format_ts(sch.last_end)}
-                        self.publish(
-                            self.cfg.validation.events_topic,
-                            aid,
-                            self._record(st, ev, window, ["time"] + m.rules, True),
-                        )
+        def collect(events: list[dict], g: _Group) -> None:
+            aids_here = {u.aid for u in g.units}
+            for ev in events:
+                t = event_time(ev)
+                uid = str(ev.get("uid"))
+                for aid in self._candidates(ev, aids_here):
+                    sch = self.open[aid].schedule
+                    if t is not None and sch.first_start <= t <= sch.last_end:
+                        found.setdefault((aid, uid), ev)
 
-            fs = self._fetch(self.corr_params or [], r, handle)
-            self.stats["correlation_queries"] += 1
-            self.trace.append(
-                {"at": now, "kind": "correlation", "ranges": [(r.start, r.end)], "actions": len(r.states)}
-            )
-            for aid in r.states:
-                self.open[aid].requests += fs.requests
-                if fs.limited:
-                    self.open[aid].limit_hits += 1
+        self._query(units, self.corr_params or [], collect, trace["ranges"])
+        self.stats["correlation_queries"] += len(trace["ranges"])
+
+    def _apply(self, found: dict, correlated: dict, now: datetime) -> None:
+        """Records and publishes what a tick's queries found, lowest window first."""
+        v = self.cfg.validation
+        for (aid, uid), (k, ev, t) in sorted(found.items(), key=lambda item: item[1][0]):
+            st = self.open[aid]
+            m = match_event(st.action, ev)
+            if m is None or uid in (st.matched if m.matched else st.suspicious):
+                continue
+            window = st.schedule.window(k).describe()
+            if t is None:
+                m.failed.insert(0, {"field": "event_time", "reason": "missing"})
+            if m.matched:
+                st.matched.add(uid)
+                if st.first_detection is None or t < st.first_detection:
+                    st.first_detection = t
+                st.first_reported_at = st.first_reported_at or now
+                self.publish(v.events_topic, aid, self._record(st, ev, window, ["time"] + m.rules, False))
+            else:
+                st.suspicious.add(uid)
+                if v.save_suspicious_events:
+                    rec = self._record(st, ev, window, (["time"] if t else []) + m.rules, False)
+                    rec["failed_fields"] = m.failed
+                    self.publish(v.suspicious_topic, aid, rec)
+        for (aid, uid), ev in correlated.items():
+            st = self.open[aid]
+            if uid in st.correlated:
+                continue
+            m = match_event(st.action, ev)
+            if m is None or not m.matched:
+                continue
+            st.correlated.add(uid)
+            sch = st.schedule
+            window = {"index": None, "start": format_ts(sch.first_start), "end": format_ts(sch.last_end)}
+            self.publish(v.events_topic, aid, self._record(st, ev, window, ["time"] + m.rules, True))
 
     def _verdict(self, st: ActionState, now: datetime) -> dict:
         a, sch = st.action, st.schedule
         latency = (st.first_detection - a.started_at).total_seconds() if st.first_detection else None
         notes = []
-        if st.limit_hits:
+        if st.limited_windows or st.correlation_limited:
+            where = [f"{len(st.limited_windows)} of its {sch.count} windows"] if st.limited_windows else []
+            where += ["its correlation query"] if st.correlation_limited else []
             notes.append(
-                f"tanium.limit ({self.cfg.tanium.limit}) was reached in {st.limit_hits} "
-                "queries covering this action; results may be incomplete"
+                f"tanium.limit ({self.cfg.tanium.limit}) was reached in {' and '.join(where)}; "
+                "results may be incomplete"
             )
         if st.suspicious and not self.cfg.validation.save_suspicious_events:
             notes.append(f"{len(st.suspicious)} suspicious events not saved (save_suspicious_events is off)")
@@ -472,7 +598,8 @@ class ValidationEngine:
                 "first_query_at": format_ts(st.first_query_at) if st.first_query_at else None,
                 "last_query_at": format_ts(st.last_query_at) if st.last_query_at else None,
             },
-            "requests": st.requests,
+            "requests_attributed": st.requests_attributed,
+            "requests_shared_total": st.requests_shared_total,
             "notes": notes,
             **({"metadata": a.raw["metadata"]} if isinstance(a.raw.get("metadata"), dict) else {}),
             "pipeline": self.pipeline,

@@ -1,8 +1,8 @@
 """Security Validation: job actions, their query windows, and matching normalized events to them.
 
-This module is the pure core (no I/O). `validation_engine.py` runs the shared alert queries and
-`validation_run.py` the file and Kafka runners (`validate_file`, `run_validation`) are
-their entry points.
+This module is the pure core (no I/O, no clock): `engine.py` runs the shared alert queries, and
+`runners.py` holds the file and Kafka runners (`validate_file`, `run_validation`). `check_start`
+takes the current time as an argument.
 
 Query schedule (issue 4, reference security-validation.md 8.2): with action start T, query time Q
 minutes, interval I seconds and delay D minutes, query k covers [T − Q + k·I, T + k·I] for
@@ -46,7 +46,11 @@ EXPECTED_KEYS = ("file_hashes", "command_line_contains", "mitre_techniques")
 _HASH = re.compile(r"^(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$", re.IGNORECASE)
 _HOSTNAME = re.compile(r"^[^\s/\\@]{1,255}$")
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+# the shape; parse_ts then rejects impossible dates (2026-02-30). The JSON Schema's pattern spells
+# out the valid dates too, so that both accept the same strings.
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+)
 _US = timedelta(microseconds=1)
 MAX_ECHO = 65536  # bytes of a rejected input repeated in its rejection record
 
@@ -265,6 +269,29 @@ def parse_job_action(obj: Any) -> JobAction | Rejection:
     if errors:
         return Rejection("; ".join(errors), obj, action_id)
     return JobAction(action_id, job_id, name.strip(), typ, started, ended, source, dest, port, expected, obj)
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = float(f"{seconds / size:.3g}")
+            return f"{n:g} {unit}{'' if n == 1 else 's'}"
+    return f"{seconds:.0f} seconds"
+
+
+def check_start(action: JobAction, now: datetime, max_clock_skew: float) -> Rejection | None:
+    """A Rejection when `started_at` lies more than `max_clock_skew` minutes after `now`: a job
+    action is sent when it starts, so a later start is a wrong clock or date, and waiting for it
+    would hold the action (and in Kafka its partition's commit point) open for as long."""
+    ahead = (action.started_at - now).total_seconds()
+    if ahead <= max_clock_skew * 60:
+        return None
+    return Rejection(
+        f"started_at: {format_ts(action.started_at)} is {_span(ahead)} ahead of this connector's clock "
+        f"({format_ts(now)}); at most validation.max_clock_skew = {max_clock_skew:g} minutes ahead is accepted",
+        action.raw,
+        action.id,
+    )
 
 
 def parse_job_action_bytes(data: bytes | str) -> JobAction | Rejection:
@@ -546,14 +573,15 @@ def match_event(action: JobAction, event: dict) -> Match | None:
         if not r2:
             failed.append(_side_failure(event, DST_KEYS, "dest_ip", a2))
         if both and action.dest_port is not None:
-            # seen from the destination host, the action's port is the local one
-            seen = _port(event.get("dest_port" if direction == "forward" else "src_port"))
+            # seen from the destination host, the action's port is the local one (the event's src_port)
+            port_field = "dest_port" if direction == "forward" else "src_port"
+            seen = _port(event.get(port_field))
             if seen is not None:
                 if seen == action.dest_port:
                     rules.append("dest_port")
                 else:
                     failed.append(
-                        {"field": "dest_port", "reason": "mismatch", "expected": action.dest_port, "actual": seen}
+                        {"field": port_field, "reason": "mismatch", "expected": action.dest_port, "actual": seen}
                     )
     _markers(action, event, rules, failed)
     return Match(rules, failed)

@@ -3,24 +3,45 @@ Kafka consumer group (`tanium-connector run` with mode = "validation").
 
 Clocks: the engine never reads the time itself. `SystemClock` waits for real; tests pass a
 `FakeClock` whose `sleep_until` jumps, so a 15-minute schedule runs in milliseconds. Against the
-simulator's past windows every run time has passed already and queries run at once.
+simulator's past windows every run time has passed already and queries run at once. A job action
+whose started_at lies more than `validation.max_clock_skew` minutes ahead of the clock is rejected
+(in Kafka mode on the results topic) instead of being waited for.
 
-Exactly one verdict per action, across consumer-group hand-overs:
+Exactly one verdict (detected / missed) per action id, across partitions, restarts and hand-overs:
+- One owner per id: an action is judged on its home partition, the one a record keyed by its id
+  goes to (murmur2, as every Kafka client places keys). A copy consumed on another partition is
+  forwarded there (keyed by id, with a `forwarded-from` header; a forwarded copy is never forwarded
+  again) and its own offset finishes once Kafka confirmed the forward. So copies of an action meet
+  one runner, which skips a copy while the action is open and consults the ledger after.
 - The job-action offset is committed only after the action's verdict was acknowledged by Kafka
   (publish → flush → commit). Committing first could lose a verdict; publishing first alone could
   repeat one when a runner stops between the two steps, or when it finished actions out of order
   (offsets commit as a contiguous prefix, so a finished action behind an unfinished one stays
   uncommitted and is re-delivered to the next owner).
-- So before publishing, a runner reads the results topic (keyed by action id) from shortly before
-  the job action was produced and skips actions that already have a detected/missed verdict; it
-  still commits their offsets. A verdict can only exist after its job action was consumed, so that
-  bounded scan finds it.
+- So right before publishing (retries included), a runner reads the results topic's partition for
+  the action id (results are keyed by action id) from `started_at − max_clock_skew − 15 min` (no
+  verdict can be older: actions are accepted at most max_clock_skew before they start; 15 min for
+  clocks of other runners) and skips actions that already have a detected/missed verdict; it still
+  commits their offsets. When the results topic cannot be read, the verdicts are held and retried,
+  never published unchecked. A killed runner's actions are re-delivered to the next owner, judged
+  again, and published only if the killed runner had not published them.
 - Revocation happens inside `poll()`, on this runner's only thread, after the previous loop
   iteration flushed its verdicts; the revoked partitions' unfinished actions are dropped there, so
   the old owner publishes nothing for them once the new owner has them. The new owner re-evaluates
   them from scratch (their past windows run at once).
 - Remaining gap: a runner frozen longer than max.poll.interval while publishing could race the new
-  owner by milliseconds; both check the results topic, which makes that window tiny.
+  owner by milliseconds; both check the results topic, which makes that window tiny. Rejections are
+  per record (an invalid record gets its own `rejected` result).
+
+Devices are published once across restarts: the devices topic (compacted, keyed by device name,
+created if missing) is read at start; a device whose record Kafka did not confirm is published again
+when next seen. Two runners that see a new device at the same moment may both publish it.
+
+Evidence before verdict: an action's matched and suspicious-event records are tracked until Kafka
+answers; before its verdict is published, the runner waits for them and sends failed ones again.
+A verdict whose evidence is still not delivered is held back (its offset stays open) and retried,
+so a committed verdict always has its events on the events topic. Evidence is at least once: an
+action judged again after a restart or hand-over publishes its events again.
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,14 +60,17 @@ import orjson
 from kafka import ConsumerRebalanceListener
 
 from connector.config import ConfigError
+from connector.kafka import SinkError, client_settings, murmur2
 from connector.tanium import TaniumClient, TaniumError
-from connector.timeutil import utcnow
+from connector.timeutil import format_ts, parse_ts, utcnow
 from connector.validation.engine import ValidationEngine, count_verdict
-from connector.validation.rules import JobAction, Rejection, parse_job_action_bytes
+from connector.validation.rules import JobAction, Rejection, check_start, parse_job_action_bytes
 
 log = logging.getLogger(__name__)
-LEDGER_MARGIN = timedelta(minutes=15)  # clock skew between the job-action producer and runners
+LEDGER_MARGIN = timedelta(minutes=15)  # clock skew between runners
 RETRY_SECONDS = 5.0  # before sending results records again that Kafka did not confirm
+FINAL = ("detected", "missed")  # the verdicts given once per action id
+FORWARDED = "forwarded-from"  # header of a job action forwarded to its home partition
 
 
 class SystemClock:
@@ -121,15 +146,26 @@ def format_verdict(v: dict) -> str:
     if v["suspicious_events"]:
         parts.append(f"suspicious={v['suspicious_events']}")
     parts.append(f"windows={v['windows']['queried']}/{v['windows']['total']}")
-    parts.append(f"requests={v['requests']}")
+    parts.append(f"requests={v['requests_attributed']:.1f} (of {v['requests_shared_total']} shared)")
     line = "  ".join(parts)
     return line + "".join(f"  note: {n}" for n in v["notes"])
 
 
-def drive(engine: ValidationEngine, clock, emit: Callable[[dict], None], stop: threading.Event | None = None) -> None:
-    """Runs the engine until every open action has its verdict (or `stop` is set)."""
+def drive(
+    engine: ValidationEngine,
+    clock,
+    emit: Callable[[dict], None],
+    stop: threading.Event | None = None,
+    waiting: Callable[[str], None] | None = None,
+) -> None:
+    """Runs the engine until every open action has its verdict (or `stop` is set). `waiting` is
+    told what each wait of a second or more is for and until when."""
     while engine.open and not (stop and stop.is_set()):
-        clock.sleep_until(engine.next_wakeup(), stop)
+        wake = engine.next_wakeup()
+        wait = (wake - clock.now()).total_seconds()
+        if waiting and wait >= 1:
+            waiting(f"waiting until {format_ts(wake)} ({wait:.0f} s) for {engine.waiting_for(wake)}")
+        clock.sleep_until(wake, stop)
         if stop and stop.is_set():
             return
         for v in engine.tick(clock.now()):
@@ -149,7 +185,8 @@ def validate_file(
 ) -> int:
     """Judges every job action of a JSON-lines file and prints one verdict line each (JSON with
     `json_output`). Exit code: 0 all judged, 1 Tanium failed, 2 some job actions were rejected.
-    Events, suspicious events and devices go to `publish` (nothing is published by default)."""
+    Events, suspicious events and devices go to `publish` (nothing is published by default).
+    Each wait for a window is announced on stderr."""
     out = out or sys.stdout
     clock = clock or SystemClock()
     items = read_job_actions(job_actions_path)
@@ -162,15 +199,20 @@ def validate_file(
         out.flush()
         count_verdict(metrics, v)
 
+    def waiting(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     rejected = 0
     try:
         for n, item in items:
+            if isinstance(item, JobAction):
+                item = check_start(item, clock.now(), cfg.validation.max_clock_skew) or item
             if isinstance(item, Rejection):
                 rejected += 1
                 emit({**item.record(cfg.pipeline.name), "line": n})
             else:
                 engine.add(item)
-        drive(engine, clock, emit)
+        drive(engine, clock, emit, waiting=waiting)
     except TaniumError as e:
         print(f"error: Tanium query failed: {e.message}", file=sys.stderr)
         return 1
@@ -201,6 +243,28 @@ class _Offsets:
         return min(self.open) if self.open else self.next
 
 
+class _Evidence:
+    """The matched and suspicious-event records of one action: how many Kafka has not answered yet,
+    and those it failed to deliver (sent again before the verdict may go out)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()  # delivery outcomes arrive on the producer's I/O thread
+        self.pending = 0
+        self.failed: list[tuple[str, str, dict]] = []
+
+    @property
+    def settled(self) -> bool:
+        with self.lock:
+            return self.pending == 0 and not self.failed
+
+
+def key_partition(key: str, partitions) -> int:
+    """The partition a record keyed `key` goes to (murmur2, as every client of the connector and the
+    Java client place keyed records)."""
+    ordered = sorted(partitions)
+    return ordered[(murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % len(ordered)]
+
+
 class VerdictLedger:
     """Which actions already have a verdict on the results topic (see the module docstring)."""
 
@@ -213,13 +277,19 @@ class VerdictLedger:
         self.topic = topic
         self.consumer = KafkaConsumer(**client_settings(kafka), group_id=None, enable_auto_commit=False)
 
-    def published(self, action_ids: set[str], since_ms: int, timeout: float = 30) -> set[str]:
+    def published(self, since: dict[str, int], timeout: float = 30) -> set[str]:
+        """The action ids among `since` (id → earliest time in ms its verdict can carry) that have
+        a detected/missed verdict: reads the partition each id's verdict is keyed to, from that time."""
         parts = self.consumer.partitions_for_topic(self.topic)
-        if not parts or not action_ids:
+        if not parts or not since:
             return set()
-        tps = [self._tp(self.topic, p) for p in sorted(parts)]
+        start: dict[int, int] = {}
+        for aid, ms in since.items():
+            p = key_partition(aid, parts)
+            start[p] = max(0, min(start.get(p, ms), ms))
+        tps = [self._tp(self.topic, p) for p in sorted(start)]
         self.consumer.assign(tps)
-        starts = self.consumer.offsets_for_times({tp: max(0, since_ms) for tp in tps})
+        starts = self.consumer.offsets_for_times({tp: start[tp.partition] for tp in tps})
         ends = self.consumer.end_offsets(tps)
         for tp in tps:
             found = starts.get(tp)
@@ -237,9 +307,9 @@ class VerdictLedger:
             for recs in batch.values():
                 for r in recs:
                     key = r.key.decode("utf-8", "replace") if r.key else None
-                    if key in action_ids:
+                    if key in since:
                         try:
-                            if orjson.loads(r.value).get("result") in ("detected", "missed"):
+                            if orjson.loads(r.value).get("result") in FINAL:
                                 seen.add(key)
                         except (orjson.JSONDecodeError, AttributeError):
                             pass
@@ -247,6 +317,18 @@ class VerdictLedger:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+@dataclass
+class _Out:
+    """A record to publish before a job-action offset may be committed: a results-topic record
+    (`verdict`: a verdict or a rejection) or a job action forwarded to its home partition."""
+
+    topic: str
+    key: str | None
+    value: bytes
+    verdict: dict | None = None
+    headers: list = field(default_factory=list)
 
 
 class KafkaValidationRunner:
@@ -266,7 +348,6 @@ class KafkaValidationRunner:
     ):
         from kafka import KafkaConsumer
 
-        from connector.kafka import client_settings
         from connector.stream.sink import KafkaSink
 
         if cfg.kafka is None:
@@ -278,10 +359,12 @@ class KafkaValidationRunner:
         self.v = cfg.validation
         self.clock = clock or SystemClock()
         self.poll_ms, self.max_open = poll_ms, max_open
+        known = self._known_devices() if self.v.discover_network_devices else set()
         self.client = client or TaniumClient(cfg.tanium, metrics)
         self.sink = KafkaSink(cfg.kafka, metrics)
         self.headers = [("pipeline", cfg.pipeline.name.encode())]
         self.engine = ValidationEngine(cfg, self.client, self._publish, metrics=metrics)
+        self.engine.remember_devices(known)
         self.ledger = VerdictLedger(cfg.kafka, self.v.results_topic)
         self.offsets: dict[Any, _Offsets] = {}
         self.parked: dict[Any, list] = {}  # revoked, waiting for the new assignment
@@ -290,10 +373,13 @@ class KafkaValidationRunner:
         self.parked_retry: dict[Any, list] = {}
         self.retry_at = 0.0
         self.failed_sends = 0
+        self.evidence: dict[str, _Evidence] = {}  # action id → its event records' delivery state
         self.tanium_ok = True
         self.published: list[dict] = []  # verdicts this runner published (tests, summaries)
         opts = {
             "group_id": self.v.group_id,
+            "session_timeout_ms": int(self.v.session_timeout * 1000),
+            "heartbeat_interval_ms": int(self.v.session_timeout * 1000 / 3),
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "max_poll_records": 500,
@@ -303,25 +389,70 @@ class KafkaValidationRunner:
         self.consumer.subscribe([self.v.job_actions_topic], listener=_Listener(self))
 
     # ---- publishing -------------------------------------------------------------------------
-    def _publish(self, topic: str, key: str | None, value: dict, on_done=None) -> None:
+    def _known_devices(self) -> set[str]:
+        """The devices published so far: the devices topic (compacted, keyed by device; created if
+        missing), read at start so that each device is published once across restarts."""
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        from connector.stream.checkpoint import CheckpointError, read_committed_log
+
+        topic = self.v.devices_topic
+        admin = KafkaAdminClient(
+            **client_settings(self.cfg.kafka), request_timeout_ms=10000, bootstrap_timeout_ms=10000
+        )
+        try:
+            brokers = len(admin.describe_cluster().get("brokers") or []) or 1
+            admin.create_topics([NewTopic(topic, 1, min(3, brokers), topic_configs={"cleanup.policy": "compact"})])
+            log.info("created devices topic %s (compacted)", topic)
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
+        try:
+            records = read_committed_log(self.cfg.kafka, topic)
+        except CheckpointError as e:
+            raise SinkError(f"cannot read the devices topic {topic}: {e}") from None
+        return {r.key.decode("utf-8", "replace") for r in records if r.key and r.value is not None}
+
+    def _send(self, topic: str, key: str | None, value: bytes, headers: list, on_done) -> None:
         def done(ok: bool, exc: Exception | None) -> None:
             if not ok:
                 self.failed_sends += 1
                 log.warning("validation record for %s not delivered to %s: %s", key, topic, exc)
-            if on_done:
-                on_done(ok)
+            on_done(ok)
 
-        self.sink.send(topic, key.encode() if key else None, orjson.dumps(value), self.headers, done)
+        self.sink.send(topic, key.encode() if key else None, value, self.headers + headers, done)
 
-    def _deliver(self, records: list[tuple[str | None, dict]]) -> list[bool]:
-        """Publishes results-topic records and waits for Kafka; ok flag per record."""
-        oks = [False] * len(records)
+    def _publish(self, topic: str, key: str | None, value: dict) -> None:
+        """The engine's outputs: matched / suspicious events (the evidence of action `key`, tracked
+        until delivered) and devices (forgotten when not delivered, so published again later)."""
+        ev = None
+        if key and topic in (self.v.events_topic, self.v.suspicious_topic):
+            ev = self.evidence.setdefault(key, _Evidence())
+            with ev.lock:
+                ev.pending += 1
+
+        def done(ok: bool) -> None:
+            if ev is not None:
+                with ev.lock:
+                    ev.pending -= 1
+                    if not ok:
+                        ev.failed.append((topic, key, value))
+            elif not ok and topic == self.v.devices_topic and key:
+                self.engine.forget_device(key)
+
+        self._send(topic, key, orjson.dumps(value), [], done)
+
+    def _deliver(self, outs: list[_Out]) -> list[bool]:
+        """Publishes the records and waits for Kafka; ok flag per record."""
+        oks = [False] * len(outs)
 
         def mark(i):
             return lambda ok: oks.__setitem__(i, ok)
 
-        for i, (key, value) in enumerate(records):
-            self._publish(self.v.results_topic, key, value, mark(i))
+        for i, o in enumerate(outs):
+            self._send(o.topic, o.key, o.value, o.headers, mark(i))
         self.sink.flush(self.cfg.kafka.delivery_timeout_ms / 1000)
         return oks
 
@@ -340,7 +471,7 @@ class KafkaValidationRunner:
                     timeout = max(0, min(timeout, int((wake - self.clock.now()).total_seconds() * 1000)))
                 self._pause_if_full()
                 batch = self.consumer.poll(timeout_ms=timeout)
-                finished: list[tuple[Any, int, tuple[str | None, dict] | None]] = []
+                finished: list[tuple[Any, int, _Out | None]] = []
                 for tp, recs in batch.items():
                     for rec in recs:
                         finished.extend(self._take(tp, rec))
@@ -358,12 +489,34 @@ class KafkaValidationRunner:
         finally:
             self.close()
 
+    def _home(self, action_id: str) -> int | None:
+        """The job-actions partition that judges this id (the one a record keyed by it goes to), so
+        that copies of an action on several partitions meet one owner; None with one partition."""
+        parts = self.consumer.partitions_for_topic(self.v.job_actions_topic)
+        return key_partition(action_id, parts) if parts and len(parts) > 1 else None
+
     def _take(self, tp, rec) -> list:
         self.offsets.setdefault(tp, _Offsets()).consumed(rec.offset)
         item = parse_job_action_bytes(rec.value if rec.value is not None else b"null")
+        if isinstance(item, JobAction):
+            item = check_start(item, self.clock.now(), self.v.max_clock_skew) or item
         if isinstance(item, Rejection):
             log.warning("job action at %s[%d]@%d rejected: %s", tp.topic, tp.partition, rec.offset, item.reason)
-            return [(tp, rec.offset, (item.action_id, item.record(self.cfg.pipeline.name)))]
+            value = item.record(self.cfg.pipeline.name)
+            return [(tp, rec.offset, _Out(self.v.results_topic, item.action_id, orjson.dumps(value), value))]
+        home = self._home(item.id)
+        forwarded = any(k == FORWARDED for k, _ in rec.headers or ())
+        if home is not None and home != tp.partition and not forwarded:  # a forwarded copy stays put
+            log.info(
+                "job action %s at %s[%d]@%d goes to its home partition %d",
+                item.id,
+                tp.topic,
+                tp.partition,
+                rec.offset,
+                home,
+            )
+            origin = [(FORWARDED, f"{tp.partition}@{rec.offset}".encode())]
+            return [(tp, rec.offset, _Out(self.v.job_actions_topic, item.id, rec.value, headers=origin))]
         if not self.engine.add(item, tag=(tp, rec.offset, rec.timestamp)):
             log.warning(
                 "job action %s at %s[%d]@%d is already open here; the duplicate record is skipped",
@@ -383,41 +536,85 @@ class KafkaValidationRunner:
             self.tanium_ok = False
             log.error("validation query failed, retrying in %.0fs: %s", self.v.query_interval, e.message)
             return []
-        if not verdicts:
-            return []
-        tags = {v["action_id"]: self.engine.closed[v["action_id"]] for v in verdicts}
-        since = min(t[2] for t in tags.values()) - int(LEDGER_MARGIN.total_seconds() * 1000)
-        try:
-            already = self.ledger.published({v["action_id"] for v in verdicts}, since)
-        except Exception as e:  # noqa: BLE001 (any broker trouble: publish anyway, at least once)
-            log.warning("cannot check %s for earlier verdicts (%s); publishing", self.v.results_topic, e)
-            already = set()
         out = []
         for v in verdicts:
-            tp, offset, _ = tags[v["action_id"]]
-            if v["action_id"] in already:
-                log.info(
-                    "action %s already has a verdict (an earlier owner published it); not repeating it", v["action_id"]
-                )
-                out.append((tp, offset, None))
-            else:
-                out.append((tp, offset, (v["action_id"], v)))
+            tp, offset, _ = self.engine.closed[v["action_id"]]
+            out.append((tp, offset, _Out(self.v.results_topic, v["action_id"], orjson.dumps(v), v)))
         return out
 
+    def _already_decided(self, outs: list[tuple[int, _Out]]) -> set[int]:
+        """Indexes of the verdicts not to publish: a verdict for the same action id is on the results
+        topic already, or comes earlier in `outs`. Raises when the results topic cannot be read."""
+        skew = timedelta(minutes=self.v.max_clock_skew) + LEDGER_MARGIN
+        # a verdict is published after its action was accepted, i.e. at most max_clock_skew before
+        # its start (by the clock of the runner that published it: hence the margin)
+        since = {o.key: int((parse_ts(o.verdict["started_at"]) - skew).timestamp() * 1000) for _, o in outs}
+        already = self.ledger.published(since)
+        skip, first = set(), set()
+        for i, o in outs:
+            if o.key in already or o.key in first:
+                log.info("action %s already has a verdict; not repeating it", o.key)
+                skip.add(i)
+            first.add(o.key)
+        return skip
+
+    def _settle_evidence(self, action_ids: set[str]) -> set[str]:
+        """Waits for the outcome of these actions' event records, sends the failed ones once more,
+        and returns the actions whose evidence is still not all delivered."""
+        mine = {aid: self.evidence[aid] for aid in action_ids if aid in self.evidence}
+        if all(ev.settled for ev in mine.values()):
+            return set()
+        timeout = self.cfg.kafka.delivery_timeout_ms / 1000
+        self.sink.flush(timeout)
+        again = []
+        for ev in mine.values():
+            with ev.lock:
+                again += ev.failed
+                ev.failed = []
+        if again:
+            log.warning("%d matched-event records were not delivered; sending them again first", len(again))
+            for topic, key, value in again:
+                self._publish(topic, key, value)
+            self.sink.flush(timeout)
+        return {aid for aid, ev in mine.items() if not ev.settled}
+
     def _finish(self, finished: list) -> None:
-        """Publish the results-topic records, then mark their offsets finished and commit."""
+        """Publish the records of finished job actions, then mark their offsets finished and commit.
+        A verdict goes out only when the results topic has none for its action id yet and all its
+        evidence (matched / suspicious events) is delivered; otherwise it is held and retried."""
         from kafka.structs import OffsetAndMetadata
 
-        to_send = [(i, rec) for i, (_, _, rec) in enumerate(finished) if rec is not None]
-        oks = self._deliver([rec for _, rec in to_send]) if to_send else []
-        failed = {i for (i, _), ok in zip(to_send, oks, strict=True) if not ok}
-        for (_, (_, value)), ok in zip(to_send, oks, strict=True):
-            if ok:
-                self.published.append(value)
-                count_verdict(self.metrics, value)
+        outs = [(i, o) for i, (_, _, o) in enumerate(finished) if o is not None]
+        decided = [(i, o) for i, o in outs if o.verdict is not None and o.verdict.get("result") in FINAL]
+        skip: set[int] = set()
+        held: set[int] = set()
+        if decided:
+            try:
+                skip = self._already_decided(decided)
+            except Exception as e:  # noqa: BLE001 (any broker trouble: hold them; publishing could repeat one)
+                log.warning("cannot check %s for earlier verdicts (%s); holding the verdicts", self.v.results_topic, e)
+                held = {i for i, _ in decided}
+            for i, o in decided:
+                if i in skip:
+                    self.evidence.pop(o.key, None)
+            unsettled = self._settle_evidence({o.key for i, o in decided if i not in skip | held})
+            held |= {i for i, o in decided if o.key in unsettled and i not in skip}
+        to_send = [(i, o) for i, o in outs if i not in skip | held]
+        oks = self._deliver([o for _, o in to_send]) if to_send else []
+        failed = held | {i for (i, _), ok in zip(to_send, oks, strict=True) if not ok}
+        for (_, o), ok in zip(to_send, oks, strict=True):
+            if ok and o.verdict is not None:
+                self.evidence.pop(o.key, None)
+                self.published.append(o.verdict)
+                count_verdict(self.metrics, o.verdict)
         if failed:
-            # not delivered: the offsets stay open and the records are sent again later
-            log.error("%d verdicts were not confirmed by Kafka; retrying in %.0fs", len(failed), RETRY_SECONDS)
+            # not delivered (or held): the offsets stay open and the records are tried again later
+            log.error(
+                "%d records were not confirmed by Kafka (%d verdicts held back); retrying in %.0fs",
+                len(failed),
+                len(held),
+                RETRY_SECONDS,
+            )
             for i in failed:
                 tp, offset, rec = finished[i]
                 self.retry.setdefault(tp, []).append((offset, rec))
@@ -472,7 +669,11 @@ class KafkaValidationRunner:
         for tp, items in self.parked_retry.items():
             if tp in back:
                 self.retry[tp] = items
+            else:
+                handed.extend(o.key for _, o in items if o is not None and o.key)
         self.parked, self.parked_offsets, self.parked_retry = {}, {}, {}
+        for aid in handed:  # the new owner judges them again, evidence included
+            self.evidence.pop(aid, None)
         if handed:
             log.info("%d unfinished actions handed over to another runner: %s", len(handed), ", ".join(handed[:20]))
 
@@ -481,6 +682,8 @@ class KafkaValidationRunner:
         they go next (here too), so their actions are forgotten, not parked."""
         gone = set(partitions)
         dropped = self.engine.take(lambda st: st.tag is not None and st.tag[0] in gone)
+        for st in dropped:
+            self.evidence.pop(st.action.id, None)
         for tp in gone:
             self.offsets.pop(tp, None)
             self.retry.pop(tp, None)
@@ -526,8 +729,6 @@ def run_validation(cfg, stop_event: threading.Event, metrics=None, serve=None, *
     `serve(readiness)` starts the health listener once the runner exists. Exit code 0 after a
     stop, 1 when Kafka cannot be used at start."""
     from kafka.errors import KafkaError
-
-    from connector.kafka import SinkError
 
     try:
         runner = KafkaValidationRunner(cfg, stop_event, metrics, **kw)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from helpers import Cli, read_topic, write_pipeline
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
@@ -31,7 +32,7 @@ def sim():
         yield s
 
 
-def make_cfg(sim, broker, prefix, **validation):
+def make_cfg(sim, broker, prefix, kafka=None, **validation):
     v = {
         "job_actions_topic": f"{prefix}.jobs",
         "results_topic": f"{prefix}.results",
@@ -46,7 +47,7 @@ def make_cfg(sim, broker, prefix, **validation):
             "pipeline": {"name": "sv-kafka", "mode": "validation", "shutdown_timeout": 10},
             "tanium": sim.settings(max_retries=1),
             "metrics": {"enabled": False},
-            "kafka": {"bootstrap_servers": broker.bootstrap, "linger_ms": 0},
+            "kafka": {"bootstrap_servers": broker.bootstrap, "linger_ms": 0, **(kafka or {})},
             "validation": v,
         }
     )
@@ -60,10 +61,16 @@ def create_topic(broker, name, partitions):
         admin.close()
 
 
-def produce(broker, topic, items: list[tuple[str | None, bytes]]) -> dict[int, int]:
-    """Sends the records; returns the end offset per partition they reached."""
+def produce(
+    broker, topic, items: list[tuple[str | None, bytes]], partition: int | None = None, timestamp_ms: int | None = None
+) -> dict[int, int]:
+    """Sends the records (to `partition` when given, else by key); returns the end offset per
+    partition they reached."""
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
-    futures = [p.send(topic, key=key.encode() if key else None, value=value) for key, value in items]
+    futures = [
+        p.send(topic, key=key.encode() if key else None, value=value, partition=partition, timestamp_ms=timestamp_ms)
+        for key, value in items
+    ]
     p.flush()
     p.close()
     ends: dict[int, int] = {}
@@ -107,6 +114,15 @@ def wait_committed(broker, cfg, ends: dict[int, int], timeout=30) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"committed offsets {last}, expected {want}")
+
+
+def end_offsets(broker, topic) -> dict[int, int]:
+    """The end offset of each partition of `topic`, from its records (tansu reports the end offset
+    of a multi-record batch too low)."""
+    ends: dict[int, int] = {}
+    for r in read_all(broker, topic):
+        ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
+    return ends
 
 
 def committed(broker, group, topic) -> dict[int, int | None]:
@@ -235,6 +251,136 @@ def test_an_action_that_already_has_a_verdict_is_not_judged_twice(sim, broker, t
         r.halt()
 
 
+def test_an_action_dated_far_ahead_is_rejected_and_does_not_hold_its_partition(sim, broker, topic_prefix):
+    """A job action starting in three days gets a rejected verdict naming the clock-skew allowance;
+    the action behind it on the same partition is judged and both offsets are committed."""
+    cfg = make_cfg(sim, broker, topic_prefix)
+    now = datetime.now(UTC)
+    create_topic(broker, cfg.validation.job_actions_topic, 1)
+    ends = produce(
+        broker,
+        cfg.validation.job_actions_topic,
+        [action("f1", "nobody", now + timedelta(days=3)), action("f2", "nobody", now - timedelta(hours=2))],
+    )
+    r = Runner(cfg)
+    try:
+        wait_committed(broker, cfg, ends)
+        out = dict(verdicts(broker, cfg.validation.results_topic))
+        assert out["f1"]["result"] == "rejected" and "3 days ahead" in out["f1"]["reason"]
+        assert "validation.max_clock_skew = 5 minutes" in out["f1"]["reason"]
+        assert out["f2"]["result"] == "missed"
+    finally:
+        r.halt()
+
+
+def test_the_same_action_id_on_two_partitions_gets_one_verdict(sim, broker, topic_prefix):
+    """Two runners, one partition each; the same six job actions (same ids) are produced to both
+    partitions, so without coordination both runners would judge each id at the same moment:
+    exactly one verdict per id, and every offset is committed."""
+    cfg = make_cfg(sim, broker, topic_prefix, query_time=0.05, query_interval=1)
+    create_topic(broker, cfg.validation.job_actions_topic, 2)
+    a, b = Runner(cfg), Runner(cfg)
+    try:
+        wait_for(
+            lambda: len(a.runner.consumer.assignment()) == 1 and len(b.runner.consumer.assignment()) == 1,
+            60,
+            "each runner to own one partition",
+        )
+        t = datetime.now(UTC) + 2 * S
+        items = []
+        for i in range(6):
+            h = f"dup-{uuid.uuid4().hex[:6]}"
+            sim.inject(computer_name=h, alerted_at=t + i * S)
+            items.append(action(f"x{i}", h, t + i * 0.4 * S))
+        for p in (0, 1):
+            produce(broker, cfg.validation.job_actions_topic, items, partition=p)
+        verdicts(broker, cfg.validation.results_topic, expect=6, timeout=60)
+        # every record is finished by now (the copies forwarded to their home partition included)
+        wait_committed(broker, cfg, end_offsets(broker, cfg.validation.job_actions_topic), timeout=60)
+        out = verdicts(broker, cfg.validation.results_topic)
+        assert sorted((k, v["result"]) for k, v in out) == [(f"x{i}", "detected") for i in range(6)]
+    finally:
+        a.halt()
+        b.halt()
+
+
+def test_an_action_redelivered_long_after_its_verdict_is_not_judged_again(sim, broker, topic_prefix):
+    """A verdict for y1 was published an hour ago; y1's job action arrives again now (a producer
+    retry, a replay): no second verdict, and its offset is committed."""
+    cfg = make_cfg(sim, broker, topic_prefix)
+    now = datetime.now(UTC)
+    create_topic(broker, cfg.validation.job_actions_topic, 1)
+    hour_ago = int((now - timedelta(hours=1)).timestamp() * 1000)
+    earlier = orjson.dumps({"action_id": "y1", "result": "missed", "by": "an hour ago"})
+    produce(broker, cfg.validation.results_topic, [("y1", earlier)], timestamp_ms=hour_ago)
+    ends = produce(broker, cfg.validation.job_actions_topic, [action("y1", "nobody", now - timedelta(hours=2))])
+    r = Runner(cfg)
+    try:
+        wait_committed(broker, cfg, ends)
+        out = verdicts(broker, cfg.validation.results_topic)
+        assert [(k, v.get("by")) for k, v in out] == [("y1", "an hour ago")]
+    finally:
+        r.halt()
+
+
+def test_a_device_is_published_once_across_restarts(sim, broker, topic_prefix):
+    """Two runners one after the other see alerts of the same endpoint: it is on the devices topic
+    once (the second runner reads the topic at start)."""
+    cfg = make_cfg(sim, broker, topic_prefix)
+    h = f"dev-{uuid.uuid4().hex[:6]}"
+    t = datetime.now(UTC) - timedelta(hours=2)
+    sim.inject(computer_name=h, alerted_at=t + 2 * S)
+    create_topic(broker, cfg.validation.job_actions_topic, 1)
+    for n in (1, 2):
+        ends = produce(broker, cfg.validation.job_actions_topic, [action(f"d{n}", h, t)])
+        r = Runner(cfg)
+        try:
+            wait_committed(broker, cfg, ends)
+        finally:
+            r.halt()
+    devices = verdicts(broker, cfg.validation.devices_topic)
+    assert [k for k, _ in devices].count(h) == 1
+    assert {k: v["result"] for k, v in verdicts(broker, cfg.validation.results_topic)} == {
+        "d1": "detected",
+        "d2": "detected",
+    }
+
+
+def test_a_verdict_is_committed_only_after_its_evidence_was_published(sim, proxied, proxy, topic_prefix):
+    """The broker stalls just before an action's matched event is published, long enough for the
+    delivery to fail; once it is back, the event is on the events topic, then the verdict, and
+    only then the offset is committed."""
+    cfg = make_cfg(
+        sim,
+        proxied,
+        topic_prefix,
+        kafka={"delivery_timeout_ms": 3000},
+        query_time=0.05,
+        query_interval=1,
+        discover_network_devices=False,
+    )
+    h = f"ev-{uuid.uuid4().hex[:6]}"
+    t = datetime.now(UTC) + 10 * S  # window 0 ends at t and holds the alert; the last window ends at t + 3 s
+    sim.inject(computer_name=h, alerted_at=t)
+    create_topic(proxied, cfg.validation.job_actions_topic, 1)
+    ends = produce(proxied, cfg.validation.job_actions_topic, [action("e1", h, t)])
+    r = Runner(cfg)
+    try:
+        wait_for(lambda: "e1" in r.runner.engine.open, 60, "the action to be open")
+        wait_for(lambda: datetime.now(UTC) >= t - 0.3 * S, 20, "just before window 0 runs")
+        proxy.stall()
+        wait_for(lambda: r.runner.failed_sends > 0, 30, "a failed delivery")
+        proxy.resume()
+        wait_committed(proxied, cfg, ends, timeout=60)
+        events = verdicts(proxied, cfg.validation.events_topic)
+        assert [(k, e["event"]["computer"]) for k, e in events] == [("e1", h)]
+        out = verdicts(proxied, cfg.validation.results_topic)
+        assert [(k, v["result"]) for k, v in out] == [("e1", "detected")]
+    finally:
+        proxy.resume()
+        r.halt()
+
+
 @pytest.mark.slow
 def test_consumer_group_hand_over_gives_exactly_one_verdict_per_action(sim, broker, topic_prefix):
     """Two runners share the job actions; one is stopped while actions are mid-schedule; the other
@@ -275,3 +421,49 @@ def test_consumer_group_hand_over_gives_exactly_one_verdict_per_action(sim, brok
     finally:
         a.halt()
         b.halt()
+
+
+@pytest.mark.slow
+def test_a_runner_killed_mid_window_ends_in_exactly_one_verdict(sim, broker, topic_prefix, tmp_path):
+    """`tanium-connector run` is killed with SIGKILL after the action's first window published its
+    event and before its last window ran; a second process takes the partition over and the action
+    ends with exactly one verdict, its offset committed."""
+    cfg = make_cfg(sim, broker, topic_prefix, query_time=0.2, query_interval=3)  # windows until t + 12 s
+    v = cfg.validation
+    topics = ("job_actions_topic", "results_topic", "events_topic", "suspicious_topic", "devices_topic", "group_id")
+    pipeline = write_pipeline(
+        tmp_path / "sv.toml",
+        {
+            "pipeline": {"name": "sv-kill", "mode": "validation", "shutdown_timeout": 10},
+            "tanium": sim.settings(max_retries=1),
+            "kafka": {"bootstrap_servers": broker.bootstrap, "linger_ms": 0},
+            "metrics": {"enabled": False},
+            "validation": {
+                "query_time": 0.2,
+                "query_interval": 3,
+                "session_timeout": 6,  # the second process takes over 6 s after the kill
+                **{k: getattr(v, k) for k in topics},
+            },
+        },
+    )
+    create_topic(broker, v.job_actions_topic, 1)
+    first = Cli(["run", str(pipeline)], tmp_path / "first.log")
+    try:
+        wait_for(lambda: "partitions assigned" in first.logs(), 90, "the first process to join the group")
+        h = f"kill-{uuid.uuid4().hex[:6]}"
+        t = datetime.now(UTC) + 3 * S
+        sim.inject(computer_name=h, alerted_at=t - S)  # in window 0, which runs at t
+        ends = produce(broker, v.job_actions_topic, [action("k1", h, t)])
+        verdicts(broker, v.events_topic, expect=1, timeout=60)
+        first.kill9()
+        assert read_topic(broker.bootstrap, v.results_topic, timeout=3) == []  # killed before the last window
+    finally:
+        first.stop()
+    second = Cli(["run", str(pipeline)], tmp_path / "second.log")
+    try:
+        verdicts(broker, v.results_topic, expect=1, timeout=90)
+        wait_committed(broker, cfg, ends, timeout=60)
+        out = verdicts(broker, v.results_topic)
+        assert [(k, x["result"]) for k, x in out] == [("k1", "detected")]
+    finally:
+        second.stop()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connector.validation.rules import (
     JobAction,
@@ -78,6 +80,10 @@ INVALID = [
     (action(type="email"), "type: must be one of host_cli, network; got 'email'"),
     (action(started_at="12:00"), "started_at: must be an RFC 3339 time"),
     (action(started_at="2026-03-02T12:00:00"), "started_at: must be an RFC 3339 time"),
+    (action(started_at="2026-02-30T12:00:00Z"), "started_at: must be an RFC 3339 time"),
+    (action(started_at="2025-02-29T12:00:00Z"), "started_at: must be an RFC 3339 time"),
+    (action(started_at="2026-03-02T24:00:00Z"), "started_at: must be an RFC 3339 time"),
+    (action(started_at="2026-03-02T12:00:00+02:60"), "started_at: must be an RFC 3339 time"),
     (action(started_at=None), "started_at: required"),
     (action(ended_at="2026-03-02T11:00:00Z"), "ended_at: must not be before started_at"),
     (action(source={"hostnames": "ws1"}), "source.hostnames: must be a list of hostnames"),
@@ -102,6 +108,48 @@ def test_invalid_actions_are_rejected_with_the_field_and_what_is_allowed(obj, me
     assert r.input == obj  # the record carries the input
     if "ended_at" not in message:  # ordering of two times is beyond JSON Schema
         assert not VALIDATOR.is_valid(obj), "the published JSON Schema must reject it too"
+
+
+two_digits = st.integers(0, 99).map(lambda n: f"{n:02d}")
+timestamps = st.builds(
+    lambda year,
+    month,
+    day,
+    sep,
+    h,
+    m,
+    sec,
+    frac,
+    zone,
+    pad: f"{pad}{year:04d}-{month}-{day}{sep}{h}:{m}:{sec}{frac}{zone}{pad}",
+    st.sampled_from([0, 1, 1900, 2000, 2023, 2024, 2026, 2100, 2400, 9999]),
+    two_digits,
+    two_digits,
+    st.sampled_from("Tt _"),
+    two_digits,
+    two_digits,
+    two_digits,
+    st.sampled_from(["", ".5", ".123456789", "."]),
+    st.one_of(
+        st.sampled_from(["Z", "z", ""]),
+        st.builds(lambda sign, h, m: f"{sign}{h}:{m}", st.sampled_from("+-"), two_digits, two_digits),
+    ),
+    st.sampled_from(["", " "]),
+)
+
+
+@settings(max_examples=1500, derandomize=True, database=None)
+@given(
+    t=st.one_of(
+        timestamps,
+        timestamps.map(lambda t: t.replace("-0", "-1", 1)),
+        st.dates().map(lambda d: f"{d.isoformat()}T12:00:00Z"),
+    )
+)
+def test_parser_and_schema_accept_the_same_timestamps(t):
+    """For started_at, the JSON Schema (a pattern; no format checker needed) and the parser agree
+    on every string: impossible dates (2026-02-30, 2025-02-29), hours, minutes and offsets."""
+    assert isinstance(parse_job_action(action(started_at=t)), JobAction) == VALIDATOR.is_valid(action(started_at=t))
 
 
 def test_rejection_lists_every_bad_field_and_keeps_the_id():
@@ -281,6 +329,16 @@ def test_network_matches_forward_and_reversed_with_ports():
     assert by_name.matched and by_name.rules == ["network:forward", "host:computer", "host:dest_ip"]
 
 
+def test_reversed_direction_port_mismatch_names_the_event_field_compared():
+    """Seen from the destination endpoint the action's port is the event's src_port: a mismatch
+    there is reported as src_port."""
+    rev = match_event(
+        net_action(dest_port=445), ev(src_ip="10.2.0.9", dest_ip="10.1.0.5", src_port=8445, dest_port=51000)
+    )
+    assert not rev.matched and rev.rules[0] == "network:reversed"
+    assert rev.failed == [{"field": "src_port", "reason": "mismatch", "expected": 445, "actual": 8445}]
+
+
 def test_network_one_side_only_is_suspicious_with_the_failed_field():
     a = net_action()
     missing = match_event(a, ev(src_ip="10.1.0.5"))
@@ -333,3 +391,22 @@ def test_matcher_uses_event_time_as_normalized():
     the Normalizer applied cannot be applied a second time here."""
     a = parsed()
     assert match_event(a, ev(computer="ws-fin-0001", event_time="1999-01-01T00:00:00.000Z")).matched
+
+
+def test_timing_settings_defaults_and_bounds():
+    from connector.config import ConfigError, parse_pipeline
+
+    def cfg(**validation):
+        return parse_pipeline(
+            {
+                "pipeline": {"name": "p", "mode": "validation"},
+                "tanium": {"host": "h", "api_key": "k"},
+                "validation": validation,
+            }
+        ).validation
+
+    v = cfg()
+    assert (v.max_clock_skew, v.max_lateness, v.session_timeout) == (5, 0.5, 10)
+    for key, bad in (("max_clock_skew", -1), ("max_lateness", 61), ("session_timeout", 5)):
+        with pytest.raises(ConfigError, match=f"validation.{key} = {bad}"):
+            cfg(**{key: bad})

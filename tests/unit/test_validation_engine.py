@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import write_pipeline
 
 from connector.config import ConfigError, parse_pipeline
 from connector.metrics import Metrics
@@ -22,7 +23,7 @@ from connector.simulator import Simulator
 from connector.tanium import TaniumClient
 from connector.timeutil import format_ts
 from connector.validation.engine import ValidationEngine
-from connector.validation.rules import parse_job_action
+from connector.validation.rules import Schedule, parse_job_action
 from connector.validation.runners import FakeClock, SystemClock, drive, validate_file
 
 NOW = datetime.now(UTC)
@@ -137,6 +138,29 @@ def test_documented_example_runs_11_queries_at_the_documented_times(sim):
         assert all(t["at"] >= t["ranges"][0][1] for t in ticks)  # never before the window closed
         assert sim.stats["alerts"] - before == 11  # one HTTP request per window (each range fits a page)
         client.close()
+
+
+def test_each_window_runs_at_its_due_time_with_many_actions(sim):
+    """40 actions starting 0.7 s apart (fake clock): every window runs no earlier than T + D + k·I
+    and at most validation.max_lateness (0.5 s) after it; query rounds are at least that far apart."""
+    cfg = make_cfg(sim, discover_network_devices=False)
+    engine, client = engine_for(cfg)
+    acts = [action(f"a{k}", [host()], t=T + k * 0.7 * S, id=f"due{k}") for k in range(40)]
+    schedules = {a["id"]: parse_job_action(a) for a in acts}
+    verdicts, _ = run_engine(engine, acts, T - M)
+    assert len(verdicts) == 40
+    ticks = [t for t in engine.trace if t["kind"] == "windows"]
+    late = []
+    for tick in ticks:
+        for aid, (lo, hi) in tick["windows"].items():
+            a = schedules[aid]
+            sch = Schedule.of(a.started_at, 5, 30, 0)
+            late += [(tick["at"] - sch.window(k).run_at).total_seconds() for k in range(lo, hi)]
+    assert len(late) == 40 * 11
+    assert min(late) >= 0 and max(late) <= 0.5, (min(late), max(late))
+    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert min(gaps) >= 0.5
+    client.close()
 
 
 def test_delay_shifts_execution_not_windows(sim, tmp_path):
@@ -315,6 +339,23 @@ def test_expected_markers_hash_command_line_and_technique(sim, tmp_path):
     assert [f["field"] for f in sus["failed_fields"]] == ["file_hash", "command_line", "mitre_techniques"]
 
 
+def test_requests_are_reported_as_the_actions_share_and_the_shared_total(sim):
+    """Three actions with the same start share every query: each verdict reports a third of the
+    requests as its share and all of them as the shared total; the shares add up to the total."""
+    cfg = make_cfg(sim, discover_network_devices=False)
+    engine, client = engine_for(cfg)
+    acts = [action(f"share {k}", [host()], id=f"r{k}") for k in range(3)]
+    verdicts, _ = run_engine(engine, acts, T - M)
+    total = engine.stats["requests"]
+    assert total >= 11  # one request per window at least
+    for v in verdicts:
+        assert "requests" not in v
+        assert v["requests_shared_total"] == total
+        assert v["requests_attributed"] == pytest.approx(total / 3)
+    assert sum(v["requests_attributed"] for v in verdicts) == pytest.approx(total)
+    client.close()
+
+
 def test_dedup_across_overlapping_windows(sim, tmp_path):
     h = host()
     sim.inject(computer_name=h, alerted_at=T + 10 * S)  # inside windows 1 … 10
@@ -368,7 +409,36 @@ def test_limit_caps_each_query_and_is_noted_and_counted(sim, tmp_path):
     assert any("tanium.limit (5) was reached" in n for n in v["L1"]["notes"])
     dropped = metrics.records_dropped.labels("sv-test", "validation", "limit")._value.get()
     assert dropped >= 7  # 12 in range, 5 fetched, per query
-    assert v["L1"]["requests"] == 1 + 10 * 3  # window 0 is empty (1 request); the others: pages of 2, 2, 1
+    assert v["L1"]["requests_shared_total"] == 1 + 10 * 3  # window 0 is empty (1 request); the others: pages of 2, 2, 1
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    """About 8 alerts a minute from 20 endpoints over four hours that end an hour ago."""
+    with Simulator(seed=3, alerts=2000, hosts=20, history=4 * 3600, end=NOW - timedelta(hours=1)) as s:
+        yield s
+
+
+def test_limit_applies_to_each_window_so_judging_together_changes_no_verdict(noisy, tmp_path):
+    """Six actions ten minutes apart, tanium.limit 150: each window holds about 40 alerts, the hour
+    they span about 500. Judged from one file (every window due at once) they get the verdicts,
+    matched events and windows they get when each is judged alone."""
+    t = NOW - timedelta(hours=3)
+    acts = []
+    for i in range(6):
+        h = host()
+        noisy.inject(computer_name=h, alerted_at=t + i * 10 * M + 20 * S)
+        acts.append(action(f"noisy {i}", [h], t=t + i * 10 * M, id=f"n{i}"))
+    cfg = make_cfg(noisy, tanium={"limit": 150, "enrich_intel_docs": False}, discover_network_devices=False)
+    late = t + 2 * timedelta(hours=1)  # after every window: all of them are due at the first tick
+    _, together, col = judge(cfg, acts, tmp_path, start=late)
+    for a in acts:
+        _, alone, col1 = judge(cfg, [a], tmp_path, start=late)
+        v, w = together[a["id"]], alone[a["id"]]
+        assert (v["result"], v["matched_events"], v["notes"]) == ("detected", 1, []), v
+        assert (w["result"], w["matched_events"], w["notes"]) == (v["result"], v["matched_events"], v["notes"])
+        mine = [(rec["event"]["uid"], rec["window"]) for k, rec in col.on(cfg.validation.events_topic) if k == a["id"]]
+        assert mine == [(rec["event"]["uid"], rec["window"]) for _, rec in col1.on(cfg.validation.events_topic)]
 
 
 def test_correlation_query_sets_alerted_and_publishes_correlated_events(sim, tmp_path):
@@ -397,14 +467,30 @@ def test_correlation_query_with_unknown_parameter_is_a_clear_error(sim):
     with pytest.raises(ConfigError) as e:
         make_cfg(sim, correlation_query_enabled=True, correlation_query="intelDocId=700&colour=red")
     assert "unknown alert filter parameter 'colour'" in str(e.value) and "intelDocId" in str(e.value)
-    good = make_cfg(sim, correlation_query_enabled=True, correlation_query="severity=high")
-    bad = good.model_copy(
-        update={
-            "validation": good.validation.model_copy(update={"correlation_query": "alertedAtFrom=2026-01-01T00:00:00Z"})
-        }
+    make_cfg(sim, correlation_query_enabled=True, correlation_query="severity=high")
+
+
+@pytest.mark.parametrize("command", ["validate-config", "run"])
+def test_a_correlation_query_setting_the_window_is_refused_by_every_command(sim, tmp_path, command, capsys):
+    """alertedAtFrom / alertedAtUntil come from each action's window: the pipeline file is refused
+    when it is loaded, so validate-config and run give the same error (exit code 2)."""
+    from connector import cli
+
+    path = write_pipeline(
+        tmp_path / "sv.toml",
+        {
+            "pipeline": {"name": "sv-corr", "mode": "validation"},
+            "tanium": sim.settings(),
+            "kafka": {"bootstrap_servers": "127.0.0.1:9"},
+            "validation": {
+                "correlation_query_enabled": True,
+                "correlation_query": "alertedAtFrom=2026-01-01T00:00:00Z",
+            },
+        },
     )
-    with pytest.raises(ConfigError, match="alertedAtFrom is set by the connector"):
-        engine_for(bad)
+    assert cli.main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "validation.correlation_query" in err and "alertedAtFrom is set by the connector" in err, err
 
 
 @pytest.mark.parametrize("discover", [True, False])
@@ -476,6 +562,37 @@ def test_human_output_has_one_line_per_action(sim, tmp_path):
     assert next(ln for ln in lines if "hu2" in ln).startswith("MISSED    hu2")
 
 
+def test_action_dated_beyond_the_clock_skew_allowance_is_rejected(sim, tmp_path):
+    """The clock reads T − 1 min: an action starting 3 days later is rejected at once with the
+    reason; one starting 3 minutes ahead (within validation.max_clock_skew = 5) is judged."""
+    h = host()
+    sim.inject(computer_name=h, alerted_at=T + 2 * M + 5 * S)
+    cfg = make_cfg(sim)
+    far = action("next week's job", [host()], t=T + timedelta(days=3), id="f1")
+    near = action("starts soon", [h], t=T + 2 * M, id="f2")
+    code, v, _ = judge(cfg, [far, near], tmp_path)
+    assert code == 2
+    assert v["line1"]["result"] == "rejected" and v["line1"]["action_id"] == "f1"
+    assert "started_at" in v["line1"]["reason"] and "3 days ahead" in v["line1"]["reason"]
+    assert "validation.max_clock_skew = 5 minutes" in v["line1"]["reason"]
+    assert v["f2"]["result"] == "detected"
+    assert set(v) == {"line1", "f2"}
+    stricter = make_cfg(sim, max_clock_skew=1)
+    _, v, _ = judge(stricter, [near], tmp_path)
+    assert v["line1"]["result"] == "rejected" and "3 minutes ahead" in v["line1"]["reason"]
+
+
+def test_validate_says_what_it_waits_for_and_until_when(sim, tmp_path, capsys):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(action("soon", [host()], id="w1")) + "\n")
+    clock = FakeClock(T - M)
+    assert validate_file(make_cfg(sim), path, True, io.StringIO(), clock) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"waiting until {format_ts(T)} (60 s) for window 1 of 11 of action w1"
+    assert lines[1] == f"waiting until {format_ts(T + 30 * S)} (30 s) for window 2 of 11 of action w1"
+    assert len(lines) == 11  # one line per wait, none when nothing is waited for
+
+
 def test_tanium_failure_in_file_mode_is_a_clear_error_without_the_key(sim, tmp_path, capsys):
     cfg = make_cfg(sim, tanium={"api_key": "wrong-secret-key-123"})
     path = tmp_path / "a.jsonl"
@@ -483,7 +600,8 @@ def test_tanium_failure_in_file_mode_is_a_clear_error_without_the_key(sim, tmp_p
     out = io.StringIO()
     assert validate_file(cfg, path, True, out, FakeClock(T - M)) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: Tanium query failed:") and "token" in err.lower(), err
+    last = err.splitlines()[-1]  # after the line saying what it waited for
+    assert last.startswith("error: Tanium query failed:") and "token" in last.lower(), err
     assert "wrong-secret-key-123" not in err + out.getvalue()
     assert out.getvalue() == ""  # no verdict when Tanium could not be asked
 
@@ -496,27 +614,43 @@ def test_missing_job_actions_file_is_a_config_error(sim, tmp_path):
 # ---- cost ----------------------------------------------------------------------------------------
 
 
-def test_requests_for_1_vs_200_concurrent_actions(sim, capsys):
-    """The same simulated period with 1 and with 200 open actions (starts spread over a minute):
-    shared queries keep the request count flat (target ≤ 2×). A count, not a timing."""
+def count_requests(sim, cfg, starts: list[datetime], hosts: list[str], tag: str) -> tuple[int, int]:
+    """(requests the simulator saw, requests the engine counted) judging one action per start."""
+    engine, client = engine_for(cfg)
+    acts = [action(f"bench {k}", [hosts[k]], t=s, id=f"{tag}-{k}") for k, s in enumerate(starts)]
+    before = sim.stats["alerts"] + sim.stats["intel"]
+    verdicts, _ = run_engine(engine, acts, min(starts) - M)
+    client.close()
+    assert len(verdicts) == len(starts) and all(v["detected"] for v in verdicts)
+    return sim.stats["alerts"] + sim.stats["intel"] - before, engine.stats["requests"]
+
+
+def test_requests_follow_due_times_not_the_number_of_actions(sim, capsys):
+    """Counts, not timings. 200 actions whose starts fall on 5 seconds cost what 5 actions on those
+    seconds cost (one query round per distinct due time). With max_lateness = 30, 200 actions
+    spread over a minute cost at most twice one action (rounds shared over 30 s)."""
     t0 = T + 2 * timedelta(hours=1)
     hosts = [host() for _ in range(200)]
     for k, h in enumerate(hosts):
         sim.inject(computer_name=h, alerted_at=t0 + (k % 60) * S + 30 * S)
     cfg = make_cfg(sim, discover_network_devices=False)
-    counts = {}
-    for n in (1, 200):
-        engine, client = engine_for(cfg)
-        acts = [action(f"bench {k}", [hosts[k]], t=t0 + (k % 60) * S, id=f"b{n}-{k}") for k in range(n)]
-        before = sim.stats["alerts"] + sim.stats["intel"]
-        verdicts, _ = run_engine(engine, acts, t0 - M)
-        counts[n] = (sim.stats["alerts"] + sim.stats["intel"] - before, engine.stats["requests"])
-        assert len(verdicts) == n and all(v["detected"] for v in verdicts)
-        client.close()
+    on_5 = [t0 + (k % 5) * S for k in range(200)]
+    few, many = count_requests(sim, cfg, on_5[:5], hosts, "f"), count_requests(sim, cfg, on_5, hosts, "m")
+    relaxed = make_cfg(sim, discover_network_devices=False, max_lateness=30)
+    spread = [t0 + (k % 60) * S for k in range(200)]
+    one, spread_200 = (
+        count_requests(sim, relaxed, spread[:1], hosts, "o"),
+        count_requests(sim, relaxed, spread, hosts, "s"),
+    )
     with capsys.disabled():
-        print(f"\nvalidation requests (simulator count, engine count): 1 action {counts[1]}, 200 actions {counts[200]}")
-    assert counts[1][0] == counts[1][1] and counts[200][0] == counts[200][1]
-    assert counts[200][0] <= 2 * counts[1][0]
+        print(
+            f"\nvalidation requests (simulator, engine): 5 vs 200 actions on 5 start seconds {few} vs {many}; "
+            f"max_lateness 30 s, 1 vs 200 actions over a minute {one} vs {spread_200}"
+        )
+    for sim_count, engine_count in (few, many, one, spread_200):
+        assert sim_count == engine_count
+    assert many[0] <= few[0] + 5  # a few more pages for the 195 more alerts
+    assert spread_200[0] <= 2 * one[0]
 
 
 # ---- the shipped example -------------------------------------------------------------------------
