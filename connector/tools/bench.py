@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -215,6 +216,8 @@ def _phase_sink(raw: dict, pool: list[tuple[bytes, bytes]], count: int) -> dict:
     )
 
     cfg = parse_pipeline(raw)
+    if cfg.kafka is None:
+        raise BenchError("the sink phase needs a [kafka] section")
     if cfg.kafka.client == "confluent":
         return _sink_confluent(cfg, pool, count)
     producer = make_producer(cfg.kafka)
@@ -364,7 +367,12 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     return lower
 
 
-_PHASES = {"sink": _phase_sink, "source": _phase_source, "pipeline": _phase_pipeline, "freshness": _phase_freshness}
+_PHASES: dict[str, Callable[..., dict]] = {
+    "sink": _phase_sink,
+    "source": _phase_source,
+    "pipeline": _phase_pipeline,
+    "freshness": _phase_freshness,
+}
 
 
 def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
@@ -416,7 +424,7 @@ class BenchError(Exception):
 # ---- setup in the parent ---------------------------------------------------------------------------
 
 
-def _headers(cfg) -> list[tuple[str, bytes]]:
+def _headers(cfg) -> list[tuple[str, str | bytes | None]]:  # the type both Kafka clients take
     from connector import __version__
     from connector.stream.normalize import SCHEMA_VERSION
 
@@ -678,8 +686,8 @@ def measure_validation(n_actions: int) -> dict:
             soon = [begin + timedelta(seconds=(k % 10) * 0.2) for k in range(n)]
             engine = engine_with(sim, n, soon, hosts, query_time=0.05, query_interval=1)
             late: list[float] = []
-            while engine.open:
-                clock.sleep_until(engine.next_wakeup())
+            while (wake := engine.next_wakeup()) is not None:  # None once no action is open
+                clock.sleep_until(wake)
                 last = engine.trace[-1] if engine.trace else None
                 began = time.monotonic()
                 engine.tick(clock.now())

@@ -160,8 +160,10 @@ def drive(
 ) -> None:
     """Runs the engine until every open action has its verdict (or `stop` is set). `waiting` is
     told what each wait of a second or more is for and until when."""
-    while engine.open and not (stop and stop.is_set()):
+    while not (stop and stop.is_set()):
         wake = engine.next_wakeup()
+        if wake is None:  # no open action left
+            return
         wait = (wake - clock.now()).total_seconds()
         if waiting and wait >= 1:
             waiting(f"waiting until {format_ts(wake)} ({wait:.0f} s) for {engine.waiting_for(wake)}")
@@ -250,7 +252,7 @@ class _Evidence:
     def __init__(self):
         self.lock = threading.Lock()  # delivery outcomes arrive on the producer's I/O thread
         self.pending = 0
-        self.failed: list[tuple[str, str, dict]] = []
+        self.failed: list[tuple[str, str | None, dict]] = []
 
     @property
     def settled(self) -> bool:
@@ -542,20 +544,21 @@ class KafkaValidationRunner:
             out.append((tp, offset, _Out(self.v.results_topic, v["action_id"], orjson.dumps(v), v)))
         return out
 
-    def _already_decided(self, outs: list[tuple[int, _Out]]) -> set[int]:
+    def _already_decided(self, decided: list[tuple[int, dict]]) -> set[int]:
         """Indexes of the verdicts not to publish: a verdict for the same action id is on the results
-        topic already, or comes earlier in `outs`. Raises when the results topic cannot be read."""
+        topic already, or comes earlier in `decided`. Raises when the results topic cannot be read."""
         skew = timedelta(minutes=self.v.max_clock_skew) + LEDGER_MARGIN
         # a verdict is published after its action was accepted, i.e. at most max_clock_skew before
         # its start (by the clock of the runner that published it: hence the margin)
-        since = {o.key: int((parse_ts(o.verdict["started_at"]) - skew).timestamp() * 1000) for _, o in outs}
+        since = {v["action_id"]: int((parse_ts(v["started_at"]) - skew).timestamp() * 1000) for _, v in decided}
         already = self.ledger.published(since)
         skip, first = set(), set()
-        for i, o in outs:
-            if o.key in already or o.key in first:
-                log.info("action %s already has a verdict; not repeating it", o.key)
+        for i, v in decided:
+            aid = v["action_id"]
+            if aid in already or aid in first:
+                log.info("action %s already has a verdict; not repeating it", aid)
                 skip.add(i)
-            first.add(o.key)
+            first.add(aid)
         return skip
 
     def _settle_evidence(self, action_ids: set[str]) -> set[str]:
@@ -585,7 +588,8 @@ class KafkaValidationRunner:
         from kafka.structs import OffsetAndMetadata
 
         outs = [(i, o) for i, (_, _, o) in enumerate(finished) if o is not None]
-        decided = [(i, o) for i, o in outs if o.verdict is not None and o.verdict.get("result") in FINAL]
+        # detected/missed verdicts (their results-topic key is their action id)
+        decided = [(i, o.verdict) for i, o in outs if o.verdict is not None and o.verdict.get("result") in FINAL]
         skip: set[int] = set()
         held: set[int] = set()
         if decided:
@@ -594,11 +598,11 @@ class KafkaValidationRunner:
             except Exception as e:  # noqa: BLE001 (any broker trouble: hold them; publishing could repeat one)
                 log.warning("cannot check %s for earlier verdicts (%s); holding the verdicts", self.v.results_topic, e)
                 held = {i for i, _ in decided}
-            for i, o in decided:
+            for i, v in decided:
                 if i in skip:
-                    self.evidence.pop(o.key, None)
-            unsettled = self._settle_evidence({o.key for i, o in decided if i not in skip | held})
-            held |= {i for i, o in decided if o.key in unsettled and i not in skip}
+                    self.evidence.pop(v["action_id"], None)
+            unsettled = self._settle_evidence({v["action_id"] for i, v in decided if i not in skip | held})
+            held |= {i for i, v in decided if v["action_id"] in unsettled and i not in skip}
         to_send = [(i, o) for i, o in outs if i not in skip | held]
         oks = self._deliver([o for _, o in to_send]) if to_send else []
         failed = held | {i for (i, _), ok in zip(to_send, oks, strict=True) if not ok}
@@ -657,7 +661,7 @@ class KafkaValidationRunner:
 
     def assigned(self, partitions) -> None:
         back = set(partitions)
-        handed = []
+        handed: list[str] = []
         for tp, states in self.parked.items():
             if tp in back:
                 self.engine.restore(states)
