@@ -1,8 +1,8 @@
 """Security Validation: job actions, their query windows, and matching normalized events to them.
 
-This module is the pure core (no I/O, no clock): `engine.py` runs the shared alert queries, and
-`runners.py` holds the file and Kafka runners (`validate_file`, `run_validation`). `check_start`
-takes the current time as an argument.
+This module is the pure core (no I/O, no clock): `engine.py` runs the shared alert queries,
+`runners.py` holds the file runner (`validate_file`) and `kafka_runner.py` the Kafka one
+(`run_validation`). `check_start` takes the current time as an argument.
 
 Query schedule (issue 4, reference security-validation.md 8.2): with action start T, query time Q
 minutes, interval I seconds and delay D minutes, query k covers [T − Q + k·I, T + k·I] for
