@@ -134,7 +134,7 @@ def cmd_run(args) -> int:
 
     cfg = load(args.pipeline)
     if cfg.pipeline.mode == "validation":
-        from connector.validation.runners import run_validation
+        from connector.validation.kafka_runner import run_validation
 
         metrics = Metrics(cfg.pipeline.name)
         stop = threading.Event()

@@ -122,8 +122,9 @@ class FetchStats:
 
     def saw(self, alerts: list) -> None:
         for a in alerts:
+            raw = a.get("alertedAt") if isinstance(a, dict) else None
             try:
-                t = parse_ts(a.get("alertedAt")) if isinstance(a, dict) else None
+                t = parse_ts(raw) if isinstance(raw, str) else None
             except (ValueError, TypeError):
                 t = None
             if t is None:
@@ -137,7 +138,9 @@ class FetchStats:
         `limit` alerts of u's range (u's range is the query's, or holds every alert returned)."""
         if u.start <= g.start and u.end >= g.end:
             return True
-        return self.times_known and self.first is not None and u.start <= self.first and self.last <= u.end
+        if not self.times_known or self.first is None or self.last is None:
+            return False
+        return u.start <= self.first and self.last <= u.end
 
 
 class ValidationEngine:
@@ -267,7 +270,7 @@ class ValidationEngine:
             for aid, (lo, hi) in due.items()
             for w in (self.open[aid].schedule.window(k) for k in range(lo, hi))
         ]
-        trace = {
+        trace: dict[str, Any] = {
             "at": now,
             # the most overdue window of this tick, in seconds (the benchmark's lateness figure)
             "late": max(
@@ -339,7 +342,11 @@ class ValidationEngine:
         while work:
             g = work.pop(0)
             ranges.append((g.start, g.end))
-            fs = self._fetch(params, g.start, g.end, lambda events, g=g: collect(events, g))
+
+            def page(events: list[dict], g: _Group = g) -> None:
+                collect(events, g)
+
+            fs = self._fetch(params, g.start, g.end, page)
             served = dict.fromkeys(u.aid for u in g.units)
             for aid in served:
                 st = self.open[aid]
@@ -487,12 +494,14 @@ class ValidationEngine:
         """Per (action, uid): the lowest-index window of this query's windows that covers it."""
         ks: dict[str, list[int]] = {}
         for u in g.units:
-            ks.setdefault(u.aid, []).append(u.k)
+            if u.k is not None:  # window units (correlation units, k None, go to _correlate)
+                ks.setdefault(u.aid, []).append(u.k)
         for ev in events:
             uid = str(ev.get("uid") or (ev.get("raw") or {}).get("id"))
             t = event_time(ev)
             for aid in self._candidates(ev, ks):
                 sch = self.open[aid].schedule
+                k: int | None
                 if t is None:
                     k = min(ks[aid])
                 else:
@@ -510,7 +519,7 @@ class ValidationEngine:
         for aid in aids:
             sch = self.open[aid].schedule
             units.append(_Unit(aid, None, sch.first_start - self.adjust, sch.last_end - self.adjust))
-        trace = {"at": now, "kind": "correlation", "ranges": [], "actions": len(units)}
+        trace: dict[str, Any] = {"at": now, "kind": "correlation", "ranges": [], "actions": len(units)}
         self.trace.append(trace)
 
         def collect(events: list[dict], g: _Group) -> None:

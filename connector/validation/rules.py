@@ -1,8 +1,8 @@
 """Security Validation: job actions, their query windows, and matching normalized events to them.
 
-This module is the pure core (no I/O, no clock): `engine.py` runs the shared alert queries, and
-`runners.py` holds the file and Kafka runners (`validate_file`, `run_validation`). `check_start`
-takes the current time as an argument.
+This module is the pure core (no I/O, no clock): `engine.py` runs the shared alert queries,
+`runners.py` holds the file runner (`validate_file`) and `kafka_runner.py` the Kafka one
+(`run_validation`). `check_start` takes the current time as an argument.
 
 Query schedule (issue 4, reference security-validation.md 8.2): with action start T, query time Q
 minutes, interval I seconds and delay D minutes, query k covers [T − Q + k·I, T + k·I] for
@@ -268,6 +268,9 @@ def parse_job_action(obj: Any) -> JobAction | Rejection:
                 errors.append(f"{key}: a network action needs {key}.hostnames or {key}.ips")
     if errors:
         return Rejection("; ".join(errors), obj, action_id)
+    # every check above records an error whenever it yields no value, so none is missing here
+    assert action_id is not None and job_id is not None and started is not None
+    assert isinstance(name, str) and isinstance(typ, str)
     return JobAction(action_id, job_id, name.strip(), typ, started, ended, source, dest, port, expected, obj)
 
 
@@ -518,10 +521,10 @@ def _markers(action: JobAction, event: dict, rules: list[str], failed: list[dict
                 }
             )
     if exp.mitre_techniques:
-        have = [t.upper() for t in _values(event, "mitre_techniques")]
+        tags = [t.upper() for t in _values(event, "mitre_techniques")]
         # an event tagged with a sub-technique (T1059.001) satisfies its parent (T1059)
-        hit = [e for e in exp.mitre_techniques if any(t == e or t.startswith(e + ".") for t in have)]
-        if not have:
+        hit = [e for e in exp.mitre_techniques if any(t == e or t.startswith(e + ".") for t in tags)]
+        if not tags:
             failed.append({"field": "mitre_techniques", "reason": "missing", "expected": list(exp.mitre_techniques)})
         elif hit:
             rules.append("mitre_technique")
@@ -531,7 +534,7 @@ def _markers(action: JobAction, event: dict, rules: list[str], failed: list[dict
                     "field": "mitre_techniques",
                     "reason": "mismatch",
                     "expected": list(exp.mitre_techniques),
-                    "actual": have,
+                    "actual": tags,
                 }
             )
 
@@ -558,13 +561,12 @@ def match_event(action: JobAction, event: dict) -> Match | None:
             return None
     else:
         src, dst = action.source, action.destination
-        best = None
+        options = []
         for direction, a1, a2 in (("forward", src, dst), ("reversed", dst, src)):
             r1, r2 = _side_match(event, SRC_KEYS, a1), _side_match(event, DST_KEYS, a2)
-            score = (bool(r1) and bool(r2), bool(r1) or bool(r2))
-            if best is None or score > best[0]:
-                best = (score, direction, a1, a2, r1, r2)
-        (both, one), direction, a1, a2, r1, r2 = best
+            options.append(((bool(r1) and bool(r2), bool(r1) or bool(r2)), direction, a1, a2, r1, r2))
+        # the direction with the best (both sides, one side) score; forward when they tie
+        (both, one), direction, a1, a2, r1, r2 = max(options, key=lambda o: o[0])
         if not one:
             return None
         rules = [f"network:{direction}"] + r1 + r2
@@ -589,8 +591,11 @@ def match_event(action: JobAction, event: dict) -> Match | None:
 
 def event_time(event: dict) -> datetime | None:
     """The normalized (already adjusted) event time, or None when missing/unparseable."""
+    value = event.get("event_time")
+    if not isinstance(value, str):
+        return None
     try:
-        return parse_ts(event.get("event_time"))
+        return parse_ts(value)
     except (ValueError, TypeError):
         return None
 

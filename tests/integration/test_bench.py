@@ -199,7 +199,7 @@ def test_key_partitioner_puts_every_key_where_kafka_python_does(broker, topic_pr
 
 def test_freshness_quantiles_are_estimated_as_prometheus_does():
     """The same buckets as the alert rule's promtool test, where Prometheus answers 298.2 s (4m 58s)."""
-    from connector.tools.bench import histogram_quantile
+    from connector.tools.bench_phases import histogram_quantile
 
     inf = float("inf")
     assert histogram_quantile(0.99, [(1, 0), (120, 0), (300, 60), (inf, 60)]) == pytest.approx(298.2)
@@ -212,9 +212,9 @@ def test_freshness_quantiles_are_estimated_as_prometheus_does():
 
 
 def _source_phase(sim, tmp_path, what_if):
-    from connector.tools.bench import _pipeline_raw, run_phase
+    from connector.tools.bench_phases import pipeline_raw, run_phase
 
-    raw = _pipeline_raw(sim, "127.0.0.1:9", "bench-interp", tmp_path / "state")
+    raw = pipeline_raw(sim, "127.0.0.1:9", "bench-interp", tmp_path / "state")
     return run_phase("source", (raw,), 60, what_if)
 
 

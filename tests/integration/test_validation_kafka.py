@@ -20,7 +20,7 @@ from connector.config import parse_pipeline
 from connector.metrics import Metrics
 from connector.simulator import Simulator
 from connector.timeutil import format_ts
-from connector.validation.runners import KafkaValidationRunner
+from connector.validation.kafka_runner import KafkaValidationRunner
 
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 30000}
 S = timedelta(seconds=1)

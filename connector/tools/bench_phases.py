@@ -1,0 +1,332 @@
+"""The benchmark's phases: what each spawned child process measures, and how the parent sets one up
+(pipeline file, topics, timeout) and runs it; shared by the runs (bench.py) and the other
+measurements (bench_measure.py)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 500
+PHASE_START_TIMEOUT = 60.0  # spawning a child and importing the connector
+
+
+# ---- measurements in child processes ---------------------------------------------------------------
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). ru_maxrss is not used: Linux carries the forking
+    parent's peak over exec into it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _measured(events: int, t0: float, c0: float, **extra) -> dict:
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    return {
+        "events": events,
+        "seconds": wall,
+        "events_per_s": events / wall if wall > 0 else 0.0,
+        "cpu_seconds": cpu,
+        "cpu_per_1k": cpu / events * 1000 if events else 0.0,
+        "peak_rss_mib": _peak_rss_mib(),
+        **extra,
+    }
+
+
+def _phase_sink(raw: dict, pool: list[tuple[bytes, bytes]], count: int) -> dict:
+    from connector.config import parse_pipeline
+    from connector.kafka import make_producer
+    from connector.stream.pipeline import (
+        StreamPipeline,  # noqa: F401 (same imports, so the same baseline RSS)
+    )
+
+    cfg = parse_pipeline(raw)
+    if cfg.kafka is None:
+        raise BenchError("the sink phase needs a [kafka] section")
+    if cfg.kafka.client == "confluent":
+        return _sink_confluent(cfg, pool, count)
+    producer = make_producer(cfg.kafka)
+    topic = cfg.kafka.topic
+    headers = _headers(cfg)
+    producer.partitions_for(topic)  # metadata and topic creation stay outside the timing
+    n = len(pool)
+    t0, c0 = time.perf_counter(), time.process_time()
+    send = producer.send
+    futures = [send(topic, value=pool[i % n][1], key=pool[i % n][0], headers=headers) for i in range(count)]
+    producer.flush()
+    out = _measured(count, t0, c0)
+    out["failed"] = sum(1 for f in futures if not f.succeeded())
+    producer.close(5)
+    return out
+
+
+def _sink_confluent(cfg, pool: list[tuple[bytes, bytes]], count: int) -> dict:
+    from confluent_kafka import Producer
+
+    from connector.stream.confluent import confluent_settings
+
+    producer = Producer(confluent_settings(cfg.kafka))
+    topic = cfg.kafka.topic
+    headers = _headers(cfg)
+    producer.list_topics(topic, timeout=30)  # metadata stays outside the timing
+    failed = [0]
+
+    def report(err, _msg):
+        if err is not None:
+            failed[0] += 1
+
+    n = len(pool)
+    t0, c0 = time.perf_counter(), time.process_time()
+    produce, poll = producer.produce, producer.poll
+    for i in range(count):
+        key, value = pool[i % n]
+        while True:
+            try:
+                produce(topic, value, key, headers=headers, on_delivery=report)
+                break
+            except BufferError:
+                poll(0.05)
+        if not i % 500:
+            poll(0)
+    left = producer.flush(120)
+    out = _measured(count, t0, c0)
+    out["failed"] = failed[0] + left
+    return out
+
+
+def _phase_source(raw: dict) -> dict:
+    from connector.config import parse_pipeline
+    from connector.stream.pipeline import StreamPipeline  # noqa: F401
+    from connector.stream.source import AlertSource
+    from connector.tanium import TaniumClient
+    from connector.timeutil import parse_start
+
+    cfg = parse_pipeline(raw)
+    client = TaniumClient(cfg.tanium)
+    source = AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit)
+    source.resume(None, parse_start(cfg.source.start_from))
+    pairs: set = set()
+    n = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    while True:  # what the pipeline's source thread does with --once
+        for page in source.cycle():
+            n += len(page)
+            for alert, _ in page:
+                if isinstance(alert, dict):
+                    pairs.add((alert.get("intelDocId"), alert.get("intelDocRevisionId")))
+        if not source.hit_limit:
+            break
+    out = _measured(n, t0, c0, doc_revisions=len(pairs))
+    client.close()
+    return out
+
+
+def _phase_pipeline(raw: dict) -> dict:
+    from connector.config import parse_pipeline
+    from connector.metrics import Metrics
+    from connector.stream.pipeline import StreamPipeline
+
+    cfg = parse_pipeline(raw)
+    pipe = StreamPipeline(cfg, metrics=Metrics(cfg.pipeline.name), once=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    code = pipe.run()
+    s = pipe.summary
+    out = _measured(s.published + s.dlq, t0, c0)
+    out.update(
+        code=code,
+        fetched=s.fetched,
+        published=s.published,
+        dlq=s.dlq,
+        errors=list(s.errors),
+        delivery_failures=s.delivery_failures,
+        intel_requests=s.intel_requests,
+    )
+    return out
+
+
+def _phase_freshness(raw: dict, seconds: float) -> dict:
+    import threading
+
+    from connector.config import parse_pipeline
+    from connector.metrics import Metrics
+    from connector.stream.pipeline import StreamPipeline
+
+    cfg = parse_pipeline(raw)
+    metrics = Metrics(cfg.pipeline.name)
+    pipe = StreamPipeline(cfg, metrics=metrics)
+    runner = threading.Thread(target=pipe.run, name="bench-pipeline", daemon=True)
+    runner.start()
+    time.sleep(seconds)  # the measured period: the simulator adds alerts meanwhile
+    pipe.stop()
+    runner.join(cfg.pipeline.shutdown_timeout + 10)
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for family in metrics.registry.collect()
+        if family.name == "tanium_connector_freshness_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    )
+    return {
+        "events": pipe.summary.published,
+        "observed": int(buckets[-1][1]),
+        "p50_s": histogram_quantile(0.5, buckets),
+        "p99_s": histogram_quantile(0.99, buckets),
+        "errors": list(pipe.summary.errors),
+    }
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The q-quantile of a histogram as Prometheus estimates it: linear within the bucket that
+    holds it. `buckets`: (upper bound, cumulative count), ascending, +Inf last. None when empty."""
+    total = buckets[-1][1]
+    if not total:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower  # the highest finite bound, as Prometheus answers
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+_PHASES: dict[str, Callable[..., dict]] = {
+    "sink": _phase_sink,
+    "source": _phase_source,
+    "pipeline": _phase_pipeline,
+    "freshness": _phase_freshness,
+}
+
+
+def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
+    """One phase in this (spawned) process, with the interpreter settings `run` ships unless a
+    what-if option says otherwise; the result says which settings it ran with."""
+    logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    tune_interpreter(
+        SWITCH_INTERVAL if switch_ms is None else switch_ms / 1000,
+        GC_THRESHOLD if gc_threshold is None else gc_threshold,
+    )
+    try:
+        result = _PHASES[name](*args)
+        result["interpreter"] = interpreter_settings()
+    except BaseException as e:  # noqa: BLE001 (reported by the parent)
+        result = {"error": f"{type(e).__name__}: {e}"}
+    conn.send(result)
+    conn.close()
+
+
+def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (None, None)) -> dict:
+    """Runs one phase in a fresh spawned process and returns its figures (raises BenchError).
+    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(name, args, send, *what_if), name=f"bench-{name}", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout + PHASE_START_TIMEOUT):
+            raise BenchError(f"the {name} phase did not finish within {timeout + PHASE_START_TIMEOUT:.0f}s")
+        result = recv.recv()
+    except EOFError:
+        raise BenchError(f"the {name} phase process died (exit code {proc.exitcode})") from None
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if "error" in result:
+        raise BenchError(f"the {name} phase failed: {result['error']}")
+    return result
+
+
+class BenchError(Exception):
+    """The benchmark could not measure; str() is for the user."""
+
+
+# ---- setup in the parent ---------------------------------------------------------------------------
+
+
+def _headers(cfg) -> list[tuple[str, str | bytes | None]]:  # the type both Kafka clients take
+    from connector import __version__
+    from connector.stream.normalize import SCHEMA_VERSION
+
+    return [
+        ("schema_version", str(SCHEMA_VERSION).encode()),
+        ("pipeline", cfg.pipeline.name.encode()),
+        ("connector_version", __version__.encode()),
+    ]
+
+
+def pipeline_raw(sim, bootstrap: str, name: str, state: Path, **over) -> dict:
+    raw = {
+        "pipeline": {"name": name},
+        "tanium": {**sim.settings(), "page_size": PAGE_SIZE, "max_retries": 2},
+        "source": {"start_from": "3650d"},
+        "kafka": {"bootstrap_servers": bootstrap, "topic": f"{name}.events"},
+        "state": {"path": str(state)},
+        "metrics": {"enabled": False},
+    }
+    for section, values in over.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+class Topics:
+    """Creates phase topics ahead (so no phase times topic creation) and deletes them afterwards."""
+
+    def __init__(self, bootstrap: str):
+        from kafka import KafkaProducer
+        from kafka.admin import KafkaAdminClient
+
+        self.bootstrap = bootstrap
+        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tanium-connector-bench")
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="tanium-connector-bench")
+
+    def create(self, *topics: str) -> None:
+        for t in topics:
+            self.producer.partitions_for(t)  # auto-creation through a metadata request
+
+    def delete(self, *topics: str) -> None:
+        try:
+            self.admin.delete_topics(list(topics), timeout_ms=30000)
+        except Exception as e:  # noqa: BLE001 (the broker only holds more memory)
+            log.warning("bench: could not delete topics %s: %s", ", ".join(topics), e)
+
+    def close(self) -> None:
+        self.producer.close(5)
+        self.admin.close()
+
+
+def what_if_settings(opts) -> tuple:
+    return opts.gc_threshold, opts.switch_interval
+
+
+def tanium_requests(sim) -> int:
+    return sum(sim.stats.values())
+
+
+def phase_timeout(alerts: int, latency_ms: float) -> float:
+    # generous: 200 events/s at worst, plus the latency of every page
+    return 120 + alerts / 200 + (alerts / PAGE_SIZE + 30) * latency_ms / 1000
