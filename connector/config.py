@@ -66,6 +66,20 @@ class PipelineSection(_Section):
     mode: Literal["stream", "validation"] = "stream"
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30
+    # a record Kafka refuses this many times goes to the dead-letter topic (with Kafka's error)
+    max_delivery_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    # wait before re-reading after a failed delivery: doubles per failure in a row, up to the max
+    rewind_backoff: Annotated[float, Field(gt=0, le=600)] = 1
+    rewind_backoff_max: Annotated[float, Field(gt=0, le=3600)] = 60
+
+    @model_validator(mode="after")
+    def _backoff(self) -> PipelineSection:
+        if self.rewind_backoff > self.rewind_backoff_max:
+            raise ValueError(
+                f"rewind_backoff: {self.rewind_backoff:g} must not exceed "
+                f"rewind_backoff_max ({self.rewind_backoff_max:g})"
+            )
+        return self
 
 
 class TaniumSection(_Section):

@@ -38,7 +38,7 @@ from kafka.protocol.consumer.fetch import FetchRequest
 from kafka.record.memory_records import MemoryRecords
 
 from connector.config import ConfigError, KafkaSection
-from connector.kafka import SinkError, client_settings, describe_servers, make_producer
+from connector.kafka import SinkError, client_settings, close_producer, describe_servers, make_producer
 from connector.timeutil import format_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ class CheckpointStore(Protocol):
 
     def load(self) -> dict | None: ...
 
-    def save(self, checkpoint: dict) -> None: ...
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, timeout: float = 5) -> None: ...
 
 
 def _encode(checkpoint: dict) -> dict:
@@ -95,7 +95,8 @@ class FileCheckpointStore:
             )
         return data
 
-    def save(self, checkpoint: dict) -> None:
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None:
+        """Replaces the file atomically (`timeout` is for the interface: a local write is not bounded)."""
         text = json.dumps(_encode(checkpoint), indent=2, sort_keys=True) + "\n"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,7 @@ class FileCheckpointStore:
         except OSError as e:
             raise CheckpointError(f"cannot write checkpoint file {self.file}: {e.strerror or e}") from None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5) -> None:
         pass
 
 
@@ -249,13 +250,16 @@ class KafkaCheckpointStore:
         self.ensure_topic()
         return self.topic, self.key, json.dumps(_encode(checkpoint), sort_keys=True).encode("utf-8")
 
-    def save(self, checkpoint: dict) -> None:
-        """Writes the checkpoint and waits for Kafka's acknowledgement; raises CheckpointError if not."""
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None:
+        """Writes the checkpoint and waits for Kafka's acknowledgement (up to `timeout` seconds,
+        default the store's); raises CheckpointError if not. A save that timed out may still land
+        later, before any later save's record (one idempotent producer keeps their order)."""
+        wait = self.timeout if timeout is None else timeout
         topic, key, value = self.record(checkpoint)
         try:
             if self._producer is None:
                 self._producer = make_producer(self.kafka, linger_ms=0, max_block_ms=int(self.timeout * 1000))
-            self._producer.send(topic, key=key, value=value).get(timeout=self.timeout)
+            self._producer.send(topic, key=key, value=value).get(timeout=wait)
         except SinkError as e:
             raise CheckpointError(f"cannot save the checkpoint: {e}") from None
         except KafkaError as e:
@@ -263,9 +267,9 @@ class KafkaCheckpointStore:
                 f"saving the checkpoint to the {self._where()} failed: {type(e).__name__}: {e}"
             ) from None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5) -> None:
         if self._producer is not None:
-            self._producer.close(5)
+            close_producer(self._producer, timeout)
             self._producer = None
 
 

@@ -28,7 +28,7 @@ from typing import TextIO
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from connector.config import KafkaSection
-from connector.kafka import SinkError, describe_servers, make_producer
+from connector.kafka import SinkError, close_producer, describe_servers, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -271,21 +271,7 @@ class KafkaSink:
         deadline = time.monotonic() + (timeout if timeout is not None else 30)
         drained = self.flush(max(0.0, deadline - time.monotonic()))
         self._give_up()  # before the producer aborts them with its own errors
-        try:
-            self._producer.close(max(0.0, deadline - time.monotonic()) if drained else 0)
-        except KafkaTimeoutError:
-            # kafka-python's close() flushes first and raises instead of force-closing when
-            # records are stuck; force the I/O thread down so the process can exit
-            sender = getattr(self._producer, "_sender", None)
-            if sender is not None:
-                sender.force_close()
-                sender.join(max(1.0, deadline - time.monotonic()))
-            try:  # now it can mark itself closed (else its __del__ complains later)
-                self._producer.close(0)
-            except KafkaError:
-                pass
-        except KafkaError as e:
-            log.warning("closing the Kafka producer: %s", e)
+        close_producer(self._producer, max(0.0, deadline - time.monotonic()) if drained else 0)
 
     def _give_up(self) -> None:
         with self._cond:
@@ -352,7 +338,9 @@ class AckWindow:
     `add(position)` in send order returns a sequence number; `done(seq, ok)` in any order;
     `committable()` is the position of the last record of the contiguous prefix of successful
     acknowledgements. A failed record stays at the head for good: the checkpoint never passes
-    it (the pipeline re-reads from the checkpoint with a new window).
+    it (the pipeline re-reads from the checkpoint with a new window). Sequence numbers start at 0
+    in every window, so an outcome must reach the window its record was added to: the pipeline
+    binds each record's callback to its session's window.
     """
 
     def __init__(self):
@@ -387,6 +375,11 @@ class AckWindow:
         """Position of the last record of the acknowledged prefix, or None if there is none."""
         with self._lock:
             return self._committable
+
+    def confirmed(self, seq: int) -> bool:
+        """True once record `seq` is in the acknowledged prefix."""
+        with self._lock:
+            return seq < (self._order[0] if self._order else self._seq)
 
     @property
     def failed(self) -> bool:
