@@ -252,17 +252,20 @@ class KafkaCheckpointStore:
 
     def save(self, checkpoint: dict, timeout: float | None = None) -> None:
         """Writes the checkpoint and waits for Kafka's acknowledgement (up to `timeout` seconds,
-        default the store's); raises CheckpointError if not. A save that timed out may still land
-        later, before any later save's record (one idempotent producer keeps their order)."""
+        default the store's); raises CheckpointError if not. After a failed save the producer is
+        dropped (its record given up) and the next save opens a new one: a kafka-python producer
+        whose record expired in flight would hold every later one."""
         wait = self.timeout if timeout is None else timeout
         topic, key, value = self.record(checkpoint)
         try:
             if self._producer is None:
-                self._producer = make_producer(self.kafka, linger_ms=0, max_block_ms=int(self.timeout * 1000))
+                # bounded by this save's wait too: opening it means reaching Kafka
+                self._producer = make_producer(self.kafka, linger_ms=0, max_block_ms=max(1, int(wait * 1000)))
             self._producer.send(topic, key=key, value=value).get(timeout=wait)
         except SinkError as e:
             raise CheckpointError(f"cannot save the checkpoint: {e}") from None
         except KafkaError as e:
+            self.close(0)
             raise CheckpointError(
                 f"saving the checkpoint to the {self._where()} failed: {type(e).__name__}: {e}"
             ) from None

@@ -109,10 +109,15 @@ _UNREACHED = ("_MSG_TIMED_OUT", "_TIMED_OUT", "_TRANSPORT", "_ALL_BROKERS_DOWN")
 
 def refused(exc: Exception | None) -> bool:
     """True when Kafka refused the record itself (too large, invalid, not authorised): sending it
-    again cannot help. False for timeouts, lost connections and a stopping sink."""
-    if exc is None or isinstance(exc, SinkStopped) or getattr(exc, "retriable", False):
+    again cannot help. False for timeouts, lost connections, Kafka out of reach and a stopping sink."""
+    if exc is None or isinstance(exc, (SinkStopped, SinkError)) or getattr(exc, "retriable", False):
         return False
     return not str(exc).startswith(_UNREACHED)
+
+
+def _error_text(exc: Exception | None) -> str:
+    text, name = str(exc), type(exc).__name__
+    return text if name in text else f"{name}: {text}"
 
 
 def _describe(alert, pos: Position) -> str:
@@ -313,8 +318,9 @@ class StreamPipeline:
         return True, "ready"
 
     def _report_ready(self) -> None:
+        ready = self.readiness()[0]  # also lets the sink notice a producer that went broken
         if self.metrics:
-            self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
+            self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
 
     # ---- source thread ----------------------------------------------------------------------
     def _poll(self, s: _Session) -> None:
@@ -526,7 +532,7 @@ class StreamPipeline:
         def done(ok: bool, exc: Exception | None = None) -> None:
             first = False
             if not ok:  # first, so that nothing below can keep the failure from ending the session
-                first = s.fail(_Failure(seq, record, kind, f"{type(exc).__name__}: {exc}", refused(exc)))
+                first = s.fail(_Failure(seq, record, kind, _error_text(exc), refused(exc)))
             window.done(seq, ok)
             if ok:
                 if kind == "dlq":

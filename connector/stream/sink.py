@@ -25,7 +25,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TextIO
 
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from kafka.producer.transaction_manager import TransactionState
 
 from connector.config import KafkaSection
 from connector.kafka import SinkError, close_producer, describe_servers, make_producer
@@ -47,7 +48,8 @@ class _Record:
 
 
 class KafkaSink:
-    """One idempotent (optionally transactional) producer with a bound on un-acknowledged records.
+    """One idempotent (optionally transactional) producer with a bound on un-acknowledged records;
+    a kafka-python producer that went broken (see `_broken`) is replaced at the next record.
 
     `stall_after`: seconds without any acknowledgement while records wait before `healthy`
     turns false (a broker that stopped answering is noticed long before delivery_timeout_ms).
@@ -91,6 +93,8 @@ class KafkaSink:
         else:
             self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
             self._produce = self._produce_kafka_python
+            self._max_block_ms = max_block_ms
+            self._renew_lock = threading.Lock()
         if transactional_id:
             try:
                 # fences any older producer with the same id and aborts its open transaction
@@ -158,12 +162,41 @@ class KafkaSink:
         return True
 
     def _produce_kafka_python(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+        if self._broken():
+            self._renew()
         future = self._producer.send(topic, value=value, key=key, headers=headers)
         future.add_callback(self._acked, seq)
         future.add_errback(self._failed, seq)
 
     def _produce_confluent(self, topic: str, key, value: bytes, headers, seq: int) -> None:
         self._producer.produce(topic, key, value, headers, lambda ok, exc: self._complete(seq, ok, exc))
+
+    def _broken(self) -> str | None:
+        """Why the (kafka-python, non-transactional) producer can deliver nothing any more, or None.
+        Two dead ends of kafka-python 3.0.12's idempotent producer: any non-retriable batch error
+        (the broker refused a record: too large, invalid, not authorised) is classified fatal, so
+        it fails every later record; and a batch that expired after it was sent makes it drop its
+        producer id without ever asking for a new one, so it holds every later record. (A
+        transactional producer is replaced by the pipeline after its abort fails.)"""
+        tm = getattr(self._producer, "_transaction_manager", None)
+        if self.transactional_id or tm is None:
+            return None
+        if tm.has_fatal_error():
+            return f"failed fatally ({tm.last_error})"
+        if not tm.has_producer_id() and tm._current_state == TransactionState.READY:
+            return "lost its producer id"
+        return None
+
+    def _renew(self) -> None:
+        """A new producer in place of a broken one (SinkError when Kafka cannot be reached); the
+        old one's undelivered records are reported failed."""
+        with self._renew_lock:
+            why = self._broken()
+            if why is None:
+                return
+            old, self._producer = self._producer, make_producer(self.kafka, max_block_ms=self._max_block_ms)
+        log.warning("Kafka producer replaced: the old one %s; its undelivered records are reported failed", why)
+        close_producer(old, 0)
 
     def _acked(self, seq: int, _metadata) -> None:
         self._complete(seq, True, None)
@@ -221,8 +254,14 @@ class KafkaSink:
             return self._blocked
 
     def health(self) -> tuple[bool, str]:
-        """(ok, reason): false after a failed delivery not followed by a success, or while
-        records wait and Kafka acknowledged nothing for `stall_after` seconds."""
+        """(ok, reason): false after a failed delivery not followed by a success, while records
+        wait and Kafka acknowledged nothing for `stall_after` seconds, or while the producer is
+        broken (then its waiting records are failed at once: it would hold them for good; the
+        next record gets a new producer)."""
+        broken = self._broken()
+        if broken:
+            self._give_up(KafkaConnectionError(f"the Kafka producer {broken}"))
+            return False, f"the Kafka producer {broken}; the next record gets a new one"
         with self._cond:
             now = time.monotonic()
             if self._last_fail is not None and self._last_fail >= self._last_ack:
@@ -270,14 +309,15 @@ class KafkaSink:
         self.stop()
         deadline = time.monotonic() + (timeout if timeout is not None else 30)
         drained = self.flush(max(0.0, deadline - time.monotonic()))
-        self._give_up()  # before the producer aborts them with its own errors
+        self._give_up(SinkStopped("closed before Kafka acknowledged the record"))  # before the producer's own errors
         close_producer(self._producer, max(0.0, deadline - time.monotonic()) if drained else 0)
 
-    def _give_up(self) -> None:
+    def _give_up(self, exc: Exception) -> None:
+        """Every record still waiting gets on_done(False, exc)."""
         with self._cond:
             left = list(self._pending)
         for seq in left:
-            self._complete(seq, False, SinkStopped("closed before Kafka acknowledged the record"))
+            self._complete(seq, False, exc)
 
     # -- transactions (exactly-once mode) --------------------------------------------------
 
