@@ -437,15 +437,20 @@ class StreamPipeline:
         if self.metrics:
             self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
         raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
-        record = {
-            "reason": reason,
-            "pipeline": self.cfg.pipeline.name,
-            "received_at": utcnow().isoformat(),
-            "raw": raw[:DLQ_RAW_MAX],
-            "raw_bytes": len(raw),
-            "raw_truncated": len(raw) > DLQ_RAW_MAX,
-        }
-        return orjson.dumps(record), self.headers + [("reason", reason.encode())]
+        keep = DLQ_RAW_MAX
+        while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)
+            record = {
+                "reason": reason,
+                "pipeline": self.cfg.pipeline.name,
+                "received_at": utcnow().isoformat(),
+                "raw": raw[:keep],
+                "raw_bytes": len(raw),
+                "raw_truncated": len(raw) > keep,
+            }
+            value = orjson.dumps(record)
+            if len(value) <= self.max_value or not keep:
+                return value, self.headers + [("reason", reason.encode())]
+            keep //= 2
 
     # ---- exactly-once -----------------------------------------------------------------------
     def _process_tx(self, page: list) -> None:
@@ -554,7 +559,11 @@ class StreamPipeline:
         after a backoff (the pipeline goes on meanwhile); `timeout` (at shutdown) bounds the save
         and ignores the backoff."""
         pos: Position | None = s.window.committable()
-        if s.retry_seq is not None and s.window.confirmed(s.retry_seq):
+        r = self.retry
+        if r.record is not None and (
+            (s.retry_seq is not None and s.window.confirmed(s.retry_seq))
+            or (pos is not None and _sort_key(pos) > r.record[:2])  # passed it: e.g. Tanium pruned it meanwhile
+        ):
             self._retry_done(s)
         if pos is None or self.dry_run or self.exactly_once:
             return
@@ -583,9 +592,9 @@ class StreamPipeline:
         return min(CHECKPOINT_TIMEOUT, self.cfg.pipeline.shutdown_timeout / 2)
 
     def _retry_done(self, s: _Session) -> None:
-        """The record under retry is through (to its topic or the dead-letter topic)."""
+        """The record under retry is through (to its topic or the dead-letter topic) or gone."""
         if self.paused:
-            log.warning("%s is delivered at last; the pipeline goes on", self.retry.what)
+            log.warning("the pipeline is past %s; it goes on", self.retry.what)
         self.retry, self.paused, s.retry_seq = _Retry(), None, None
         self._gauge("paused", 0)
 

@@ -269,6 +269,31 @@ def test_a_record_kafka_always_refuses_goes_to_the_dlq_after_a_bounded_number_of
     assert f"alert id=12 guid={poison['guid']!r} goes to the dead-letter topic" in caplog.text
 
 
+def test_a_dead_letter_record_fits_within_kafka_max_request_size(kafka, link, topic_prefix, tmp_path):
+    """kafka.max_request_size = 64 KiB and an alert whose mapped field alone is 200 KB: its event
+    cannot fit, and its dead-letter record keeps only as much of the raw alert as fits, so Kafka
+    takes it and the stream goes on (a dead-letter record over the limit would be refused every
+    time)."""
+    with Simulator(alerts=5, intel_docs=3, seed=58, history=3600) as sim:
+        big = sim.inject(details={"match": {"type": "file", "note": "B" * 200_000}})
+        sim.inject()
+        cfg = make_cfg(
+            sim,
+            kafka.bootstrap,
+            topic_prefix,
+            tmp_path,
+            field_map={"description": ["details.match.note", "intelDoc.name"]},
+            kafka={"max_request_size": 65536},
+        )
+        with Running(cfg, once=True) as run:
+            wait_until(lambda: run.code is not None, timeout=30, what="the --once run to finish")
+    assert run.code == 0 and run.pipe.committed["id"] == 7 and run.pipe.summary.rewinds == 0
+    dlq = read_topic(kafka.bootstrap, cfg.kafka.dlq_topic, expect=1)
+    doc = json.loads(dlq[0].value)
+    assert doc["reason"].startswith("too large") and doc["raw_truncated"] is True
+    assert len(dlq[0].value) <= 65536 and str(big["id"]) in doc["raw"][:200]
+
+
 def test_when_the_dead_letter_topic_refuses_the_record_too_the_pipeline_pauses_at_it(
     kafka, link, topic_prefix, tmp_path, caplog
 ):
