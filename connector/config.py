@@ -75,10 +75,7 @@ class PipelineSection(_Section):
     @model_validator(mode="after")
     def _backoff(self) -> PipelineSection:
         if self.rewind_backoff > self.rewind_backoff_max:
-            raise ValueError(
-                f"rewind_backoff: {self.rewind_backoff:g} must not exceed "
-                f"rewind_backoff_max ({self.rewind_backoff_max:g})"
-            )
+            raise ValueError(f"rewind_backoff: must not exceed rewind_backoff_max ({self.rewind_backoff_max:g})")
         return self
 
 

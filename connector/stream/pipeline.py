@@ -156,8 +156,7 @@ class _Session:
         self.failed = threading.Event()  # a delivery failed: the session ends
         # records up to this sort key are sent one at a time (the last session saw refusals there)
         self.careful_until = careful_until
-        self.first_failure: _Failure | None = None  # in send order
-        self.first_refused: _Failure | None = None
+        self.first_refused: _Failure | None = None  # in send order
         self.refused_until: tuple | None = None  # sort key of the last refused record
         self.retry_seq: int | None = None  # where the record under retry was sent in this session
         self._last: Position | None = None
@@ -165,6 +164,9 @@ class _Session:
         self._lock = threading.Lock()
 
     def identity(self, pos: Position) -> tuple:
+        """A record's identity across sessions (call in read order): its position's sort key and
+        how many records before it in this session had the same position (a record that cannot
+        be placed shares the position of the one before it)."""
         self._dup = self._dup + 1 if pos == self._last else 0
         self._last = pos
         return (*_sort_key(pos), self._dup)
@@ -172,15 +174,13 @@ class _Session:
     def fail(self, f: _Failure) -> bool:
         """Notes a failed record; True for the session's first failure to arrive."""
         with self._lock:
-            first = self.first_failure is None
-            if self.first_failure is None or f.seq < self.first_failure.seq:
-                self.first_failure = f
+            first = not self.failed.is_set()
             if f.refused:
                 if self.first_refused is None or f.seq < self.first_refused.seq:
                     self.first_refused = f
                 if self.refused_until is None or f.record[:2] > self.refused_until:
                     self.refused_until = f.record[:2]
-        self.failed.set()
+            self.failed.set()
         return first
 
 
