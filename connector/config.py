@@ -78,6 +78,17 @@ class PipelineSection(_Section):
     shutdown_timeout: Annotated[float, Field(gt=0, le=600)] = 30
     # /healthz answers 503 after this many seconds without a poll attempt (None: see liveness_bound)
     liveness_timeout: Annotated[float | None, Field(gt=0, le=86400)] = None
+    # a record Kafka refuses this many times goes to the dead-letter topic (with Kafka's error)
+    max_delivery_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    # wait before re-reading after a failed delivery: doubles per failure in a row, up to the max
+    rewind_backoff: Annotated[float, Field(gt=0, le=600)] = 1
+    rewind_backoff_max: Annotated[float, Field(gt=0, le=3600)] = 60
+
+    @model_validator(mode="after")
+    def _backoff(self) -> PipelineSection:
+        if self.rewind_backoff > self.rewind_backoff_max:
+            raise ValueError(f"rewind_backoff: must not exceed rewind_backoff_max ({self.rewind_backoff_max:g})")
+        return self
 
 
 class TaniumSection(_Section):

@@ -4,6 +4,7 @@ bounded start-up, and the partitioner that places keyed records as the Java clie
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
 import threading
@@ -15,6 +16,8 @@ from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
 from kafka.partitioner.abc import Partitioner
 
 from connector.config import KafkaSection
+
+log = logging.getLogger(__name__)
 
 _COMPRESSION = {"none": None, "gzip": "gzip", "snappy": "snappy", "lz4": "lz4", "zstd": "zstd"}
 _EXTRA_PACKAGE = {
@@ -201,6 +204,25 @@ def bounded_start(make: Callable[[], object], kafka: KafkaSection, seconds: floa
     if state["error"] is not None:
         raise state["error"]
     return state["client"]
+
+
+def close_producer(producer, timeout: float) -> None:
+    """Closes a producer within about `timeout` seconds. kafka-python's close() flushes first and
+    raises instead of force-closing when records are stuck (Kafka unreachable): then its I/O thread
+    is forced down, giving those records up, so the process can exit."""
+    try:
+        producer.close(timeout)
+    except KafkaTimeoutError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+            sender.join(1.0)
+        try:  # now it can mark itself closed (else its __del__ complains later)
+            producer.close(0)
+        except KafkaError:
+            pass
+    except KafkaError as e:
+        log.warning("closing the Kafka producer: %s", e)
 
 
 def make_producer(kafka: KafkaSection, **overrides) -> KafkaProducer:

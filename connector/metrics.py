@@ -102,6 +102,17 @@ class Metrics:
             buckets=FRESHNESS_BUCKETS,
             registry=r,
         )
+        self.checkpoint_errors = counter(
+            "checkpoint_errors_total", "Checkpoint saves that failed (retried with backoff; the checkpoint lags)"
+        )
+        # Rewinds: a failed delivery makes the pipeline read again from the checkpoint
+        self.rewinds = counter("rewinds_total", "Re-reads from the checkpoint after a failed delivery")
+        self.rewind_backoff = gauge(
+            "rewind_backoff_seconds", "Wait before the current re-read from the checkpoint (0 when none is pending)"
+        )
+        self.paused = gauge(
+            "paused", "1 while the pipeline waits on a record that neither its topic nor the dead-letter topic accepts"
+        )
         # Validation
         self.actions_in_flight = gauge("validation_actions_in_flight", "Job actions with windows still open")
         self.verdicts = counter("validation_verdicts_total", "Verdicts published by result", ["result"])
@@ -146,6 +157,10 @@ class Metrics:
             self.inflight,
             self.checkpoint_commits,
             self.freshness,
+            self.checkpoint_errors,
+            self.rewinds,
+            self.rewind_backoff,
+            self.paused,
             self.actions_in_flight,
             self.detection_latency,
             self.validation_queries,

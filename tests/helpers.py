@@ -317,9 +317,9 @@ class ProxiedBroker:
 
 
 @contextlib.contextmanager
-def broker_behind_proxy(tmp_path_factory, name: str, proxy_class=StallProxy, broker_args=()):
+def broker_behind_proxy(tmp_path_factory, name: str, proxy_class=StallProxy, broker_args=(), cwd=None):
     """A tansu broker that advertises a proxy's address, so every client connection goes
-    through the proxy."""
+    through the proxy. `cwd`: the broker's working directory (its `file://` URLs are relative to it)."""
     real, front = free_port(), free_port()
     log = open(tmp_path_factory.mktemp(name) / "tansu.log", "ab")
     proc = subprocess.Popen(
@@ -337,6 +337,7 @@ def broker_behind_proxy(tmp_path_factory, name: str, proxy_class=StallProxy, bro
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
     try:
         assert wait_port("127.0.0.1", real, 20), f"{name} tansu did not start"

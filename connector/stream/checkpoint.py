@@ -40,7 +40,7 @@ from kafka.protocol.consumer.fetch import FetchRequest
 from kafka.record.memory_records import MemoryRecords
 
 from connector.config import ConfigError, KafkaSection
-from connector.kafka import SinkError, client_settings, describe_servers, make_producer
+from connector.kafka import SinkError, client_settings, close_producer, describe_servers, make_producer
 from connector.stream.source import Position
 from connector.timeutil import format_ts, utcnow
 
@@ -56,9 +56,9 @@ class CheckpointStore(Protocol):
 
     def load(self) -> dict | None: ...
 
-    def save(self, checkpoint: dict) -> None: ...
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, timeout: float = 5) -> None: ...
 
 
 def _encode(checkpoint: dict) -> dict:
@@ -98,7 +98,8 @@ class FileCheckpointStore:
             )
         return data
 
-    def save(self, checkpoint: dict) -> None:
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None:
+        """Replaces the file atomically (`timeout` is for the interface: a local write is not bounded)."""
         text = json.dumps(_encode(checkpoint), indent=2, sort_keys=True) + "\n"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ class FileCheckpointStore:
         except OSError as e:
             raise CheckpointError(f"cannot write checkpoint file {self.file}: {e.strerror or e}") from None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5) -> None:
         pass
 
 
@@ -252,23 +253,29 @@ class KafkaCheckpointStore:
         self.ensure_topic()
         return self.topic, self.key, json.dumps(_encode(checkpoint), sort_keys=True).encode("utf-8")
 
-    def save(self, checkpoint: dict) -> None:
-        """Writes the checkpoint and waits for Kafka's acknowledgement; raises CheckpointError if not."""
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None:
+        """Writes the checkpoint and waits for Kafka's acknowledgement (up to `timeout` seconds,
+        default the store's); raises CheckpointError if not. After a failed save the producer is
+        dropped (its record given up) and the next save opens a new one: a kafka-python producer
+        whose record expired in flight would hold every later one."""
+        wait = self.timeout if timeout is None else timeout
         topic, key, value = self.record(checkpoint)
         try:
             if self._producer is None:
-                self._producer = make_producer(self.kafka, linger_ms=0, max_block_ms=int(self.timeout * 1000))
-            self._producer.send(topic, key=key, value=value).get(timeout=self.timeout)
+                # bounded by this save's wait too: opening it means reaching Kafka
+                self._producer = make_producer(self.kafka, linger_ms=0, max_block_ms=max(1, int(wait * 1000)))
+            self._producer.send(topic, key=key, value=value).get(timeout=wait)
         except SinkError as e:
             raise CheckpointError(f"cannot save the checkpoint: {e}") from None
         except KafkaError as e:
+            self.close(0)
             raise CheckpointError(
                 f"saving the checkpoint to the {self._where()} failed: {type(e).__name__}: {e}"
             ) from None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5) -> None:
         if self._producer is not None:
-            self._producer.close(5)
+            close_producer(self._producer, timeout)
             self._producer = None
 
 

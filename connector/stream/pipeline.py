@@ -7,8 +7,36 @@ which in turn stops the source (back pressure).
 
 Delivery: every record (events and DLQ records alike) enters an AckWindow in read order; the
 checkpoint moves only to the last record of the contiguous acknowledged prefix. When Kafka fails
-to confirm a record, the pipeline stops reading, rewinds the source to the durable checkpoint and
-reads again (at-least-once: records after the checkpoint may repeat, none are lost).
+to confirm a record, the session ends and a new one reads again from the durable checkpoint
+(at-least-once: records after the checkpoint may repeat, none are lost).
+
+Sessions. A session is one pass of reading and delivering from the durable checkpoint; a failed
+delivery (a rewind), a new HA term or a restart starts a new one. Design rule: a session owns its
+state. A new session builds its own source cursor from the durable checkpoint, its own ack window,
+page queue and stop flag; a callback or a page that belongs to an earlier session can neither move
+nor confirm anything in the new one. A source thread still inside a slow Tanium request when its
+session ends finishes against its own session's objects, which nobody reads any more, so nothing
+waits for it (a shutdown is not held up by a hanging request); a Kafka acknowledgement that
+arrives late lands in the window of the session that sent the record.
+
+Records Kafka keeps refusing. Rewinds back off exponentially (`pipeline.rewind_backoff` doubling
+up to `pipeline.rewind_backoff_max`), so a record that always fails cannot spin the pipeline and
+Tanium. A failure that is the record's own (Kafka refused it: too large, invalid, not authorised;
+not a timeout or a lost connection) counts as a delivery attempt of that record; after one, the
+next session sends the records up to the refused ones one at a time, so a refusal is pinned on
+the record itself and not on its batch-mates. After `pipeline.max_delivery_attempts` refusals the
+record goes to the dead-letter topic with Kafka's error as the reason. If the dead-letter topic
+refuses it too, the pipeline pauses at that record (the checkpoint stays before it, /readyz is
+503, an error names the alert and both errors) and keeps retrying at the longest backoff: nothing
+is skipped silently.
+
+Checkpoint saves that fail (e.g. the Kafka store during a Kafka outage) are retried with backoff
+while the pipeline keeps running and /readyz says why; the checkpoint only lags, so a restart
+re-reads more, never less.
+
+Shutdown (`stop()`): reading stops at once, what was already fetched is delivered, and the
+checkpoint lands on the last contiguous acknowledged record, all within
+`pipeline.shutdown_timeout`; records Kafka has not confirmed by then stay after the checkpoint.
 
 Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka transaction holding
 its events, its DLQ records and the checkpoint of its last record (transactional_id
@@ -52,15 +80,17 @@ from connector.stream.normalize import (
     NormalizeError,
     serialize,
 )
-from connector.stream.sink import AckWindow, DryRunSink, KafkaSink
+from connector.stream.sink import AckWindow, DryRunSink, KafkaSink, SinkStopped
 from connector.stream.source import Position
-from connector.stream.stages import build_stages
+from connector.stream.stages import build_source, build_stages
 from connector.tanium import TaniumClient, TaniumError
 from connector.timeutil import parse_start, parse_ts, utcnow
 
 log = logging.getLogger(__name__)
 
 QUEUE_PAGES = 4
+CHECKPOINT_TIMEOUT = 30.0  # longest wait for one checkpoint save
+CLOSE_RESERVE = 0.5  # seconds of the shutdown budget kept for closing the producer
 RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
 DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the raw record
 _DONE = object()  # source finished (--once)
@@ -83,6 +113,112 @@ class Summary:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+
+# librdkafka's names for "the broker was not reached" (kafka-python marks those errors retriable)
+_UNREACHED = ("_MSG_TIMED_OUT", "_TIMED_OUT", "_TRANSPORT", "_ALL_BROKERS_DOWN")
+
+
+def refused(exc: Exception | None) -> bool:
+    """True when Kafka refused the record itself (too large, invalid, not authorised): sending it
+    again cannot help. False for timeouts, lost connections, Kafka out of reach and a stopping sink."""
+    if exc is None or isinstance(exc, (SinkStopped, SinkError)) or getattr(exc, "retriable", False):
+        return False
+    return not str(exc).startswith(_UNREACHED)
+
+
+def _error_text(exc: Exception | None) -> str:
+    text, name = str(exc), type(exc).__name__
+    return text if name in text else f"{name}: {text}"
+
+
+def _describe(alert, pos: Position) -> str:
+    """How log lines and /readyz name a record: its alert id and guid."""
+    if isinstance(alert, dict):
+        return f"alert id={alert.get('id')!r} guid={alert.get('guid')!r}"
+    return f"a {type(alert).__name__} record after position {pos.to_checkpoint()}"
+
+
+def _sort_key(pos: Position) -> tuple[str, int]:
+    return pos.created_at or "", pos.id or 0
+
+
+@dataclass
+class _Failure:
+    """A record Kafka did not confirm. `record` is its identity across sessions: its position's
+    sort key and how many records before it in the session shared that position."""
+
+    seq: int
+    record: tuple
+    kind: str
+    error: str
+    refused: bool
+
+
+class _Session:
+    """One pass of reading and delivering from the durable checkpoint (see "Sessions" above). Its
+    source thread and its delivery callbacks touch only this object."""
+
+    def __init__(self, source, started_from: dict | None, careful_until: tuple | None):
+        self.source = source
+        self.started_from = started_from
+        self.window = AckWindow()
+        self.pages: queue.Queue = queue.Queue(maxsize=QUEUE_PAGES)
+        self.stop = threading.Event()  # the source thread stops reading
+        self.failed = threading.Event()  # a delivery failed: the session ends
+        # records up to this sort key are sent one at a time (the last session saw refusals there)
+        self.careful_until = careful_until
+        self.first_refused: _Failure | None = None  # in send order
+        self.refused_until: tuple | None = None  # sort key of the last refused record
+        self.retry_seq: int | None = None  # where the record under retry was sent in this session
+        self._last: Position | None = None
+        self._dup = 0
+        self._lock = threading.Lock()
+
+    def identity(self, pos: Position) -> tuple:
+        """A record's identity across sessions (call in read order): its position's sort key and
+        how many records before it in this session had the same position (a record that cannot
+        be placed shares the position of the one before it)."""
+        self._dup = self._dup + 1 if pos == self._last else 0
+        self._last = pos
+        return (*_sort_key(pos), self._dup)
+
+    def fail(self, f: _Failure) -> bool:
+        """Notes a failed record; True for the session's first failure to arrive."""
+        with self._lock:
+            first = not self.failed.is_set()
+            if f.refused:
+                if self.first_refused is None or f.seq < self.first_refused.seq:
+                    self.first_refused = f
+                if self.refused_until is None or f.record[:2] > self.refused_until:
+                    self.refused_until = f.record[:2]
+            self.failed.set()
+        return first
+
+
+class _Backoff:
+    """Exponential: `initial`, doubling per next() up to `cap`; reset() starts over."""
+
+    def __init__(self, initial: float, cap: float):
+        self.initial, self.cap, self._next = initial, cap, initial
+
+    def next(self) -> float:
+        wait, self._next = self._next, min(self._next * 2, self.cap)
+        return wait
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+@dataclass
+class _Retry:
+    """The record Kafka keeps refusing (kept across sessions by the processing thread)."""
+
+    record: tuple | None = None
+    attempts: int = 0
+    what: str = ""  # alert id and guid, once the record was read again
+    error: str = ""  # the topic's last refusal
+    dlq_error: str = ""  # the dead-letter topic's last refusal
 
 
 class StreamPipeline:
@@ -135,8 +271,8 @@ class StreamPipeline:
                 on_change=self._leadership,
             )
         self.store = store if store is not None else open_store(cfg)
-        stages = build_stages(cfg, self.client, metrics)
-        self.source, self.enricher, self.normalizer = stages.source, stages.enricher, stages.normalizer
+        stages = build_stages(cfg, self.client, metrics)  # each session builds its own source
+        self.enricher, self.normalizer = stages.enricher, stages.normalizer
         self.max_value = (cfg.kafka.max_request_size if cfg.kafka else 1024 * 1024) - RECORD_OVERHEAD
         self.headers = [
             ("schema_version", str(SCHEMA_VERSION).encode()),
@@ -156,11 +292,20 @@ class StreamPipeline:
                 [("format", fmt.encode()), ("schema_version", version), *self.headers[1:]],
             )
         self.since = since
-        self.committed: dict | None = None
+        self.start_at = parse_start(since or cfg.source.start_from)
+        self.committed: dict | None = None  # the durable checkpoint: what the store last saved
         self.tanium_ok = False
         self.last_commit = time.monotonic()
-        self.window = AckWindow()
-        self.delivery_failed = threading.Event()
+        self.session: _Session | None = None  # the current one
+        self.delivery_failed = threading.Event()  # the current session's failure flag
+        self.retry = _Retry()
+        self.paused: str | None = None  # why the pipeline waits on a record nobody accepts
+        self.save_error: str | None = None  # why the last checkpoint save failed
+        p = cfg.pipeline
+        self._rewind_backoff = _Backoff(p.rewind_backoff, p.rewind_backoff_max)
+        self._save_backoff = _Backoff(1.0, 30.0)
+        self._save_after = 0.0  # no checkpoint save before this (monotonic) time
+        self._deadline: float | None = None  # set by stop(): the end of the shutdown budget
         self.last_poll = time.monotonic()  # liveness: the poll loop's last sign of progress
         self.fenced: ProducerFenced | None = None  # set when another instance took over the transactional id
 
@@ -184,6 +329,10 @@ class StreamPipeline:
             return True, "standing by: another process took over the transactional id"
         if not self._active():
             return True, "standing by: another process is the HA leader"
+        if self.paused:
+            return False, self.paused
+        if self.save_error:
+            return False, f"the checkpoint cannot be saved: {self.save_error}"
         if not self.tanium_ok:
             return False, "last Tanium call failed"
         if self.sink is None:
@@ -192,7 +341,8 @@ class StreamPipeline:
         if not ok:
             return False, why
         stale = max(60.0, 3 * self.cfg.tanium.poll_interval)
-        if self.window.pending and time.monotonic() - self.last_commit > stale:
+        session = self.session
+        if session is not None and session.window.pending and time.monotonic() - self.last_commit > stale:
             return False, f"checkpoint has not moved for more than {stale:.0f}s"
         return True, "ready"
 
@@ -207,57 +357,65 @@ class StreamPipeline:
         return True, "ok"
 
     def _report_ready(self) -> None:
+        ready = self.readiness()[0]  # also lets the sink notice a producer that went broken
         if self.metrics:
-            self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
+            self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
 
     # ---- source thread ----------------------------------------------------------------------
-    def _poll(self, pages: queue.Queue, stop: threading.Event) -> None:
+    def _poll(self, s: _Session) -> None:
+        """Reads pages into the session's queue. After the session ended, a page still arriving
+        (a slow request) moved only this session's cursor; it is dropped here."""
         backoff = 1.0
-        while not stop.is_set() and self._active():
+        while not s.stop.is_set() and self._active():
             self.last_poll = time.monotonic()
             try:
-                for page in self.source.cycle():
+                for page in s.source.cycle():
+                    if s.stop.is_set():
+                        return
                     self.tanium_ok = True
-                    while not stop.is_set() and self._active():
+                    while not s.stop.is_set() and self._active():
                         try:
-                            pages.put(page, timeout=0.5)
+                            s.pages.put(page, timeout=0.5)
                             break
                         except queue.Full:  # back pressure: Kafka's trouble (/readyz), not a stuck loop
                             self.last_poll = time.monotonic()
                             continue
-                    if stop.is_set() or not self._active():
+                    if s.stop.is_set() or not self._active():
                         return
                 self.tanium_ok = True
                 backoff = 1.0
                 if self.metrics:
                     self.metrics.last_success.labels(self.metrics.pipeline).set(time.time())
-                if self.source.hit_limit:
+                if s.source.hit_limit:
                     continue
                 if self.once:
-                    pages.put(_DONE)
+                    s.pages.put(_DONE)
                     return
-                stop.wait(self.cfg.tanium.poll_interval)
+                s.stop.wait(self.cfg.tanium.poll_interval)
             except TaniumError as e:
+                if s.stop.is_set():
+                    return  # e.g. the client was closed at shutdown: nobody waits for this session
                 self.tanium_ok = False
                 log.error("Tanium poll failed: %s", e.message)
                 if self.once:
                     self.summary.errors.append(e.message)
-                    pages.put(_DONE)
+                    s.pages.put(_DONE)
                     return
-                stop.wait(min(backoff, self.cfg.tanium.poll_interval))
+                s.stop.wait(min(backoff, self.cfg.tanium.poll_interval))
                 backoff = min(backoff * 2, 300)
 
     # ---- processing -------------------------------------------------------------------------
     def _records(self, page: list):
-        """(position, topic, key, value, headers, kind, created) per record of the page, in read order:
-        one per output format of each alert, or one DLQ record; kind is "published" or "dlq";
-        `created` is the alert's createdAt on the record that completes a published alert (for the
-        freshness histogram), else None."""
+        """(alert, position, topic, key, value, headers, kind, final, created) per record of the page, in
+        read order: one per output format of each alert, or one DLQ record; kind is "published" or
+        "dlq"; `final` marks an alert's last record (the checkpoint may pass the alert only there);
+        `created` is the alert's createdAt on that record (for the freshness histogram), else None."""
         m = self.metrics
         self.summary.fetched += len(page)
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
-        prev = None  # position of the previous record of this page
+        if m:
+            m.records_sent.labels(m.pipeline, "source").inc(len(page))
         for alert, pos in page:
             try:
                 event = self.normalizer.normalize(alert)
@@ -267,30 +425,49 @@ class StreamPipeline:
                     for fmt, doc in zip(self.formats, docs, strict=True)
                 ]
             except NormalizeError as e:
-                yield (pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq", None)
-                prev = pos
+                yield (alert, pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq", True, None)
                 continue
             key = str(event.get("uid") or "").encode() or None
             guid = alert.get("guid")
             guid_key = guid.encode() if isinstance(guid, str) and guid else key
-            # Every record of the alert enters the ack window, but only its last one carries the
-            # alert's position: the others carry the previous record's (None on a page's first alert,
-            # which the checkpoint never moves to), so the checkpoint passes the alert only once all
-            # its formats are acknowledged.
+            # every record of the alert carries its position, and only the last one is final: the
+            # checkpoint passes the alert once all its formats are acknowledged
             last = len(values) - 1
             created = alert.get("createdAt") if isinstance(alert.get("createdAt"), str) else None
             for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
                 topic, headers = self.outputs[fmt]
-                at, done = (pos, created) if i == last else (prev, None)
-                yield at, topic, key if fmt == "normalized" else guid_key, value, headers, "published", done
-            prev = pos
-        if m:
-            m.records_sent.labels(m.pipeline, "source").inc(len(page))
+                final = i == last
+                fkey = key if fmt == "normalized" else guid_key
+                yield alert, pos, topic, fkey, value, headers, "published", final, created if final else None
 
-    def _process(self, page: list) -> None:
-        for pos, topic, key, value, headers, kind, created in self._records(page):
-            seq = self.window.add(pos)
-            self.sink.send(topic, key, value, headers, self._on_done(seq, kind, created))
+    def _process(self, s: _Session, page: list) -> None:
+        """Hands the page's records to Kafka under session `s`, until a delivery fails. Records up
+        to the session's careful_until go one at a time, each waiting for its answer, so that a
+        refusal names the very record."""
+        r, most = self.retry, self.cfg.pipeline.max_delivery_attempts
+        for alert, pos, topic, key, value, headers, kind, final, created in self._records(page):
+            if s.failed.is_set():
+                return  # the session ends; what follows is read again
+            record = s.identity(pos)
+            careful = s.careful_until is not None and record[:2] <= s.careful_until
+            seq = s.window.add(pos, final)
+            if record == r.record:
+                s.retry_seq, r.what = seq, _describe(alert, pos)
+                if r.attempts >= most and kind == "published":
+                    reason = f"kafka: the topic {topic} refused the event {r.attempts} times: {r.error}"
+                    topic, key, (value, headers), kind = self.dlq_topic, None, self._dlq_record(alert, reason), "dlq"
+                    log.error("%s goes to the dead-letter topic %s: %s", r.what, topic, reason)
+            answered = threading.Event() if careful else None
+            self.sink.send(topic, key, value, headers, self._on_done(s, seq, kind, record, answered, created))
+            if answered is not None:
+                self._await(answered)
+
+    def _await(self, answered: threading.Event) -> None:
+        """Waits for one record's answer (the sink gives one within delivery_timeout_ms, or at
+        once when it stops)."""
+        limit = time.monotonic() + (self.cfg.kafka.delivery_timeout_ms / 1000 + 5 if self.cfg.kafka else 5)
+        while not answered.wait(0.5) and time.monotonic() < limit and not self.stop_event.is_set():
+            pass
 
     def _fit(self, event: dict, value: bytes) -> bytes:
         """Kafka refuses records over max_request_size, and a refused record would be re-read
@@ -317,15 +494,20 @@ class StreamPipeline:
         if self.metrics:
             self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
         raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
-        record = {
-            "reason": reason,
-            "pipeline": self.cfg.pipeline.name,
-            "received_at": utcnow().isoformat(),
-            "raw": raw[:DLQ_RAW_MAX],
-            "raw_bytes": len(raw),
-            "raw_truncated": len(raw) > DLQ_RAW_MAX,
-        }
-        return orjson.dumps(record), self.headers + [("reason", reason.encode())]
+        keep = DLQ_RAW_MAX
+        while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)
+            record = {
+                "reason": reason,
+                "pipeline": self.cfg.pipeline.name,
+                "received_at": utcnow().isoformat(),
+                "raw": raw[:keep],
+                "raw_bytes": len(raw),
+                "raw_truncated": len(raw) > keep,
+            }
+            value = orjson.dumps(record)
+            if len(value) <= self.max_value or not keep:
+                return value, self.headers + [("reason", reason.encode())]
+            keep //= 2
 
     # ---- exactly-once -----------------------------------------------------------------------
     def _process_tx(self, page: list) -> None:
@@ -340,7 +522,7 @@ class StreamPipeline:
 
         try:
             sink.begin()
-            for pos, topic, key, value, headers, kind, created_at in self._records(page):
+            for _, pos, topic, key, value, headers, kind, _, created_at in self._records(page):
                 last = pos
                 counts[kind] += 1
                 if created_at:
@@ -435,9 +617,18 @@ class StreamPipeline:
                 backoff = min(backoff * 2, 30)
         return None, False
 
-    def _on_done(self, seq: int, kind: str, created_at: str | None):
+    def _on_done(
+        self, s: _Session, seq: int, kind: str, record: tuple, answered: threading.Event | None, created_at: str | None
+    ):
+        """The delivery callback of one record: it reports to the session that sent the record,
+        however late it arrives (see "Sessions")."""
+        window = s.window
+
         def done(ok: bool, exc: Exception | None = None) -> None:
-            self.window.done(seq, ok)
+            first = False
+            if not ok:  # first, so that nothing below can keep the failure from ending the session
+                first = s.fail(_Failure(seq, record, kind, _error_text(exc), refused(exc)))
+            window.done(seq, ok)
             if ok:
                 if kind == "dlq":
                     self.summary.dlq += 1
@@ -446,8 +637,11 @@ class StreamPipeline:
                     self.summary.published += 1
             else:
                 self.summary.delivery_failures += 1
-                self.delivery_failed.set()
-                log.error("Kafka did not confirm a record (%s): %s", kind, exc)
+                # one line per session: an outage fails every record in flight
+                if first and not isinstance(exc, SinkStopped):
+                    log.error("Kafka did not confirm a record (%s): %s; the session ends", kind, exc)
+            if answered is not None:
+                answered.set()
 
         return done
 
@@ -462,15 +656,49 @@ class StreamPipeline:
         if when.tzinfo is not None:
             self.metrics.freshness.labels(self.metrics.pipeline).observe(time.time() - when.timestamp())
 
-    def _commit(self) -> None:
-        pos: Position | None = self.window.committable()
+    def _commit(self, s: _Session, timeout: float | None = None) -> None:
+        """Saves the checkpoint of session `s`'s acknowledged prefix. A failed save is retried
+        after a backoff (the pipeline goes on meanwhile); `timeout` (at shutdown) bounds the save
+        and ignores the backoff."""
+        pos: Position | None = s.window.committable()
+        r = self.retry
+        if r.record is not None and (
+            (s.retry_seq is not None and s.window.confirmed(s.retry_seq))
+            or (pos is not None and _sort_key(pos) > r.record[:2])  # passed it: e.g. Tanium pruned it meanwhile
+        ):
+            self._retry_done(s)
         if pos is None or self.dry_run or self.exactly_once:
             return
         checkpoint = pos.to_checkpoint()
-        if checkpoint == self.committed:
+        if checkpoint == self.committed or (timeout is None and time.monotonic() < self._save_after):
             return
-        self.store.save(checkpoint)
+        try:
+            self.store.save(checkpoint, timeout=self._save_timeout() if timeout is None else timeout)
+        except CheckpointError as e:
+            wait = self._save_backoff.next()
+            self._save_after = time.monotonic() + wait
+            self.save_error = str(e)
+            if self.metrics:
+                self.metrics.checkpoint_errors.labels(self.metrics.pipeline).inc()
+            log.error("%s; the checkpoint stays at %s, next try in %.0fs", e, self.committed, wait)
+            return
+        if self.save_error:
+            log.info("checkpoint saved again (%s)", self.store.location)
+            self.save_error = None
+            self._save_backoff.reset()
         self._committed(checkpoint, pos)
+
+    def _save_timeout(self) -> float:
+        # a save never takes more than half the shutdown budget: a stop arriving meanwhile still
+        # leaves time to flush and save the final checkpoint
+        return min(CHECKPOINT_TIMEOUT, self.cfg.pipeline.shutdown_timeout / 2)
+
+    def _retry_done(self, s: _Session) -> None:
+        """The record under retry is through (to its topic or the dead-letter topic) or gone."""
+        if self.paused:
+            log.warning("the pipeline is past %s; it goes on", self.retry.what)
+        self.retry, self.paused, s.retry_seq = _Retry(), None, None
+        self._gauge("paused", 0)
 
     def _committed(self, checkpoint: dict, pos: Position) -> None:
         self.committed = checkpoint
@@ -483,7 +711,6 @@ class StreamPipeline:
 
     # ---- main loop --------------------------------------------------------------------------
     def run(self) -> int:
-        self.start_at = parse_start(self.since or self.cfg.source.start_from)
         if self.election is None:
             self._term()
         else:
@@ -501,30 +728,97 @@ class StreamPipeline:
         self.since = None  # a later HA term resumes from the shared checkpoint
         self.committed = checkpoint
         self.summary.checkpoint = checkpoint
-        start_at = self.start_at
-        self.source.resume(checkpoint, start_at)
         log.info(
             "pipeline %s starting from %s",
             self.cfg.pipeline.name,
-            f"checkpoint {checkpoint}" if checkpoint else f"createdAt >= {start_at.isoformat()}",
+            f"checkpoint {checkpoint}" if checkpoint else f"createdAt >= {self.start_at.isoformat()}",
         )
+        careful = None
         while not self.stop_event.is_set() and self._active():
-            finished = self._session()
-            if finished:
+            s = self._begin_session(careful)
+            if self._session(s):
                 return True
-            if self.stop_event.is_set() or not self._active():
+            if self.stop_event.is_set() or not self._active() or not self._rewind(s):
                 break
-            # Kafka failed a delivery: read again from the durable checkpoint
-            self.summary.rewinds += 1
-            if self.exactly_once:  # the last committed transaction's checkpoint, as Kafka has it
-                loaded, ok = self._reload()
-                if not ok:
-                    break
-                if loaded is not None:
-                    self.committed = loaded
-            log.warning("rewinding to checkpoint %s after a failed delivery", self.committed)
-            self.source.resume(self.committed, start_at)
+            careful = s.refused_until  # the next session sends up to there one record at a time
         return self.stop_event.is_set()
+
+    def _begin_session(self, careful_until: tuple | None = None) -> _Session:
+        """A new session: its own source cursor from the durable checkpoint, its own window."""
+        source = build_source(self.cfg, self.client, self.metrics)
+        source.resume(self.committed, self.start_at)
+        s = self.session = _Session(source, self.committed, careful_until)
+        self.delivery_failed = s.failed
+        return s
+
+    def _rewind(self, s: _Session) -> bool:
+        """After session `s` failed a delivery: counts the attempt against the record Kafka
+        refused, waits out the backoff, and (exactly-once) reloads the checkpoint. False when
+        stopped meanwhile."""
+        if self.committed != s.started_from:
+            self._rewind_backoff.reset()  # the session made progress: not the same failure again
+        self._count_attempt(s)
+        wait = self._rewind_backoff.cap if self.paused else self._rewind_backoff.next()
+        self.summary.rewinds += 1
+        if self.metrics:
+            self.metrics.rewinds.labels(self.metrics.pipeline).inc()
+        log.warning("rewinding to checkpoint %s after a failed delivery; reading again in %.1fs", self.committed, wait)
+        self._gauge("rewind_backoff", wait)
+        self._wait(wait)
+        self._gauge("rewind_backoff", 0)
+        if self.stop_event.is_set() or not self._active():
+            return False
+        if self.exactly_once:  # the last committed transaction's checkpoint, as Kafka has it
+            loaded, ok = self._reload()
+            if not ok:
+                return False
+            if loaded is not None:
+                self.committed = loaded
+        return True
+
+    def _count_attempt(self, s: _Session) -> None:
+        """A refusal of the record itself counts as one of its delivery attempts (a timeout or a
+        lost connection does not: Kafka was not reached). The dead-letter topic refusing a record
+        that is out of attempts pauses the pipeline at it."""
+        f = s.first_refused
+        if f is None:
+            return
+        r, most = self.retry, self.cfg.pipeline.max_delivery_attempts
+        if f.record != r.record:
+            r = self.retry = _Retry(f.record)
+        r.attempts += 1
+        if f.kind == "dlq":
+            r.dlq_error = f.error
+        else:
+            r.error = f.error
+        what = r.what or f"the record after checkpoint {self.committed}"
+        if f.kind == "published" and r.attempts < most:
+            log.error("Kafka refused %s (attempt %d of %d): %s", what, r.attempts, most, f.error)
+        elif f.kind == "published":
+            log.error(
+                "Kafka refused %s %d times (%s); it goes to the dead-letter topic next", what, r.attempts, f.error
+            )
+        elif r.attempts >= most:
+            topic = f"the topic {self.topic} refused it ({r.error}) and " if r.error else ""
+            self.paused = (
+                f"paused at {what}: {topic}the dead-letter topic {self.dlq_topic} refused it too "
+                f"({r.dlq_error}); the checkpoint stays before it, retrying every "
+                f"{self._rewind_backoff.cap:g}s"
+            )
+            log.error("%s", self.paused)
+            self._gauge("paused", 1)
+        else:
+            log.error("the dead-letter topic refused %s (attempt %d of %d): %s", what, r.attempts, most, f.error)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleeps, waking early when stopped or no longer the HA leader."""
+        end = time.monotonic() + seconds
+        while not self.stop_event.is_set() and self._active() and (left := end - time.monotonic()) > 0:
+            self.stop_event.wait(min(left, 0.5))
+
+    def _gauge(self, name: str, value: float) -> None:
+        if self.metrics:
+            getattr(self.metrics, name).labels(self.metrics.pipeline).set(value)
 
     def _run_ha(self) -> None:
         try:
@@ -585,55 +879,51 @@ class StreamPipeline:
                 left = min(until - time.monotonic(), self.cfg.pipeline.shutdown_timeout)
                 if left > 0:
                     sink.flush(left)
-                if self.election.is_leader or time.monotonic() < until:
-                    try:
-                        self._commit()
-                    except CheckpointError as e:
-                        log.error("HA: the checkpoint of the last term was not saved: %s", e)
+                left = min(until - time.monotonic(), self.cfg.pipeline.shutdown_timeout)
+                if self.session is not None and (self.election.is_leader or left > 0):
+                    self._commit(self.session, timeout=max(0.1, left))  # a failed save is logged there
             try:
                 sink.close(0)
             except Exception as e:  # noqa: BLE001 (the producer of a finished term)
                 log.debug("closing the producer of the last term: %s", e)
-        self.window = AckWindow()
+        self.session = None
 
-    def _session(self) -> bool:
-        """Runs until stopped, finished (--once), or a delivery fails (returns False)."""
-        self.window = AckWindow()
-        self.delivery_failed = threading.Event()
-        pages: queue.Queue = queue.Queue(maxsize=QUEUE_PAGES)
-        stop_source = threading.Event()
-        poller = threading.Thread(target=self._poll, args=(pages, stop_source), name="source", daemon=True)
+    def _session(self, s: _Session) -> bool:
+        """Runs session `s` until stopped, finished (--once), or a delivery fails (returns False)."""
+        poller = threading.Thread(target=self._poll, args=(s,), name="source", daemon=True)
         poller.start()
         finished = False
-        process = self._process_tx if self.exactly_once else self._process
         try:
-            while not self.stop_event.is_set() and not self.delivery_failed.is_set() and self._active():
+            while not self.stop_event.is_set() and not s.failed.is_set() and self._active():
                 try:
-                    page = pages.get(timeout=0.5)
+                    page = s.pages.get(timeout=0.5)
                 except queue.Empty:
-                    self._commit()
+                    self._commit(s)
                     self._report_ready()
                     continue
                 if page is _DONE:
                     finished = True
                     break
-                process(page)
-                self._commit()
+                if self.exactly_once:
+                    self._process_tx(page)
+                else:
+                    self._process(s, page)
+                self._commit(s)
                 self._report_ready()
         finally:
-            stop_source.set()
-            poller.join(timeout=self.cfg.tanium.timeout + 5)
+            # no join: a source thread inside a slow request finishes against this session alone
+            s.stop.set()
         if self.stop_event.is_set() and self.exactly_once:
             return True  # every processed page is committed; what waits is re-read next time
         if self.stop_event.is_set():
-            # drain what was already fetched, so the checkpoint lands on the last delivered record
-            while True:
+            # deliver what was already fetched, so the checkpoint lands on the last delivered record
+            while not s.failed.is_set():
                 try:
-                    page = pages.get_nowait()
+                    page = s.pages.get_nowait()
                 except queue.Empty:
                     break
-                if page is not _DONE and not self.delivery_failed.is_set():
-                    self._process(page)
+                if page is not _DONE:
+                    self._process(s, page)
             return True
         if finished:
             return True
@@ -641,26 +931,37 @@ class StreamPipeline:
             return False  # lost the HA lead: no checkpoint from here on
         if not self.exactly_once:
             self.sink.flush(self.cfg.pipeline.shutdown_timeout)
-            self._commit()
+            self._commit(s)
         return False
 
     def _shutdown(self) -> None:
+        """Flush, final checkpoint, close: within what is left of shutdown_timeout after stop()."""
+        s = self.session
         if self.sink is not None:
-            if not self.exactly_once and self._active():
-                self.sink.flush(self.cfg.pipeline.shutdown_timeout)
-                self._commit()
-            self.sink.close(5)
+            if not self.exactly_once and self._active() and s is not None:
+                self.sink.flush(max(0.0, self._left() - CLOSE_RESERVE))
+                self._commit(s, timeout=max(0.1, self._left() - CLOSE_RESERVE))
+            self.sink.close(max(0.0, self._left()))
+        self.store.close(max(0.0, self._left()))
         if self.enricher:
             self.enricher.close()
             stats = self.enricher.stats
             self.summary.intel_requests, self.summary.cache_hits = stats["requests"], stats["hits"]
         self.client.close()
 
+    def _left(self) -> float:
+        """Seconds left of the shutdown budget (all of it when no stop() came, e.g. after --once)."""
+        if self._deadline is None:
+            return self.cfg.pipeline.shutdown_timeout
+        return max(0.0, self._deadline - time.monotonic())
+
     def stop(self) -> None:
-        """Graceful: stop polling, drain, flush, commit. If Kafka keeps the drain blocked past
-        most of shutdown_timeout, give up on the unsent records (they stay after the checkpoint)."""
+        """Graceful: stop polling, deliver what was fetched, flush, commit, all within
+        shutdown_timeout. If Kafka keeps the delivery blocked past most of it, give up on the
+        unsent records (they stay after the checkpoint)."""
         if self.stop_event.is_set():
             return
+        self._deadline = time.monotonic() + self.cfg.pipeline.shutdown_timeout
         self.stop_event.set()
         timer = threading.Timer(0.8 * self.cfg.pipeline.shutdown_timeout, self._stop_sink)
         timer.daemon = True

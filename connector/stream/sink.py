@@ -26,10 +26,11 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TextIO
 
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from kafka.producer.transaction_manager import TransactionState
 
 from connector.config import KafkaSection
-from connector.kafka import ProducerFenced, SinkError, describe_servers, is_fenced, make_producer
+from connector.kafka import ProducerFenced, SinkError, close_producer, describe_servers, is_fenced, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class _Record:
 
 
 class KafkaSink:
-    """One idempotent (optionally transactional) producer with a bound on un-acknowledged records.
+    """One idempotent (optionally transactional) producer with a bound on un-acknowledged records;
+    a kafka-python producer that went broken (see `_broken`) is replaced at the next record.
 
     `stall_after`: seconds without any acknowledgement while records wait before `healthy`
     turns false (a broker that stopped answering is noticed long before delivery_timeout_ms).
@@ -92,6 +94,8 @@ class KafkaSink:
         else:
             self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
             self._produce = self._produce_kafka_python
+            self._max_block_ms = max_block_ms
+            self._renew_lock = threading.Lock()
         if transactional_id:
             try:
                 # fences any older producer with the same id and aborts its open transaction
@@ -163,12 +167,41 @@ class KafkaSink:
         return True
 
     def _produce_kafka_python(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+        if self._broken():
+            self._renew()
         future = self._producer.send(topic, value=value, key=key, headers=headers)
         future.add_callback(self._acked, seq)
         future.add_errback(self._failed, seq)
 
     def _produce_confluent(self, topic: str, key, value: bytes, headers, seq: int) -> None:
         self._producer.produce(topic, key, value, headers, lambda ok, exc: self._complete(seq, ok, exc))
+
+    def _broken(self) -> str | None:
+        """Why the (kafka-python, non-transactional) producer can deliver nothing any more, or None.
+        Two dead ends of kafka-python 3.0.12's idempotent producer: any non-retriable batch error
+        (the broker refused a record: too large, invalid, not authorised) is classified fatal, so
+        it fails every later record; and a batch that expired after it was sent makes it drop its
+        producer id without ever asking for a new one, so it holds every later record. (A
+        transactional producer is replaced by the pipeline after its abort fails.)"""
+        tm = getattr(self._producer, "_transaction_manager", None)
+        if self.transactional_id or tm is None:
+            return None
+        if tm.has_fatal_error():
+            return f"failed fatally ({tm.last_error})"
+        if not tm.has_producer_id() and tm._current_state == TransactionState.READY:
+            return "lost its producer id"
+        return None
+
+    def _renew(self) -> None:
+        """A new producer in place of a broken one (SinkError when Kafka cannot be reached); the
+        old one's undelivered records are reported failed."""
+        with self._renew_lock:
+            why = self._broken()
+            if why is None:
+                return
+            old, self._producer = self._producer, make_producer(self.kafka, max_block_ms=self._max_block_ms)
+        log.warning("Kafka producer replaced: the old one %s; its undelivered records are reported failed", why)
+        close_producer(old, 0)
 
     def _acked(self, seq: int, _metadata) -> None:
         self._complete(seq, True, None)
@@ -226,8 +259,14 @@ class KafkaSink:
             return self._blocked
 
     def health(self) -> tuple[bool, str]:
-        """(ok, reason): false after a failed delivery not followed by a success, or while
-        records wait and Kafka acknowledged nothing for `stall_after` seconds."""
+        """(ok, reason): false after a failed delivery not followed by a success, while records
+        wait and Kafka acknowledged nothing for `stall_after` seconds, or while the producer is
+        broken (then its waiting records are failed at once: it would hold them for good; the
+        next record gets a new producer)."""
+        broken = self._broken()
+        if broken:
+            self._give_up(KafkaConnectionError(f"the Kafka producer {broken}"))
+            return False, f"the Kafka producer {broken}; the next record gets a new one"
         with self._cond:
             now = time.monotonic()
             if self._last_fail is not None and self._last_fail >= self._last_ack:
@@ -275,28 +314,15 @@ class KafkaSink:
         self.stop()
         deadline = time.monotonic() + (timeout if timeout is not None else 30)
         drained = self.flush(max(0.0, deadline - time.monotonic()))
-        self._give_up()  # before the producer aborts them with its own errors
-        try:
-            self._producer.close(max(0.0, deadline - time.monotonic()) if drained else 0)
-        except KafkaTimeoutError:
-            # kafka-python's close() flushes first and raises instead of force-closing when
-            # records are stuck; force the I/O thread down so the process can exit
-            sender = getattr(self._producer, "_sender", None)
-            if sender is not None:
-                sender.force_close()
-                sender.join(max(1.0, deadline - time.monotonic()))
-            try:  # now it can mark itself closed (else its __del__ complains later)
-                self._producer.close(0)
-            except KafkaError:
-                pass
-        except KafkaError as e:
-            log.warning("closing the Kafka producer: %s", e)
+        self._give_up(SinkStopped("closed before Kafka acknowledged the record"))  # before the producer's own errors
+        close_producer(self._producer, max(0.0, deadline - time.monotonic()) if drained else 0)
 
-    def _give_up(self) -> None:
+    def _give_up(self, exc: Exception) -> None:
+        """Every record still waiting gets on_done(False, exc)."""
         with self._cond:
             left = list(self._pending)
         for seq in left:
-            self._complete(seq, False, SinkStopped("closed before Kafka acknowledged the record"))
+            self._complete(seq, False, exc)
 
     # -- transactions (exactly-once mode) --------------------------------------------------
 
@@ -378,26 +404,30 @@ class KafkaSink:
 class AckWindow:
     """Confirmation window: which position the checkpoint may advance to.
 
-    `add(position)` in send order returns a sequence number; `done(seq, ok)` in any order;
-    `committable()` is the position of the last record of the contiguous prefix of successful
-    acknowledgements. A failed record stays at the head for good: the checkpoint never passes
-    it (the pipeline re-reads from the checkpoint with a new window).
+    `add(position, final)` in send order returns a sequence number; `done(seq, ok)` in any order;
+    `committable()` is the position of the last final record of the contiguous prefix of successful
+    acknowledgements (an alert published in several formats is several records of one position,
+    and only its last is final: the checkpoint passes the alert once all of them are confirmed).
+    A failed record stays at the head for good: the checkpoint never passes it (the pipeline
+    re-reads from the checkpoint with a new window). Sequence numbers start at 0 in every window,
+    so an outcome must reach the window its record was added to: the pipeline binds each record's
+    callback to its session's window.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._seq = 0
         self._order: deque[int] = deque()  # seqs not yet passed, in send order
-        self._entries: dict[int, list] = {}  # seq -> [position, state]; state None|True|False
+        self._entries: dict[int, list] = {}  # seq -> [position, state, final]; state None|True|False
         self._committable: Hashable | None = None
         self._failures = 0
 
-    def add(self, position) -> int:
+    def add(self, position, final: bool = True) -> int:
         with self._lock:
             seq = self._seq
             self._seq += 1
             self._order.append(seq)
-            self._entries[seq] = [position, None]
+            self._entries[seq] = [position, None, final]
             return seq
 
     def done(self, seq: int, ok: bool) -> None:
@@ -410,12 +440,19 @@ class AckWindow:
                 self._failures += 1
             # each seq leaves the deque once, so this is O(1) amortized
             while self._order and self._entries[self._order[0]][1] is True:
-                self._committable = self._entries.pop(self._order.popleft())[0]
+                position, _, final = self._entries.pop(self._order.popleft())
+                if final:
+                    self._committable = position
 
     def committable(self):
         """Position of the last record of the acknowledged prefix, or None if there is none."""
         with self._lock:
             return self._committable
+
+    def confirmed(self, seq: int) -> bool:
+        """True once record `seq` is in the acknowledged prefix."""
+        with self._lock:
+            return seq < (self._order[0] if self._order else self._seq)
 
     @property
     def failed(self) -> bool:

@@ -36,4 +36,9 @@ def build_stages(cfg, client, metrics=None) -> Stages:
         cfg.tanium.host,
         metrics,
     )
-    return Stages(AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit, metrics), enricher, normalizer)
+    return Stages(build_source(cfg, client, metrics), enricher, normalizer)
+
+
+def build_source(cfg, client, metrics=None) -> AlertSource:
+    """A new source (cursor unset: call resume()). The pipeline builds one per session."""
+    return AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit, metrics)

@@ -984,7 +984,8 @@ def _page(n: int, start: int = 1) -> list:
 def test_each_alert_is_one_record_per_format_keyed_by_guid():
     page = _page(2) + [(42, Position("2023-10-16T12:00:02.000Z", 2, 2))]  # not an object: DLQ
     records = list(_pipeline(["ocsf", "normalized", "ecs"])._records(page))
-    assert [(r[1], r[2], r[5]) for r in records] == [
+    # (alert, position, topic, key, value, headers, kind, final, created)
+    assert [(r[2], r[3], r[6]) for r in records] == [
         ("tr-ocsf", b"guid-1", "published"),
         ("tr", b"guid-1", "published"),
         ("tr.ecs", b"guid-1", "published"),
@@ -993,20 +994,22 @@ def test_each_alert_is_one_record_per_format_keyed_by_guid():
         ("tr.ecs", b"guid-2", "published"),
         ("tr.dlq", None, "dlq"),
     ]
-    assert [r[0] and r[0].id for r in records] == [None, None, 1, 1, 1, 2, 2]
-    headers = [dict(r[4]) for r in records]
+    assert [r[1].id for r in records] == [1, 1, 1, 2, 2, 2, 2]  # every record carries its alert's position
+    assert [r[7] for r in records] == [False, False, True, False, False, True, True]  # the alert's last is final
+    assert [r[8] for r in records] == [None, None, page[0][0]["createdAt"], None, None, page[1][0]["createdAt"], None]
+    headers = [dict(r[5]) for r in records]
     assert headers[0]["format"] == b"ocsf" and headers[0]["schema_version"] == b"1.7.0"
     assert headers[2]["format"] == b"ecs" and headers[2]["schema_version"] == b"9.4.0"
     assert "format" not in headers[1] and headers[1]["schema_version"] == b"1.0"  # unchanged
-    assert [fmt_of(orjson.loads(r[3])) for r in records] == ["ocsf", "normalized", "ecs"] * 2 + ["dlq"]
+    assert [fmt_of(orjson.loads(r[4])) for r in records] == ["ocsf", "normalized", "ecs"] * 2 + ["dlq"]
 
 
 def test_normalized_alone_publishes_what_it_did_before():
     records = list(_pipeline(["normalized"])._records(_page(3)))
-    assert [(r[0].id, r[1], r[2]) for r in records] == [
-        (1, "tr", b"guid-1"),
-        (2, "tr", b"guid-2"),
-        (3, "tr", b"guid-3"),
+    assert [(r[1].id, r[2], r[3], r[7]) for r in records] == [
+        (1, "tr", b"guid-1", True),
+        (2, "tr", b"guid-2", True),
+        (3, "tr", b"guid-3", True),
     ]
 
 
@@ -1032,8 +1035,8 @@ class CheckpointWaitsForEveryFormat(RuleBasedStateMachine):
         owners = [p.id for a, p in page for _ in range(1 if a == {"id": "x"} else 3)]
         records = list(self.pipe._records(page))
         assert len(records) == len(owners)
-        for (pos, *_), alert in zip(records, owners, strict=True):
-            seq = self.window.add(pos)
+        for record, alert in zip(records, owners, strict=True):
+            seq = self.window.add(record[1], record[7])
             self.records_of.setdefault(alert, set()).add(seq)
             self.pending[seq] = alert
 
