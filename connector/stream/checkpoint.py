@@ -31,7 +31,7 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -141,7 +141,7 @@ class KafkaCheckpointStore:
         self.key = pipeline.encode("utf-8")
         self.timeout = timeout
         self.location = f"kafka topic {topic} key {pipeline!r}"
-        self._producer = None
+        self._producer: Any = None
         self._topic_ready = False
 
     def _where(self) -> str:

@@ -38,14 +38,8 @@ Shutdown (`stop()`): reading stops at once, what was already fetched is delivere
 checkpoint lands on the last contiguous acknowledged record, all within
 `pipeline.shutdown_timeout`; records Kafka has not confirmed by then stay after the checkpoint.
 
-Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka transaction holding
-its events, its DLQ records and the checkpoint of its last record (transactional_id
-`tanium-connector.<pipeline name>`, so a restarted instance fences the old one and aborts its
-open transaction). A transaction that fails is aborted and the source rewinds to the checkpoint
-read back from Kafka, i.e. to the last committed transaction. A producer that Kafka reports fenced
-(another instance initialised the same id) is never replaced, since a replacement would fence the
-other in turn and the two would take turns for ever: without HA the process exits 1 with one line
-naming the transactional id; with HA it stands by until it is elected anew.
+Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka transaction with the
+checkpoint of its last record; see connector/stream/transactions.py.
 
 HA (`ha.enabled`): the pipeline polls only while connector/stream/leader.py says this process is the
 leader; on losing the lead it stops the source and the sink at once and stands by again. Each
@@ -62,37 +56,27 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import orjson
-from kafka.errors import KafkaError
-
-from connector import __version__
 from connector.config import ConfigError
-from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
-from connector.formats import Settings as FormatSettings
-from connector.kafka import ProducerFenced, SinkError, is_fenced
+from connector.kafka import ProducerFenced
 from connector.stream.checkpoint import CheckpointError, open_store
 from connector.stream.leader import LeaderElection, LeaderError, group_id, leader_topic
-from connector.stream.normalize import (
-    SCHEMA_VERSION,
-    NormalizeError,
-    serialize,
-)
-from connector.stream.sink import AckWindow, DryRunSink, KafkaSink, SinkStopped
+from connector.stream.records import Record, RecordMaker
+from connector.stream.session import Backoff, Failure, Retry, Session, describe, error_text, refused, sort_key
+from connector.stream.sink import DryRunSink, KafkaSink, SinkStopped
 from connector.stream.source import Position
 from connector.stream.stages import build_source, build_stages
+from connector.stream.transactions import Transactions
 from connector.tanium import TaniumClient, TaniumError
-from connector.timeutil import parse_start, parse_ts, utcnow
+from connector.timeutil import parse_start, parse_ts
 
 log = logging.getLogger(__name__)
 
-QUEUE_PAGES = 4
 CHECKPOINT_TIMEOUT = 30.0  # longest wait for one checkpoint save
 CLOSE_RESERVE = 0.5  # seconds of the shutdown budget kept for closing the producer
-RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
-DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the raw record
 _DONE = object()  # source finished (--once)
 # an HA leader that steps down stops flushing this long before another process may lead, so that
 # the checkpoint it then writes is in Kafka before the next leader reads it
@@ -115,113 +99,7 @@ class Summary:
         return {k: v for k, v in self.__dict__.items()}
 
 
-# librdkafka's names for "the broker was not reached" (kafka-python marks those errors retriable)
-_UNREACHED = ("_MSG_TIMED_OUT", "_TIMED_OUT", "_TRANSPORT", "_ALL_BROKERS_DOWN")
-
-
-def refused(exc: Exception | None) -> bool:
-    """True when Kafka refused the record itself (too large, invalid, not authorised): sending it
-    again cannot help. False for timeouts, lost connections, Kafka out of reach and a stopping sink."""
-    if exc is None or isinstance(exc, (SinkStopped, SinkError)) or getattr(exc, "retriable", False):
-        return False
-    return not str(exc).startswith(_UNREACHED)
-
-
-def _error_text(exc: Exception | None) -> str:
-    text, name = str(exc), type(exc).__name__
-    return text if name in text else f"{name}: {text}"
-
-
-def _describe(alert, pos: Position) -> str:
-    """How log lines and /readyz name a record: its alert id and guid."""
-    if isinstance(alert, dict):
-        return f"alert id={alert.get('id')!r} guid={alert.get('guid')!r}"
-    return f"a {type(alert).__name__} record after position {pos.to_checkpoint()}"
-
-
-def _sort_key(pos: Position) -> tuple[str, int]:
-    return pos.created_at or "", pos.id or 0
-
-
-@dataclass
-class _Failure:
-    """A record Kafka did not confirm. `record` is its identity across sessions: its position's
-    sort key and how many records before it in the session shared that position."""
-
-    seq: int
-    record: tuple
-    kind: str
-    error: str
-    refused: bool
-
-
-class _Session:
-    """One pass of reading and delivering from the durable checkpoint (see "Sessions" above). Its
-    source thread and its delivery callbacks touch only this object."""
-
-    def __init__(self, source, started_from: dict | None, careful_until: tuple | None):
-        self.source = source
-        self.started_from = started_from
-        self.window = AckWindow()
-        self.pages: queue.Queue = queue.Queue(maxsize=QUEUE_PAGES)
-        self.stop = threading.Event()  # the source thread stops reading
-        self.failed = threading.Event()  # a delivery failed: the session ends
-        # records up to this sort key are sent one at a time (the last session saw refusals there)
-        self.careful_until = careful_until
-        self.first_refused: _Failure | None = None  # in send order
-        self.refused_until: tuple | None = None  # sort key of the last refused record
-        self.retry_seq: int | None = None  # where the record under retry was sent in this session
-        self._last: Position | None = None
-        self._dup = 0
-        self._lock = threading.Lock()
-
-    def identity(self, pos: Position) -> tuple:
-        """A record's identity across sessions (call in read order): its position's sort key and
-        how many records before it in this session had the same position (a record that cannot
-        be placed shares the position of the one before it)."""
-        self._dup = self._dup + 1 if pos == self._last else 0
-        self._last = pos
-        return (*_sort_key(pos), self._dup)
-
-    def fail(self, f: _Failure) -> bool:
-        """Notes a failed record; True for the session's first failure to arrive."""
-        with self._lock:
-            first = not self.failed.is_set()
-            if f.refused:
-                if self.first_refused is None or f.seq < self.first_refused.seq:
-                    self.first_refused = f
-                if self.refused_until is None or f.record[:2] > self.refused_until:
-                    self.refused_until = f.record[:2]
-            self.failed.set()
-        return first
-
-
-class _Backoff:
-    """Exponential: `initial`, doubling per next() up to `cap`; reset() starts over."""
-
-    def __init__(self, initial: float, cap: float):
-        self.initial, self.cap, self._next = initial, cap, initial
-
-    def next(self) -> float:
-        wait, self._next = self._next, min(self._next * 2, self.cap)
-        return wait
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-
-@dataclass
-class _Retry:
-    """The record Kafka keeps refusing (kept across sessions by the processing thread)."""
-
-    record: tuple | None = None
-    attempts: int = 0
-    what: str = ""  # alert id and guid, once the record was read again
-    error: str = ""  # the topic's last refusal
-    dlq_error: str = ""  # the dead-letter topic's last refusal
-
-
-class StreamPipeline:
+class StreamPipeline(Transactions):
     def __init__(
         self,
         cfg,
@@ -247,11 +125,12 @@ class StreamPipeline:
         # one id per pipeline: a restarted (or newly elected) instance fences the previous one
         self.transactional_id = f"tanium-connector.{cfg.pipeline.name}" if self.exactly_once else None
         ha = cfg.ha.enabled and not dry_run
-        self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
-        self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
+        stages = build_stages(cfg, self.client, metrics)  # each session builds its own source
+        self.enricher = stages.enricher
+        self.records = RecordMaker(cfg, stages.enricher, stages.normalizer, metrics)
         if sink is None:
             if dry_run:  # events on stdout, DLQ records in the log; a closed stdout ends the run
-                sink = DryRunSink(out or sys.stdout, dlq_topic=self.dlq_topic, on_closed=self.stop)
+                sink = DryRunSink(out or sys.stdout, dlq_topic=self.records.dlq_topic, on_closed=self.stop)
             elif cfg.kafka is None:
                 raise ConfigError(
                     f"{cfg.pipeline.name}: the pipeline has no [kafka] section: add one, or use --dry-run"
@@ -271,39 +150,19 @@ class StreamPipeline:
                 on_change=self._leadership,
             )
         self.store = store if store is not None else open_store(cfg)
-        stages = build_stages(cfg, self.client, metrics)  # each session builds its own source
-        self.enricher, self.normalizer = stages.enricher, stages.normalizer
-        self.max_value = (cfg.kafka.max_request_size if cfg.kafka else 1024 * 1024) - RECORD_OVERHEAD
-        self.headers = [
-            ("schema_version", str(SCHEMA_VERSION).encode()),
-            ("pipeline", cfg.pipeline.name.encode()),
-            ("connector_version", __version__.encode()),
-        ]
-        # output formats (connector/formats): each alert becomes one record per format, on that
-        # format's topic; the standard formats say which they are in a `format` header
-        self.formats = cfg.output.formats
-        self.format_settings = FormatSettings.of(cfg)
-        topics = cfg.kafka.topics if cfg.kafka else {f: f"dry-run.{f}" for f in FORMATS[1:]}
-        self.outputs = {"normalized": (self.topic, self.headers)}
-        for fmt in FORMATS[1:]:
-            version = SCHEMA_VERSIONS[fmt].encode()
-            self.outputs[fmt] = (
-                topics[fmt],
-                [("format", fmt.encode()), ("schema_version", version), *self.headers[1:]],
-            )
         self.since = since
         self.start_at = parse_start(since or cfg.source.start_from)
         self.committed: dict | None = None  # the durable checkpoint: what the store last saved
         self.tanium_ok = False
         self.last_commit = time.monotonic()
-        self.session: _Session | None = None  # the current one
+        self.session: Session | None = None  # the current one
         self.delivery_failed = threading.Event()  # the current session's failure flag
-        self.retry = _Retry()
+        self.retry = Retry()
         self.paused: str | None = None  # why the pipeline waits on a record nobody accepts
         self.save_error: str | None = None  # why the last checkpoint save failed
         p = cfg.pipeline
-        self._rewind_backoff = _Backoff(p.rewind_backoff, p.rewind_backoff_max)
-        self._save_backoff = _Backoff(1.0, 30.0)
+        self._rewind_backoff = Backoff(p.rewind_backoff, p.rewind_backoff_max)
+        self._save_backoff = Backoff(1.0, 30.0)
         self._save_after = 0.0  # no checkpoint save before this (monotonic) time
         self._deadline: float | None = None  # set by stop(): the end of the shutdown budget
         self.last_poll = time.monotonic()  # liveness: the poll loop's last sign of progress
@@ -362,7 +221,7 @@ class StreamPipeline:
             self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
 
     # ---- source thread ----------------------------------------------------------------------
-    def _poll(self, s: _Session) -> None:
+    def _poll(self, s: Session) -> None:
         """Reads pages into the session's queue. After the session ended, a page still arriving
         (a slow request) moved only this session's cursor; it is dropped here."""
         backoff = 1.0
@@ -405,42 +264,12 @@ class StreamPipeline:
                 backoff = min(backoff * 2, 300)
 
     # ---- processing -------------------------------------------------------------------------
-    def _records(self, page: list):
-        """(alert, position, topic, key, value, headers, kind, final, created) per record of the page, in
-        read order: one per output format of each alert, or one DLQ record; kind is "published" or
-        "dlq"; `final` marks an alert's last record (the checkpoint may pass the alert only there);
-        `created` is the alert's createdAt on that record (for the freshness histogram), else None."""
-        m = self.metrics
+    def _records(self, page: list) -> Iterator[Record]:
+        """The Kafka records of a page, in read order (see connector/stream/records.py)."""
         self.summary.fetched += len(page)
-        if self.enricher:
-            self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
-        if m:
-            m.records_sent.labels(m.pipeline, "source").inc(len(page))
-        for alert, pos in page:
-            try:
-                event = self.normalizer.normalize(alert)
-                docs = render_all(self.formats, alert, event, self.format_settings)
-                values = [
-                    self._fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
-                    for fmt, doc in zip(self.formats, docs, strict=True)
-                ]
-            except NormalizeError as e:
-                yield (alert, pos, self.dlq_topic, None, *self._dlq_record(alert, e.reason), "dlq", True, None)
-                continue
-            key = str(event.get("uid") or "").encode() or None
-            guid = alert.get("guid")
-            guid_key = guid.encode() if isinstance(guid, str) and guid else key
-            # every record of the alert carries its position, and only the last one is final: the
-            # checkpoint passes the alert once all its formats are acknowledged
-            last = len(values) - 1
-            created = alert.get("createdAt") if isinstance(alert.get("createdAt"), str) else None
-            for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
-                topic, headers = self.outputs[fmt]
-                final = i == last
-                fkey = key if fmt == "normalized" else guid_key
-                yield alert, pos, topic, fkey, value, headers, "published", final, created if final else None
+        return self.records.records(page)
 
-    def _process(self, s: _Session, page: list) -> None:
+    def _process(self, s: Session, page: list) -> None:
         """Hands the page's records to Kafka under session `s`, until a delivery fails. Records up
         to the session's careful_until go one at a time, each waiting for its answer, so that a
         refusal names the very record."""
@@ -452,10 +281,11 @@ class StreamPipeline:
             careful = s.careful_until is not None and record[:2] <= s.careful_until
             seq = s.window.add(pos, final)
             if record == r.record:
-                s.retry_seq, r.what = seq, _describe(alert, pos)
+                s.retry_seq, r.what = seq, describe(alert, pos)
                 if r.attempts >= most and kind == "published":
                     reason = f"kafka: the topic {topic} refused the event {r.attempts} times: {r.error}"
-                    topic, key, (value, headers), kind = self.dlq_topic, None, self._dlq_record(alert, reason), "dlq"
+                    topic, key, kind = self.records.dlq_topic, None, "dlq"
+                    value, headers = self.records.dlq_record(alert, reason)
                     log.error("%s goes to the dead-letter topic %s: %s", r.what, topic, reason)
             answered = threading.Event() if careful else None
             self.sink.send(topic, key, value, headers, self._on_done(s, seq, kind, record, answered, created))
@@ -469,156 +299,8 @@ class StreamPipeline:
         while not answered.wait(0.5) and time.monotonic() < limit and not self.stop_event.is_set():
             pass
 
-    def _fit(self, event: dict, value: bytes) -> bytes:
-        """Kafka refuses records over max_request_size, and a refused record would be re-read
-        forever: an oversized event goes without `raw` (normalized fields intact, warning noted);
-        if even that is too big, NormalizeError sends it to the DLQ."""
-        if len(value) <= self.max_value:
-            return value
-        size = len(value)
-        if event.get("raw") is not None:
-            event["raw"] = None
-            event["normalization_warnings"].append(
-                f"raw: left out, the event was {size} bytes and kafka.max_request_size is "
-                f"{self.max_value + RECORD_OVERHEAD}"
-            )
-            value = serialize(event)
-        if len(value) > self.max_value:
-            raise NormalizeError(
-                f"too large: the event is {len(value)} bytes even without raw "
-                f"(kafka.max_request_size {self.max_value + RECORD_OVERHEAD})"
-            )
-        return value
-
-    def _dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
-        if self.metrics:
-            self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
-        raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
-        keep = DLQ_RAW_MAX
-        while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)
-            record = {
-                "reason": reason,
-                "pipeline": self.cfg.pipeline.name,
-                "received_at": utcnow().isoformat(),
-                "raw": raw[:keep],
-                "raw_bytes": len(raw),
-                "raw_truncated": len(raw) > keep,
-            }
-            value = orjson.dumps(record)
-            if len(value) <= self.max_value or not keep:
-                return value, self.headers + [("reason", reason.encode())]
-            keep //= 2
-
-    # ---- exactly-once -----------------------------------------------------------------------
-    def _process_tx(self, page: list) -> None:
-        """One transaction: the page's events and DLQ records plus the checkpoint of its last
-        record. On a failure the transaction is aborted and delivery_failed set (→ rewind); when
-        another producer fenced this one, the pipeline stops writing instead (_stop_writing)."""
-        sink, failed, counts, last, created = self.sink, [], {"published": 0, "dlq": 0}, None, []
-
-        def on_done(ok: bool, exc: Exception | None = None) -> None:
-            if not ok:
-                failed.append(exc)
-
-        try:
-            sink.begin()
-            for _, pos, topic, key, value, headers, kind, _, created_at in self._records(page):
-                last = pos
-                counts[kind] += 1
-                if created_at:
-                    created.append(created_at)
-                if not sink.send(topic, key, value, headers, on_done):
-                    break
-            if failed:
-                raise SinkError(f"Kafka did not take a record: {failed[0]}") from failed[0]
-            if not self._active():  # stepped down mid-page: nothing of this term commits any more
-                self._abort()
-                return
-            checkpoint = last.to_checkpoint()
-            sink.commit(records=[self.store.record(checkpoint)], timeout=self._tx_timeout())
-        except (SinkError, CheckpointError, KafkaError) as e:
-            if isinstance(e, ProducerFenced) or sink.fenced or is_fenced(e):
-                self._stop_writing()
-                return
-            self.summary.delivery_failures += 1
-            if self._active() and not self.stop_event.is_set():
-                log.error("Kafka transaction failed, aborting it: %s", e)
-            self._abort()
-            self.delivery_failed.set()
-            return
-        for created_at in created:  # a transaction's events are delivered when it commits
-            self._freshness(created_at)
-        self.summary.published += counts["published"]
-        self.summary.dlq += counts["dlq"]
-        self._committed(checkpoint, last)
-
-    def _tx_timeout(self) -> float:
-        return self.cfg.kafka.delivery_timeout_ms / 1000 + 5
-
-    def _abort(self) -> None:
-        try:
-            self.sink.abort(timeout=self._tx_timeout())
-        except ProducerFenced:
-            self._stop_writing()
-        except (SinkError, KafkaError) as e:
-            # a producer that cannot abort (timed out, broken) is replaced: the new one's
-            # init_transactions aborts whatever the old one left open
-            log.warning("could not abort the Kafka transaction (%s); opening a new producer", e)
-            self._replace_sink()
-
-    def _stop_writing(self) -> None:
-        """Another instance initialised our transactional id: it is the writer now, and it aborted
-        our open transaction. A new producer of ours would fence it in turn, and the two would take
-        turns for ever; so this one stops writing: without HA the process exits (run() raises), with
-        HA it stands by until it is elected again (_run_ha)."""
-        then = (
-            "standing by until elected again"
-            if self.election
-            else "stopping (run one instance per pipeline, or enable [ha] so that the others stand by)"
-        )
-        self.fenced = ProducerFenced(
-            f"pipeline {self.cfg.pipeline.name}: another instance took over transactional.id "
-            f"{self.transactional_id!r} and fenced this one's producer; {then}"
-        )
-        if self.election is not None:
-            log.error("%s", self.fenced)
-        self.sink.stop()
-
-    def _replace_sink(self) -> None:
-        old, self.sink = self.sink, None
-        old.stop()
-        try:
-            old.close(1)
-        except Exception as e:  # noqa: BLE001 (a broken producer; the new one takes over)
-            log.debug("closing the old producer: %s", e)
-        self.sink = self._open_sink()
-
-    def _open_sink(self) -> KafkaSink | None:
-        """A new sink, retried while Kafka refuses; None when stopped or no longer leader."""
-        backoff = 1.0
-        while not self.stop_event.is_set() and self._active():
-            try:
-                return self._new_sink()
-            except SinkError as e:
-                log.error("%s; retrying in %.0fs", e, backoff)
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 30)
-        return None
-
-    def _reload(self) -> tuple[dict | None, bool]:
-        """(checkpoint, ok) read back from the store, retried while Kafka fails."""
-        backoff = 1.0
-        while not self.stop_event.is_set() and self._active():
-            try:
-                return self.store.load(), True
-            except CheckpointError as e:
-                log.error("%s; retrying in %.0fs", e, backoff)
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 30)
-        return None, False
-
     def _on_done(
-        self, s: _Session, seq: int, kind: str, record: tuple, answered: threading.Event | None, created_at: str | None
+        self, s: Session, seq: int, kind: str, record: tuple, answered: threading.Event | None, created_at: str | None
     ):
         """The delivery callback of one record: it reports to the session that sent the record,
         however late it arrives (see "Sessions")."""
@@ -627,7 +309,7 @@ class StreamPipeline:
         def done(ok: bool, exc: Exception | None = None) -> None:
             first = False
             if not ok:  # first, so that nothing below can keep the failure from ending the session
-                first = s.fail(_Failure(seq, record, kind, _error_text(exc), refused(exc)))
+                first = s.fail(Failure(seq, record, kind, error_text(exc), refused(exc)))
             window.done(seq, ok)
             if ok:
                 if kind == "dlq":
@@ -656,7 +338,7 @@ class StreamPipeline:
         if when.tzinfo is not None:
             self.metrics.freshness.labels(self.metrics.pipeline).observe(time.time() - when.timestamp())
 
-    def _commit(self, s: _Session, timeout: float | None = None) -> None:
+    def _commit(self, s: Session, timeout: float | None = None) -> None:
         """Saves the checkpoint of session `s`'s acknowledged prefix. A failed save is retried
         after a backoff (the pipeline goes on meanwhile); `timeout` (at shutdown) bounds the save
         and ignores the backoff."""
@@ -664,7 +346,7 @@ class StreamPipeline:
         r = self.retry
         if r.record is not None and (
             (s.retry_seq is not None and s.window.confirmed(s.retry_seq))
-            or (pos is not None and _sort_key(pos) > r.record[:2])  # passed it: e.g. Tanium pruned it meanwhile
+            or (pos is not None and sort_key(pos) > r.record[:2])  # passed it: e.g. Tanium pruned it meanwhile
         ):
             self._retry_done(s)
         if pos is None or self.dry_run or self.exactly_once:
@@ -693,11 +375,11 @@ class StreamPipeline:
         # leaves time to flush and save the final checkpoint
         return min(CHECKPOINT_TIMEOUT, self.cfg.pipeline.shutdown_timeout / 2)
 
-    def _retry_done(self, s: _Session) -> None:
+    def _retry_done(self, s: Session) -> None:
         """The record under retry is through (to its topic or the dead-letter topic) or gone."""
         if self.paused:
             log.warning("the pipeline is past %s; it goes on", self.retry.what)
-        self.retry, self.paused, s.retry_seq = _Retry(), None, None
+        self.retry, self.paused, s.retry_seq = Retry(), None, None
         self._gauge("paused", 0)
 
     def _committed(self, checkpoint: dict, pos: Position) -> None:
@@ -743,15 +425,15 @@ class StreamPipeline:
             careful = s.refused_until  # the next session sends up to there one record at a time
         return self.stop_event.is_set()
 
-    def _begin_session(self, careful_until: tuple | None = None) -> _Session:
+    def _begin_session(self, careful_until: tuple | None = None) -> Session:
         """A new session: its own source cursor from the durable checkpoint, its own window."""
         source = build_source(self.cfg, self.client, self.metrics)
         source.resume(self.committed, self.start_at)
-        s = self.session = _Session(source, self.committed, careful_until)
+        s = self.session = Session(source, self.committed, careful_until)
         self.delivery_failed = s.failed
         return s
 
-    def _rewind(self, s: _Session) -> bool:
+    def _rewind(self, s: Session) -> bool:
         """After session `s` failed a delivery: counts the attempt against the record Kafka
         refused, waits out the backoff, and (exactly-once) reloads the checkpoint. False when
         stopped meanwhile."""
@@ -776,7 +458,7 @@ class StreamPipeline:
                 self.committed = loaded
         return True
 
-    def _count_attempt(self, s: _Session) -> None:
+    def _count_attempt(self, s: Session) -> None:
         """A refusal of the record itself counts as one of its delivery attempts (a timeout or a
         lost connection does not: Kafka was not reached). The dead-letter topic refusing a record
         that is out of attempts pauses the pipeline at it."""
@@ -785,7 +467,7 @@ class StreamPipeline:
             return
         r, most = self.retry, self.cfg.pipeline.max_delivery_attempts
         if f.record != r.record:
-            r = self.retry = _Retry(f.record)
+            r = self.retry = Retry(f.record)
         r.attempts += 1
         if f.kind == "dlq":
             r.dlq_error = f.error
@@ -799,9 +481,9 @@ class StreamPipeline:
                 "Kafka refused %s %d times (%s); it goes to the dead-letter topic next", what, r.attempts, f.error
             )
         elif r.attempts >= most:
-            topic = f"the topic {self.topic} refused it ({r.error}) and " if r.error else ""
+            topic = f"the topic {self.records.topic} refused it ({r.error}) and " if r.error else ""
             self.paused = (
-                f"paused at {what}: {topic}the dead-letter topic {self.dlq_topic} refused it too "
+                f"paused at {what}: {topic}the dead-letter topic {self.records.dlq_topic} refused it too "
                 f"({r.dlq_error}); the checkpoint stays before it, retrying every "
                 f"{self._rewind_backoff.cap:g}s"
             )
@@ -888,7 +570,7 @@ class StreamPipeline:
                 log.debug("closing the producer of the last term: %s", e)
         self.session = None
 
-    def _session(self, s: _Session) -> bool:
+    def _session(self, s: Session) -> bool:
         """Runs session `s` until stopped, finished (--once), or a delivery fails (returns False)."""
         poller = threading.Thread(target=self._poll, args=(s,), name="source", daemon=True)
         poller.start()

@@ -23,8 +23,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
-from typing import TextIO
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TextIO
 
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from kafka.producer.transaction_manager import TransactionState
@@ -89,7 +89,7 @@ class KafkaSink:
         if kafka.client == "confluent":
             from connector.stream.confluent import ConfluentProducer
 
-            self._producer = ConfluentProducer(kafka, transactional_id, max_block_ms)
+            self._producer: Any = ConfluentProducer(kafka, transactional_id, max_block_ms)
             self._produce = self._produce_confluent
         else:
             self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
@@ -343,7 +343,7 @@ class KafkaSink:
         except KafkaError as e:
             raise self._tx_error("begin", e) from e
 
-    def commit(self, records: list[tuple[str, bytes | None, bytes]] = (), timeout: float = 60) -> None:
+    def commit(self, records: Sequence[tuple[str, bytes | None, bytes]] = (), timeout: float = 60) -> None:
         """Write `records` (e.g. the checkpoint, see KafkaCheckpointStore.record) inside the open
         transaction, then commit it. Raises SinkError if the commit failed or did not finish
         within `timeout` seconds; then abort() (or exit: a restarted producer aborts it). Raises

@@ -1,0 +1,144 @@
+"""records: turns a page of (alert, position) into the Kafka records the pipeline sends — for each
+alert the normalized event and each configured standard format (connector/formats), each on its
+own topic, or one dead-letter record with the reason.
+
+Every record of an alert carries the alert's position and only its last one is final: the
+checkpoint passes the alert once all its records are acknowledged (AckWindow). Sizes are kept
+under kafka.max_request_size here, since a record Kafka refuses for its size would be refused again
+on every re-read: an oversized event goes without `raw`, and a dead-letter record keeps only as much
+of the raw alert as fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import orjson
+
+from connector import __version__
+from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
+from connector.formats import Settings as FormatSettings
+from connector.stream.normalize import SCHEMA_VERSION, NormalizeError, serialize
+from connector.stream.source import Position
+from connector.timeutil import utcnow
+
+RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
+DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the raw record
+
+
+class Record(NamedTuple):
+    """One Kafka record of an alert. `kind` is "published" (an event) or "dlq"; `final` marks the
+    alert's last record; `created` is the alert's createdAt on that record (freshness), else None."""
+
+    alert: Any
+    position: Position
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list
+    kind: str
+    final: bool
+    created: str | None
+
+
+class RecordMaker:
+    """Enrich, normalize, render the formats and serialize: a page in, its records out."""
+
+    def __init__(self, cfg, enricher, normalizer, metrics=None):
+        self.enricher, self.normalizer, self.metrics = enricher, normalizer, metrics
+        self.pipeline = cfg.pipeline.name
+        self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
+        self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
+        self.max_value = (cfg.kafka.max_request_size if cfg.kafka else 1024 * 1024) - RECORD_OVERHEAD
+        self.headers = [
+            ("schema_version", str(SCHEMA_VERSION).encode()),
+            ("pipeline", cfg.pipeline.name.encode()),
+            ("connector_version", __version__.encode()),
+        ]
+        # output formats (connector/formats): each alert becomes one record per format, on that
+        # format's topic; the standard formats say which they are in a `format` header
+        self.formats = cfg.output.formats
+        self.format_settings = FormatSettings.of(cfg)
+        topics = cfg.kafka.topics if cfg.kafka else {f: f"dry-run.{f}" for f in FORMATS[1:]}
+        self.outputs = {"normalized": (self.topic, self.headers)}
+        for fmt in FORMATS[1:]:
+            version = SCHEMA_VERSIONS[fmt].encode()
+            self.outputs[fmt] = (
+                topics[fmt],
+                [("format", fmt.encode()), ("schema_version", version), *self.headers[1:]],
+            )
+
+    def records(self, page: list) -> Iterator[Record]:
+        """(alert, position, topic, key, value, headers, kind, final, created) per record of the page, in
+        read order: one per output format of each alert, or one DLQ record; kind is "published" or
+        "dlq"; `final` marks an alert's last record (the checkpoint may pass the alert only there);
+        `created` is the alert's createdAt on that record (for the freshness histogram), else None."""
+        m = self.metrics
+        if self.enricher:
+            self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
+        if m:
+            m.records_sent.labels(m.pipeline, "source").inc(len(page))
+        for alert, pos in page:
+            try:
+                event = self.normalizer.normalize(alert)
+                docs = render_all(self.formats, alert, event, self.format_settings)
+                values = [
+                    self.fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
+                    for fmt, doc in zip(self.formats, docs, strict=True)
+                ]
+            except NormalizeError as e:
+                yield Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, e.reason), "dlq", True, None)
+                continue
+            key = str(event.get("uid") or "").encode() or None
+            guid = alert.get("guid")
+            guid_key = guid.encode() if isinstance(guid, str) and guid else key
+            # every record of the alert carries its position, and only the last one is final: the
+            # checkpoint passes the alert once all its formats are acknowledged
+            last = len(values) - 1
+            created = alert.get("createdAt") if isinstance(alert.get("createdAt"), str) else None
+            for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
+                topic, headers = self.outputs[fmt]
+                final = i == last
+                fkey = key if fmt == "normalized" else guid_key
+                yield Record(alert, pos, topic, fkey, value, headers, "published", final, created if final else None)
+
+    def fit(self, event: dict, value: bytes) -> bytes:
+        """Kafka refuses records over max_request_size, and a refused record would be re-read
+        forever: an oversized event goes without `raw` (normalized fields intact, warning noted);
+        if even that is too big, NormalizeError sends it to the DLQ."""
+        if len(value) <= self.max_value:
+            return value
+        size = len(value)
+        if event.get("raw") is not None:
+            event["raw"] = None
+            event["normalization_warnings"].append(
+                f"raw: left out, the event was {size} bytes and kafka.max_request_size is "
+                f"{self.max_value + RECORD_OVERHEAD}"
+            )
+            value = serialize(event)
+        if len(value) > self.max_value:
+            raise NormalizeError(
+                f"too large: the event is {len(value)} bytes even without raw "
+                f"(kafka.max_request_size {self.max_value + RECORD_OVERHEAD})"
+            )
+        return value
+
+    def dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
+        if self.metrics:
+            self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
+        raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
+        keep = DLQ_RAW_MAX
+        while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)
+            record = {
+                "reason": reason,
+                "pipeline": self.pipeline,
+                "received_at": utcnow().isoformat(),
+                "raw": raw[:keep],
+                "raw_bytes": len(raw),
+                "raw_truncated": len(raw) > keep,
+            }
+            value = orjson.dumps(record)
+            if len(value) <= self.max_value or not keep:
+                return value, self.headers + [("reason", reason.encode())]
+            keep //= 2
