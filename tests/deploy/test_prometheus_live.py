@@ -9,11 +9,17 @@ every alert expression must parse and evaluate cleanly in the rule manager, ever
 metric an alert rule needs must exist, and every label value the dashboard or a rule selects
 (stage="sink", code_class=~"429|5xx", …) must occur in the connector's series. Queries on
 kafka_exporter metrics are skipped (no kafka_exporter here).
+
+A validation pipeline (`tanium-connector run` of a validation-mode file, against a simulator of
+its own) is the second target of the same job. Fed one job action the simulator has an alert for
+(detected) and one it has none for (missed), every Validation-row panel, selected for that
+pipeline and instance, must return a real (non-NaN) value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -23,10 +29,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_pipeline
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
 from test_deploy import (
     ALERTS,
     alert_rules,
@@ -38,6 +48,7 @@ from test_deploy import (
     variable_queries,
 )
 
+from connector.timeutil import format_ts
 from connector.tools.embedded import free_port
 
 PROMETHEUS = shutil.which("prometheus")
@@ -50,6 +61,7 @@ pytestmark = [
     ),
 ]
 PIPELINE = "promtest"
+VALIDATION = "promval"  # the validation pipeline's name
 P = "tanium_connector_"
 SETTLE = (
     "dlq_records_total",
@@ -96,6 +108,11 @@ def wait_for(what: str, check, deadline: float, proc_logs=()):
 class Stack:
     def __init__(self, prom_url: str, instance: str, deadline: float, logs):
         self.prom_url, self.instance, self.deadline, self.logs = prom_url, instance, deadline, logs
+        # set by the fixture: the validation pipeline's instance, its simulator, broker and topics
+        self.validation_instance = ""
+        self.validation_sim = None
+        self.bootstrap = ""
+        self.jobs_topic = ""
 
     settled = 0.0
 
@@ -112,13 +129,13 @@ class Stack:
         assert isinstance(body, dict), f"HTTP {status}: {body}"
         return body
 
-    def substitute(self, expr: str) -> str:
+    def substitute(self, expr: str, pipeline: str = PIPELINE, instance: str | None = None) -> str:
         # instance "127.0.0.1:PORT" as a regex matches itself (the dots match any character)
         return (
             expr.replace("$__rate_interval", "10s")
             .replace("$__range", "1m")
-            .replace("$pipeline", PIPELINE)
-            .replace("$instance", self.instance)
+            .replace("$pipeline", pipeline)
+            .replace("$instance", instance or self.instance)
             .replace("$topic", ".*")
         )
 
@@ -131,7 +148,10 @@ def stack(broker, tmp_path_factory):
     from connector.simulator import Simulator
 
     tmp = tmp_path_factory.mktemp("promlive")
-    with Simulator(port=0, alerts=300, intel_docs=8, seed=7, live_rate=5) as sim:
+    with (
+        Simulator(port=0, alerts=300, intel_docs=8, seed=7, live_rate=5) as sim,
+        Simulator(port=0, alerts=50, seed=5, hosts=20, history=86400) as vsim,
+    ):
         # Error paths the dashboard shows: a 429 and a 503 (retries, rate-limited seconds, status
         # classes), a record that is not an object (DLQ, records dropped), bad field values (warnings).
         sim.faults.endpoints = {"alerts"}
@@ -165,21 +185,43 @@ path = "{tmp / "state"}"
 [metrics]
 listen = "127.0.0.1:{mport}"
 """)
-        exe = Path(sys.executable).parent / "tanium-connector"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "connector.cli"]
-        conn_log = tmp / "connector.log"
-        files = [open(conn_log, "wb")]
-        conn = subprocess.Popen(
-            [*cmd, "run", str(pipeline), "--log-format", "json"],
-            stdout=files[0],
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+        # Short windows: an action is judged over query_time = 6 s around its start, queried every 2 s.
+        vport = free_port()
+        vprefix = f"v{uuid.uuid4().hex[:10]}"
+        jobs_topic = f"{vprefix}.jobs"
+        vpipeline = write_pipeline(
+            tmp / "validation.toml",
+            {
+                "pipeline": {"name": VALIDATION, "mode": "validation", "shutdown_timeout": 10},
+                "tanium": vsim.settings(max_retries=1),
+                "kafka": {"bootstrap_servers": broker.bootstrap, "linger_ms": 0},
+                "metrics": {"listen": f"127.0.0.1:{vport}"},
+                "validation": {
+                    "query_time": 0.1,
+                    "query_interval": 2,
+                    "session_timeout": 6,
+                    "job_actions_topic": jobs_topic,
+                    "group_id": f"{vprefix}.group",
+                    **{f"{k}_topic": f"{vprefix}.{k}" for k in ("results", "events", "suspicious", "devices")},
+                },
+            },
         )
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            admin.create_topics([NewTopic(jobs_topic, 1, 1)])
+        finally:
+            admin.close()
+
+        files = []
+        conn_log, val_log = tmp / "connector.log", tmp / "validation.log"
+        conn = _run_connector(pipeline, conn_log, files)
+        val = _run_connector(vpipeline, val_log, files)
         prom = None
         try:
             deadline = time.monotonic() + DEADLINE
-            logs = [(conn, conn_log)]
+            logs = [(conn, conn_log), (val, val_log)]
             wait_for("the connector's /healthz", lambda: _healthy(mport), deadline, logs)
+            wait_for("the validation pipeline's /healthz", lambda: _healthy(vport), deadline, logs)
             # garbage only once the start-position search is over, so it lands in a real page
             wait_for("events published", lambda: _published(mport), deadline, logs)
             sim.faults.garbage_kinds = ("non_object",)
@@ -191,7 +233,12 @@ listen = "127.0.0.1:{mport}"
                     {
                         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                         "rule_files": [str(ALERTS)],
-                        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{mport}"]}]}],
+                        "scrape_configs": [
+                            {
+                                "job_name": JOB,
+                                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in (mport, vport)]}],
+                            }
+                        ],
                     }
                 )
             )
@@ -205,18 +252,21 @@ listen = "127.0.0.1:{mport}"
                     f"--web.listen-address=127.0.0.1:{pport}",
                     "--log.level=warn",
                 ],
-                stdout=files[1],
+                stdout=files[-1],
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
             logs.append((prom, prom_log))
             s = Stack(f"http://127.0.0.1:{pport}", f"127.0.0.1:{mport}", deadline, logs)
+            s.validation_instance, s.validation_sim = f"127.0.0.1:{vport}", vsim
+            s.bootstrap, s.jobs_topic = broker.bootstrap, jobs_topic
             wait_for("Prometheus to be ready", lambda: _get(f"{s.prom_url}/-/ready")[0] == 200, deadline, logs)
             wait_for(
-                "five successful scrapes of the connector",
-                lambda: s.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= 5 and up{{job="{JOB}"}} == 1')["data"][
-                    "result"
-                ],
+                "five successful scrapes of both connectors",
+                lambda: len(
+                    s.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= 5 and up{{job="{JOB}"}} == 1')["data"]["result"]
+                )
+                == 2,
                 deadline,
                 logs,
             )
@@ -230,7 +280,7 @@ listen = "127.0.0.1:{mport}"
             s.settled = time.monotonic()
             yield s
         finally:
-            for p in (conn, prom):
+            for p in (conn, val, prom):
                 if p is not None and p.poll() is None:
                     p.terminate()
                     try:
@@ -240,6 +290,19 @@ listen = "127.0.0.1:{mport}"
                         p.wait()
             for f in files:
                 f.close()
+
+
+def _run_connector(pipeline: Path, log: Path, files: list) -> subprocess.Popen:
+    """`tanium-connector run PIPELINE` (as the image runs it), its output in `log`."""
+    exe = Path(sys.executable).parent / "tanium-connector"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "connector.cli"]
+    files.append(open(log, "wb"))
+    return subprocess.Popen(
+        [*cmd, "run", str(pipeline), "--log-format", "json"],
+        stdout=files[-1],
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _healthy(port: int) -> bool:
@@ -355,3 +418,58 @@ def test_rules_evaluate_in_the_rule_manager_and_a_healthy_run_raises_no_outage(s
     }
     active = {r["name"] for r in rules if r["state"] in ("pending", "firing")}
     assert not active & outage, f"a healthy run raised {sorted(active & outage)}"
+
+
+VALIDATION_QUERIES = [(r, t, e) for r, t, e in PANEL_QUERIES if r.split(" (")[0] == "Validation"]
+
+
+@pytest.fixture(scope="module")
+def verdicts(stack):
+    """Two job actions for the validation pipeline, dated 10 minutes ago (so their windows run at
+    once): one on a host the simulator has an alert for 4 s after the start (detected, latency 4 s),
+    one on a host without alerts (missed). Returns once Prometheus has scraped both verdicts."""
+    t = datetime.now(UTC) - timedelta(minutes=10)
+    seen, unseen = (f"pv-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    stack.validation_sim.inject(computer_name=seen, alerted_at=t + timedelta(seconds=4))
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap)
+    try:
+        for aid, host in (("pv-detected", seen), ("pv-missed", unseen)):
+            action = {
+                "id": aid,
+                "job_id": "job-pv",
+                "name": f"action {aid}",
+                "type": "host_cli",
+                "started_at": format_ts(t),
+                "source": {"hostnames": [host]},
+            }
+            producer.send(stack.jobs_topic, key=aid.encode(), value=json.dumps(action).encode()).get(10)
+    finally:
+        producer.close()
+    q = f'sum by (result) ({P}validation_verdicts_total{{pipeline="{VALIDATION}", result=~"detected|missed"}}) > 0'
+    wait_for(
+        "Prometheus to scrape a detected and a missed verdict",
+        lambda: len(stack.query(q)["data"]["result"]) == 2,
+        time.monotonic() + 45,
+        stack.logs,
+    )
+    return {"detected", "missed"}
+
+
+@pytest.mark.parametrize("row,title,expr", VALIDATION_QUERIES, ids=[t for _, t, _ in VALIDATION_QUERIES])
+def test_validation_panel_shows_real_values_of_a_validation_pipeline(stack, verdicts, row, title, expr):
+    q = stack.substitute(expr, VALIDATION, stack.validation_instance)
+
+    def real(body) -> bool:
+        values = [float(r["value"][1]) for r in body["data"]["result"]]
+        return bool(values) and all(math.isfinite(v) for v in values)
+
+    body = stack.poll(q, real)
+    assert body["status"] == "success", f"{q}: {body.get('error')}"
+    assert real(body), f"{row} / {title}: no real value for\n{q}\n{body['data']['result']}\n{stack.logs_tail()}"
+
+
+def test_verdicts_in_range_panel_counts_each_result(stack, verdicts):
+    (expr,) = [e for _, t, e in VALIDATION_QUERIES if t.startswith("Verdicts in range")]
+    body = stack.query(stack.substitute(expr, VALIDATION, stack.validation_instance))
+    counts = {r["metric"]["result"]: float(r["value"][1]) for r in body["data"]["result"]}
+    assert {r for r, n in counts.items() if n >= 1} == verdicts, counts
