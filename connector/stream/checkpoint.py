@@ -422,8 +422,15 @@ class PositionStore:
                 ) from None
         return data
 
-    def __getattr__(self, name: str):  # save, record, close: the store's own
-        return getattr(self.store, name)
+    def save(self, checkpoint: dict, timeout: float | None = None) -> None:
+        self.store.save(checkpoint, timeout)
+
+    def record(self, checkpoint: dict) -> tuple[str, bytes, bytes]:
+        """The checkpoint as a Kafka record, for a transaction (Kafka store only)."""
+        return self.store.record(checkpoint)
+
+    def close(self, timeout: float = 5) -> None:
+        self.store.close(timeout)
 
 
 def open_store(cfg) -> CheckpointStore:

@@ -225,7 +225,7 @@ def base(**extra) -> dict:
 
 def test_open_store_file_backend(tmp_path):
     store = open_store(parse_pipeline(base(state={"path": str(tmp_path)})))
-    assert isinstance(store, FileCheckpointStore) and store.file == tmp_path / "alerts.json"
+    assert isinstance(store.store, FileCheckpointStore) and store.store.file == tmp_path / "alerts.json"
     assert "alerts.json" in store.location
 
 
@@ -234,9 +234,12 @@ def test_open_store_kafka_backend(broker, topic_prefix):
         base(kafka={"bootstrap_servers": broker.bootstrap}, state={"backend": "kafka", "topic": f"{topic_prefix}.st"})
     )
     store = open_store(cfg)
-    assert isinstance(store, KafkaCheckpointStore) and store.key == b"alerts"
-    store.save({"id": 5})
+    assert isinstance(store.store, KafkaCheckpointStore) and store.store.key == b"alerts"
+    store.save({"created_at": "2026-01-31T12:00:00.000Z", "id": 5, "offset": 5})
     assert open_store(cfg).load()["id"] == 5
+    store.save({"id": 6})  # not a position: the pipeline's view of the store refuses it
+    with pytest.raises(CheckpointError, match="created_at and offset missing"):
+        open_store(cfg).load()
     store.close()
 
 
