@@ -362,6 +362,7 @@ def _inject_hostile(sim: Simulator) -> int:
     return len(cases)
 
 
+@pytest.mark.slow
 def test_every_record_of_a_live_run_validates_in_every_format(tmp_path):
     with Simulator(alerts=5000, intel_docs=24, seed=17, history=6 * 3600, revisions=2) as sim:
         hostile = _inject_hostile(sim)

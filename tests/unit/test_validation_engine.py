@@ -625,6 +625,7 @@ def count_requests(sim, cfg, starts: list[datetime], hosts: list[str], tag: str)
     return sim.stats["alerts"] + sim.stats["intel"] - before, engine.stats["requests"]
 
 
+@pytest.mark.slow
 def test_requests_follow_due_times_not_the_number_of_actions(sim, capsys):
     """Counts, not timings. 200 actions whose starts fall on 5 seconds cost what 5 actions on those
     seconds cost (one query round per distinct due time). With max_lateness = 30, 200 actions
