@@ -37,7 +37,12 @@ class JsonFormatter(logging.Formatter):
 
 class RedactFilter(logging.Filter):
     """Last line of defence: no log line may carry a secret or a URL's user:password, whatever code
-    produced it."""
+    produced it.
+
+    An exception a library logs (kafka-python logs its own socket races at shutdown with a traceback)
+    becomes one line, its type and message: the library recovers from it, and a traceback into its
+    internals tells an operator nothing. `--log-level debug` keeps the traceback. The connector's own
+    exceptions always keep theirs."""
 
     def __init__(self):
         super().__init__()
@@ -46,7 +51,12 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         if record.exc_info:
-            msg_exc = logging.Formatter().formatException(record.exc_info)
+            _, exc, _ = record.exc_info
+            ours = record.name == "connector" or record.name.startswith("connector.")
+            if ours or logging.getLogger().isEnabledFor(logging.DEBUG):
+                msg_exc = logging.Formatter().formatException(record.exc_info)
+            else:
+                msg_exc = f"{type(exc).__name__}: {exc}"
             record.exc_info, record.exc_text = None, None
             msg = f"{msg}\n{msg_exc}"
         for s in self.secrets:

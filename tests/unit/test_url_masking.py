@@ -76,3 +76,34 @@ def test_log_lines_show_no_url_user_information():
     record = logging.LogRecord("urllib3", logging.DEBUG, __file__, 1, "Starting new connection via %s", (PROXY,), None)
     assert RedactFilter().filter(record)
     assert record.getMessage() == "Starting new connection via http://***@127.0.0.1:3128"
+
+
+def _logged_exception(name: str) -> logging.LogRecord:
+    try:
+        None.recv(4096)  # type: ignore[attr-defined]
+    except AttributeError:
+        import sys
+
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, "Error receiving data", (), sys.exc_info())
+    raise AssertionError("unreachable")
+
+
+def test_an_exception_a_library_logs_is_one_line_unless_debugging():
+    """kafka-python logs its own shutdown races with a traceback; an operator sees one line naming the
+    exception, and the traceback only at debug level. The connector's own exceptions keep theirs."""
+    from connector.cli import RedactFilter
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        lib, ours = _logged_exception("kafka.net.transport"), _logged_exception("connector.stream.sink")
+        assert RedactFilter().filter(lib) and RedactFilter().filter(ours)
+        assert lib.getMessage() == "Error receiving data\nAttributeError: 'NoneType' object has no attribute 'recv'"
+        assert "Traceback" in ours.getMessage()
+        root.setLevel(logging.DEBUG)
+        lib = _logged_exception("kafka.net.transport")
+        assert RedactFilter().filter(lib)
+        assert "Traceback" in lib.getMessage()
+    finally:
+        root.setLevel(level)
