@@ -41,12 +41,8 @@ checkpoint lands on the last contiguous acknowledged record, all within
 Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka transaction with the
 checkpoint of its last record; see connector/stream/transactions.py.
 
-HA (`ha.enabled`): the pipeline polls only while connector/stream/leader.py says this process is the
-leader; on losing the lead it stops the source and the sink at once and stands by again. Each
-term starts from the shared Kafka checkpoint, and ends before another process can lead: with
-at-least-once delivery the records already handed to Kafka get their answers and the checkpoint
-moves past them within the lease's margin, so the next leader re-reads at most what was still in
-flight; with exactly-once delivery no page commits after the step-down.
+HA (`ha.enabled`): the pipeline polls only while this process is the elected leader; see
+connector/stream/terms.py.
 """
 
 from __future__ import annotations
@@ -63,12 +59,13 @@ from datetime import datetime
 from connector.config import ConfigError
 from connector.kafka import ProducerFenced
 from connector.stream.checkpoint import CheckpointError, open_store
-from connector.stream.leader import LeaderElection, LeaderError, group_id, leader_topic
+from connector.stream.leader import LeaderElection, group_id, leader_topic
 from connector.stream.records import Record, RecordMaker
 from connector.stream.session import Backoff, Failure, Retry, Session, describe, error_text, refused, sort_key
 from connector.stream.sink import DryRunSink, KafkaSink, SinkStopped
 from connector.stream.source import Position
 from connector.stream.stages import build_source, build_stages
+from connector.stream.terms import Terms
 from connector.stream.transactions import Transactions
 from connector.tanium import TaniumClient, TaniumError
 from connector.timeutil import parse_start, parse_ts
@@ -78,9 +75,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TIMEOUT = 30.0  # longest wait for one checkpoint save
 CLOSE_RESERVE = 0.5  # seconds of the shutdown budget kept for closing the producer
 _DONE = object()  # source finished (--once)
-# an HA leader that steps down stops flushing this long before another process may lead, so that
-# the checkpoint it then writes is in Kafka before the next leader reads it
-STEP_DOWN_RESERVE = 0.25
 
 
 @dataclass
@@ -99,7 +93,7 @@ class Summary:
         return {k: v for k, v in self.__dict__.items()}
 
 
-class StreamPipeline(Transactions):
+class StreamPipeline(Transactions, Terms):
     def __init__(
         self,
         cfg,
@@ -501,74 +495,6 @@ class StreamPipeline(Transactions):
     def _gauge(self, name: str, value: float) -> None:
         if self.metrics:
             getattr(self.metrics, name).labels(self.metrics.pipeline).set(value)
-
-    def _run_ha(self) -> None:
-        try:
-            self.election.start()
-        except LeaderError as e:
-            log.error("%s", e)
-            self.summary.errors.append(str(e))
-            return
-        log.info("HA: pipeline %s waits to be elected (group %s)", self.cfg.pipeline.name, self.election.group)
-        fenced_term = None  # the election term in which another instance fenced our producer
-        try:
-            while not self.stop_event.is_set():
-                if not self.election.wait_leader(0.5):
-                    self._report_ready()
-                    continue
-                term = self.election.terms
-                if term == fenced_term:
-                    # still the group's leader, but another producer owns the transactional id:
-                    # write again only once elected anew, never fight over it
-                    self._report_ready()
-                    self.stop_event.wait(0.5)
-                    continue
-                self.fenced = None
-                # in exactly-once mode this fences the previous leader's producer
-                self.sink = self._open_sink()
-                if self.sink is None:
-                    continue
-                done = False
-                try:
-                    done = self._term()
-                except CheckpointError as e:  # Kafka trouble while loading: a new term tries again
-                    log.error("%s", e)
-                    self.stop_event.wait(1)
-                if self.fenced is not None:
-                    fenced_term = term
-                elif not done and not self._active():
-                    log.warning("HA: lost the lead; stopped polling and publishing, standing by")
-                self._end_term()  # before leaving the group below: a standby takes over at once
-                if done:
-                    break
-        finally:
-            self.election.close()
-
-    def _end_term(self) -> None:
-        """Ends a term as leader, leaving the next leader as little to repeat as can be avoided.
-        At-least-once: while no other process can have been given the lead yet
-        (election.safe_until()), the records already handed to Kafka get their answers and the
-        checkpoint moves past the confirmed ones; then the producer closes at once, dropping what
-        it had not sent yet (read again after the checkpoint). So the next leader repeats at most
-        what was still on the wire (kafka.max_unacked at most). Exactly-once: every page commits or
-        aborts in _process_tx and none starts its commit after a step-down; the next leader's
-        producer aborts a transaction left open, and fences this one's."""
-        sink, self.sink = self.sink, None
-        if sink is not None:
-            sink.stop()
-            if not self.exactly_once:
-                until = self.election.safe_until() - STEP_DOWN_RESERVE
-                left = min(until - time.monotonic(), self.cfg.pipeline.shutdown_timeout)
-                if left > 0:
-                    sink.flush(left)
-                left = min(until - time.monotonic(), self.cfg.pipeline.shutdown_timeout)
-                if self.session is not None and (self.election.is_leader or left > 0):
-                    self._commit(self.session, timeout=max(0.1, left))  # a failed save is logged there
-            try:
-                sink.close(0)
-            except Exception as e:  # noqa: BLE001 (the producer of a finished term)
-                log.debug("closing the producer of the last term: %s", e)
-        self.session = None
 
     def _session(self, s: Session) -> bool:
         """Runs session `s` until stopped, finished (--once), or a delivery fails (returns False)."""

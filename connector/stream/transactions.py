@@ -107,7 +107,7 @@ class Transactions:
         """Another instance initialised our transactional id: it is the writer now, and it aborted
         our open transaction. A new producer of ours would fence it in turn, and the two would take
         turns for ever; so this one stops writing: without HA the process exits (run() raises), with
-        HA it stands by until it is elected again (_run_ha)."""
+        HA it stands by until it is elected again (terms.py)."""
         then = (
             "standing by until elected again"
             if self.election
