@@ -52,12 +52,12 @@ from connector.stream.stages import build_stages
 from connector.timeutil import format_ts, parse_ts
 from connector.validation.rules import (
     JobAction,
-    Schedule,
     action_tokens,
     event_time,
     identity_tokens,
     match_event,
 )
+from connector.validation.windows import Schedule
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,12 @@ from hypothesis import strategies as st
 from connector.validation.rules import (
     JobAction,
     Rejection,
-    Schedule,
     host_equal,
     match_event,
     parse_job_action,
     parse_job_action_bytes,
-    query_windows,
 )
+from connector.validation.windows import Schedule, query_windows
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "connector/schemas/job_action.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)

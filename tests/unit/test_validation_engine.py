@@ -23,8 +23,9 @@ from connector.simulator import Simulator
 from connector.tanium import TaniumClient
 from connector.timeutil import format_ts
 from connector.validation.engine import ValidationEngine
-from connector.validation.rules import Schedule, parse_job_action
+from connector.validation.rules import parse_job_action
 from connector.validation.runners import FakeClock, SystemClock, drive, validate_file
+from connector.validation.windows import Schedule
 
 NOW = datetime.now(UTC)
 T = (NOW - timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)  # yesterday 12:00:00 UTC
