@@ -83,7 +83,8 @@ def setup_logging(level: str, fmt: str | None) -> None:
 
 def load(path: str):
     cfg = load_pipeline(path)
-    REDACT.secrets = [s for s in _secrets(cfg) if s]
+    # several pipelines may share the process: every one's secrets stay masked
+    REDACT.secrets += [s for s in _secrets(cfg) if s and s not in REDACT.secrets]
     return cfg
 
 
@@ -140,9 +141,13 @@ def _stop_on_signals(stop) -> None:
 
 def cmd_run(args) -> int:
     from connector.metrics import Metrics
+    from connector.stream.fleet import pipeline_files
     from connector.stream.pipeline import StreamPipeline
 
-    cfg = load(args.pipeline)
+    files = pipeline_files(args.pipeline)
+    if len(files) > 1:
+        return _run_fleet(args, files)
+    cfg = load(str(files[0]))
     if cfg.pipeline.mode == "validation":
         from connector.validation.kafka_runner import run_validation
 
@@ -157,13 +162,7 @@ def cmd_run(args) -> int:
         finally:
             for server in filter(None, servers):
                 server.stop()
-    if args.since:
-        from connector.timeutil import parse_start
-
-        try:
-            parse_start(args.since)
-        except ValueError as e:
-            raise ConfigError(f"--since: {e}") from None
+    _check_since(args.since)
     metrics = Metrics(cfg.pipeline.name)
     pipe = StreamPipeline(cfg, metrics=metrics, dry_run=args.dry_run, once=args.once, since=args.since)
     tune_interpreter()
@@ -179,6 +178,43 @@ def cmd_run(args) -> int:
             server.stop()
     log.info("summary: %s", json.dumps(pipe.summary.as_dict()))
     return code
+
+
+def _check_since(since: str | None) -> None:
+    if since:
+        from connector.timeutil import parse_start
+
+        try:
+            parse_start(since)
+        except ValueError as e:
+            raise ConfigError(f"--since: {e}") from None
+
+
+def _run_fleet(args, files) -> int:
+    """Several stream pipelines in this process (connector/stream/fleet.py)."""
+    from connector.metrics import Metrics
+    from connector.stream.fleet import Fleet, check_together
+    from connector.stream.pipeline import StreamPipeline
+
+    named = [(path, load(str(path))) for path in files]  # a ConfigError names its file
+    check_together(named)
+    _check_since(args.since)
+    cfgs = [cfg for _, cfg in named]
+    metrics = Metrics(cfgs[0].pipeline.name)
+    kw = {"dry_run": args.dry_run, "once": args.once, "since": args.since}
+    fleet = Fleet([StreamPipeline(cfg, metrics=metrics.for_pipeline(cfg.pipeline.name), **kw) for cfg in cfgs])
+    tune_interpreter()
+    _stop_on_signals(fleet.stop)
+    served = next((cfg for cfg in cfgs if cfg.metrics.enabled), None)
+    server = None
+    if served is not None and not args.dry_run:
+        server = _serve_metrics(served, metrics, fleet.readiness, fleet.liveness)
+    log.info("running %d pipelines: %s", len(cfgs), ", ".join(cfg.pipeline.name for cfg in cfgs))
+    try:
+        return fleet.run()
+    finally:
+        if server:
+            server.stop()
 
 
 def _progress(pipe) -> threading.Event:
@@ -256,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("run", cmd_run, "run a pipeline until stopped")
-    sp.add_argument("pipeline", help="pipeline file (TOML)")
+    sp = add("run", cmd_run, "run a pipeline (or several) until stopped")
+    sp.add_argument(
+        "pipeline",
+        nargs="+",
+        help="pipeline file (TOML); several files or a directory of them run side by side in this process",
+    )
     sp.add_argument("--once", action="store_true", help="drain what exists now, then exit")
     sp.add_argument(
         "--since",

@@ -1,13 +1,14 @@
 """Prometheus metrics and the /metrics, /healthz, /readyz listener.
 
-Every family carries a `pipeline` label (one value per process in practice) so one Grafana
-dashboard serves many pipelines. Other labels are small fixed sets (stage, endpoint, status
-class, reason, result): never alert ids or hostnames. Each `Metrics` object owns its registry so
-several pipelines (and tests) can live in one process.
+Every family carries a `pipeline` label so one Grafana dashboard serves many pipelines. Other
+labels are small fixed sets (stage, endpoint, status class, reason, result): never alert ids or
+hostnames. Each `Metrics` object owns its registry, so tests can hold several in one process; the
+pipelines one process runs together (connector/stream/fleet.py) share one through for_pipeline().
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,6 +128,17 @@ class Metrics:
         # HA (set only when ha.enabled)
         self.ha_leader = gauge("ha_leader", "1 while this process is the HA leader (the one polling)")
 
+        self._init_series(pipeline)
+
+    def for_pipeline(self, pipeline: str) -> Metrics:
+        """The same families (one registry, one /metrics) for another pipeline of this process:
+        every stage labels its series with `metrics.pipeline`."""
+        other = copy.copy(self)
+        other.pipeline = pipeline
+        other._init_series(pipeline)
+        return other
+
+    def _init_series(self, pipeline: str) -> None:
         self.build_info.labels(pipeline, __version__).set(1)
         self.ready.labels(pipeline).set(0)
         for stage in ("source", "enrich", "normalize", "sink"):
@@ -210,11 +222,13 @@ class HealthServer:
 
             def _check(self, check: Check, good: str, bad: str) -> None:
                 ok, why = check()
-                self._reply(200 if ok else 503, (why or (good if ok else bad)).encode() + b"\n")
+                body = (why or (good if ok else bad)).encode() + b"\n"
+                # a process running several pipelines answers per pipeline, in JSON
+                self._reply(200 if ok else 503, body, "application/json" if body.startswith(b"{") else None)
 
-            def _reply(self, code, body, ctype="text/plain; charset=utf-8"):
+            def _reply(self, code, body, ctype=None):
                 self.send_response(code)
-                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Type", ctype or "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -1,0 +1,119 @@
+"""fleet: several stream pipelines in one process.
+
+`tanium-connector run A.toml B.toml` (or a directory of pipeline files) runs each pipeline exactly
+as it runs alone: its own Tanium client and token, cursor, checkpoint, retries and rate budget, its
+own Kafka producer and its own threads. So one slow or unreachable Tanium server never delays
+another: only that pipeline's source thread waits on it, and its records go through its own
+producer.
+
+What the process shares: the pipeline files' checks (distinct names, since a name keys the
+checkpoint and the metrics; stream mode only; one metrics listener), one metrics listener whose
+/metrics holds every pipeline's series under its `pipeline` label, and the signals (SIGTERM stops
+every pipeline, each within its own pipeline.shutdown_timeout). /readyz answers with one JSON object
+per pipeline and is 503 only when no pipeline is ready (the process itself cannot work: Kafka is
+unreachable, say); /healthz is 503 when any pipeline's poll loop is stuck, since only a restart
+frees it. A pipeline that fails ends alone (its error is logged and the exit code is 1); the
+others keep running.
+
+Not shared yet: a Kafka producer per pipeline (not one per process), and threads per pipeline
+(a source thread and a processing thread each), which suits tens of pipelines, not hundreds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from connector.config import ConfigError, PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_files(args: list[str]) -> list[Path]:
+    """The pipeline files named on the command line: files as given, directories as their *.toml
+    files in name order."""
+    out: list[Path] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.toml") if p.is_file())
+            if not found:
+                raise ConfigError(f"{arg}: the directory holds no pipeline file (*.toml)")
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
+def check_together(named: list[tuple[Path, PipelineConfig]]) -> None:
+    """Pipelines that share a process: distinct names, stream mode, one metrics listener."""
+    names: dict[str, Path] = {}
+    listens: dict[str, Path] = {}
+    for path, cfg in named:
+        name = cfg.pipeline.name
+        if name in names:
+            raise ConfigError(
+                f"{path}: pipeline.name {name!r} is also the name in {names[name]}; pipelines run "
+                "together need distinct names (a name keys the checkpoint and the metrics)"
+            )
+        names[name] = path
+        if cfg.pipeline.mode != "stream":
+            raise ConfigError(
+                f"{path}: a validation pipeline runs alone (`tanium-connector run {path}`); "
+                "only stream pipelines run several to a process"
+            )
+        if cfg.metrics.enabled:
+            listens.setdefault(cfg.metrics.listen, path)
+    if len(listens) > 1:
+        (a, pa), (b, pb) = list(listens.items())[:2]
+        raise ConfigError(
+            f"metrics.listen differs: {a!r} in {pa}, {b!r} in {pb}; the pipelines of one process share "
+            "one metrics listener, so give them the same metrics.listen"
+        )
+
+
+class Fleet:
+    """Runs StreamPipelines side by side, one thread each (each pipeline starts its own)."""
+
+    def __init__(self, pipelines: list):
+        self.pipelines = pipelines
+        self.codes: dict[str, int] = {}
+
+    def run(self) -> int:
+        threads = [
+            threading.Thread(target=self._run_one, args=(p,), name=f"pipeline {p.cfg.pipeline.name}")
+            for p in self.pipelines
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return max(self.codes.values(), default=0)
+
+    def _run_one(self, pipe) -> None:
+        name = pipe.cfg.pipeline.name
+        try:
+            code = pipe.run()
+        except Exception as e:  # noqa: BLE001 (one pipeline's end must not end the others)
+            message = getattr(e, "message", None) or str(e)
+            log.error("pipeline %s stopped: %s", name, message)
+            code = 1
+        self.codes[name] = code
+        log.info("summary %s: %s", name, json.dumps(pipe.summary.as_dict()))
+
+    def stop(self) -> None:
+        for p in self.pipelines:
+            p.stop()
+
+    def readiness(self) -> tuple[bool, str]:
+        states = {p.cfg.pipeline.name: p.readiness() for p in self.pipelines}
+        body = {name: {"ready": ok, "reason": why} for name, (ok, why) in states.items()}
+        return any(ok for ok, _ in states.values()), json.dumps(body, sort_keys=True)
+
+    def liveness(self) -> tuple[bool, str]:
+        stuck = {p.cfg.pipeline.name: why for p in self.pipelines for ok, why in [p.liveness()] if not ok}
+        if stuck:
+            return False, "; ".join(f"{name}: {why}" for name, why in sorted(stuck.items()))
+        return True, "ok"
