@@ -140,10 +140,6 @@ def metric(text: str, family: str, **labels) -> float | None:
     return total if seen else None
 
 
-def event_ids(records) -> list[int]:
-    return [json.loads(r.value)["raw"]["id"] for r in records]
-
-
 def read_topic(
     bootstrap: str,
     topic: str,

@@ -21,7 +21,7 @@ from helpers import (
     Running,
     StallProxy,
     broker_behind_proxy,
-    event_ids,
+    ids_of,
     make_cfg,
     metric,
     read_topic,
@@ -115,7 +115,7 @@ def test_a_failed_delivery_rewinds_and_every_alert_arrives_while_alerts_keep_com
             link.resume()
             created = stop_live(sim)
             wait_until(lambda: run.committed_offset() == created, timeout=60, what="everything delivered")
-    ids = event_ids(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=created))
+    ids = ids_of(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=created))
     assert set(ids) == set(range(1, created + 1))
     assert run.pipe.committed["id"] == created
 
@@ -179,7 +179,7 @@ def test_late_acks_after_a_rewind_whose_flush_timed_out_reach_only_the_session_t
             pipe.stop()
             sink.close(5)
     assert "delivery callback failed" not in caplog.text
-    ids = event_ids(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=20))
+    ids = ids_of(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=20))
     assert set(ids) == set(range(1, 21))
 
 
@@ -217,7 +217,7 @@ def test_a_tanium_request_hanging_past_the_session_change_does_not_move_the_next
             sim.faults.stall_next, sim.faults.latency = 0, 0.2
             link.resume()
             wait_until(lambda: run.committed_offset() == 400, timeout=60, what="everything delivered")
-    ids = event_ids(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=400))
+    ids = ids_of(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=400))
     missing = set(range(1, 401)) - set(ids)
     assert not missing, f"{len(missing)} alerts lost, e.g. {sorted(missing)[:10]}"
 
@@ -260,7 +260,7 @@ def test_a_record_kafka_always_refuses_goes_to_the_dlq_after_a_bounded_number_of
     assert metric(text, "rewinds_total") == rewinds
     assert max(backoffs) > 0 and metric(text, "rewind_backoff_seconds") == 0
     assert requests <= 15 * (rewinds + 1), f"{requests} Tanium requests for {rewinds} rewinds"
-    events = event_ids(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=29))
+    events = ids_of(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=29))
     assert set(events) == set(range(1, 31)) - {12}
     dlq = read_topic(kafka.bootstrap, cfg.kafka.dlq_topic, expect=1)
     assert dlq_alert_ids(dlq) == [12]
@@ -361,7 +361,7 @@ def test_sigterm_while_a_tanium_request_hangs_exits_within_shutdown_timeout(kafk
     assert took <= 3 + 1, f"SIGTERM took {took:.1f}s with shutdown_timeout = 3"
     assert "Traceback" not in cli.logs()
     assert store.load()["id"] == 200
-    assert set(event_ids(read_topic(kafka.bootstrap, f"{topic_prefix}.events", expect=200))) == set(range(1, 201))
+    assert set(ids_of(read_topic(kafka.bootstrap, f"{topic_prefix}.events", expect=200))) == set(range(1, 201))
 
 
 # ---- (f) a Kafka outage with the checkpoint in Kafka ----------------------------------------------
@@ -414,5 +414,5 @@ def test_kafka_outage_with_the_kafka_checkpoint_store_keeps_running_and_catches_
             code, _ = cli.wait(30)
         assert code == 0, cli.logs()[-3000:]
         assert "Traceback" not in cli.logs()
-    ids = event_ids(read_topic(kafka.bootstrap, f"{topic_prefix}.events", expect=created))
+    ids = ids_of(read_topic(kafka.bootstrap, f"{topic_prefix}.events", expect=created))
     assert set(ids) == set(range(1, created + 1))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Cli, event_ids, metric, read_topic, scrape, stream_sections, wait_until, write_pipeline
+from helpers import Cli, ids_of, metric, read_topic, scrape, stream_sections, wait_until, write_pipeline
 
 from connector.simulator import Simulator
 from connector.stream.checkpoint import FileCheckpointStore
@@ -114,7 +114,7 @@ def test_kill_9_twenty_times_loses_no_alert(broker, topic_prefix, tmp_path):
         assert code == 0, drain.logs()[-3000:]
         assert store.load()["id"] == created and store.load()["offset"] == created
 
-    ids = event_ids(read_topic(broker.bootstrap, f"{topic_prefix}.events", timeout=90))
+    ids = ids_of(read_topic(broker.bootstrap, f"{topic_prefix}.events", timeout=90))
     missing = set(range(1, created + 1)) - set(ids)
     assert not missing, f"{len(missing)} alerts lost, e.g. {sorted(missing)[:10]}"
     assert set(ids) <= set(range(1, created + 1)), "an event that the simulator never created"
@@ -224,7 +224,7 @@ def test_broker_black_holed_for_30s_then_healed(proxied, proxy, topic_prefix, tm
         logs = cli.logs()
         assert "Traceback" not in logs and '"level": "critical"' not in logs
     records = read_topic(proxied.bootstrap, f"{topic_prefix}.events", expect=created, timeout=60)
-    ids = event_ids(records)
+    ids = ids_of(records)
     assert set(ids) == set(range(1, created + 1))
     print(f"\nPARTITION TEST: {created} alerts, {len(ids) - len(set(ids))} duplicates")
 
@@ -303,7 +303,7 @@ def test_slow_broker_bounds_memory_and_slows_polling(slowed, slow_link, topic_pr
             code, _ = cli.wait(60)
         assert code == 0, cli.logs()[-3000:]
         assert "Traceback" not in cli.logs()
-    ids = event_ids(read_topic(slowed.bootstrap, f"{topic_prefix}.events", expect=total, timeout=90))
+    ids = ids_of(read_topic(slowed.bootstrap, f"{topic_prefix}.events", expect=total, timeout=90))
     assert set(ids) == set(range(1, total + 1))
     print(
         f"\nSLOW BROKER: Tanium requests slowed {slow_requests} vs full speed {fast_requests}; "
