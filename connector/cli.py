@@ -193,7 +193,7 @@ def _check_since(since: str | None) -> None:
 def _run_fleet(args, files) -> int:
     """Several stream pipelines in this process (connector/stream/fleet.py)."""
     from connector.metrics import Metrics
-    from connector.stream.fleet import Fleet, check_together
+    from connector.stream.fleet import Fleet, check_together, group_members
     from connector.stream.pipeline import StreamPipeline
 
     named = [(path, load(str(path))) for path in files]  # a ConfigError names its file
@@ -201,8 +201,19 @@ def _run_fleet(args, files) -> int:
     _check_since(args.since)
     cfgs = [cfg for _, cfg in named]
     metrics = Metrics(cfgs[0].pipeline.name)
+    members = group_members(cfgs, metrics)
     kw = {"dry_run": args.dry_run, "once": args.once, "since": args.since}
-    fleet = Fleet([StreamPipeline(cfg, metrics=metrics.for_pipeline(cfg.pipeline.name), **kw) for cfg in cfgs])
+    fleet = Fleet(
+        [
+            StreamPipeline(
+                cfg,
+                metrics=metrics.for_pipeline(cfg.pipeline.name),
+                member=members.get(cfg.fleet.group_id) if cfg.fleet else None,
+                **kw,
+            )
+            for cfg in cfgs
+        ]
+    )
     tune_interpreter()
     _stop_on_signals(fleet.stop)
     served = next((cfg for cfg in cfgs if cfg.metrics.enabled), None)

@@ -305,21 +305,33 @@ class StateSection(_Section):
     topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "tanium-connector.state"
 
 
-class HaSection(_Section):
-    """HA poller (connector/stream/leader.py): processes running the same stream pipeline elect one poller."""
+class _GroupSection(_Section):
+    """Kafka group membership (connector/stream/leader.py)."""
 
-    enabled: bool = False
     session_timeout_ms: Annotated[int, Field(ge=1000, le=300000)] = 10000
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=100000)] = 3000
 
     @model_validator(mode="after")
-    def _heartbeat(self) -> HaSection:
+    def _heartbeat(self) -> _GroupSection:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError(
                 f"heartbeat_interval_ms: {self.heartbeat_interval_ms} must be at most a third of "
                 f"session_timeout_ms ({self.session_timeout_ms})"
             )
         return self
+
+
+class HaSection(_GroupSection):
+    """HA poller: processes running the same stream pipeline elect one poller (a fleet of one pipeline)."""
+
+    enabled: bool = False
+
+
+class FleetSection(_GroupSection):
+    """Workers given the same pipeline files share them: Kafka's group assigns each pipeline of the
+    fleet `group_id` to one worker at a time."""
+
+    group_id: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 class MetricsSection(_Section):
@@ -393,6 +405,7 @@ class PipelineConfig(_Section):
     kafka: KafkaSection | None = None
     state: StateSection = StateSection()
     ha: HaSection = HaSection()
+    fleet: FleetSection | None = None
     metrics: MetricsSection = MetricsSection()
     validation: ValidationSection = ValidationSection()
 
@@ -410,6 +423,15 @@ class PipelineConfig(_Section):
                 raise ValueError('ha.enabled: the HA poller is for pipeline.mode = "stream" only')
             if self.state.backend != "kafka":
                 raise ValueError('ha.enabled: requires state.backend = "kafka" (the processes share the checkpoint)')
+        if self.fleet is not None:
+            if self.ha.enabled:
+                raise ValueError("fleet: a pipeline of a fleet has no [ha] too (HA is the fleet of one pipeline)")
+            if self.pipeline.mode != "stream":
+                raise ValueError('fleet: is for pipeline.mode = "stream" only')
+            if self.state.backend != "kafka":
+                raise ValueError('fleet: requires state.backend = "kafka" (the workers share the checkpoint)')
+            if len(self.state.topic) + len(self.pipeline.name) + 8 > 249:  # "<state.topic>.leader.<name>"
+                raise ValueError("fleet: state.topic and pipeline.name together are too long for a topic name")
         return self
 
     @property

@@ -9,6 +9,8 @@ pipelines one process runs together (connector/stream/fleet.py) share one throug
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,8 @@ from connector import __version__
 from connector.fieldmap import DEFAULT_FIELD_MAP
 
 P = "tanium_connector_"
+# this process among a fleet's workers (a pod's name is its host name)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # Every label value a counter can take that is known in advance, so its series exists at 0 from the
@@ -125,8 +129,18 @@ class Metrics:
             registry=r,
         )
         self.validation_queries = counter("validation_queries_total", "Alert queries run for validation windows")
-        # HA (set only when ha.enabled)
+        # HA (set only when ha.enabled or [fleet])
         self.ha_leader = gauge("ha_leader", "1 while this process is the HA leader (the one polling)")
+        # Fleet: per worker (labelled by group and worker, not pipeline) and the owner of each pipeline
+        gw = ["group", "worker"]
+        self.fleet_pipelines = Gauge(P + "fleet_pipelines", "Pipelines this worker runs in the group", gw, registry=r)
+        self.fleet_rebalances = Counter(
+            P + "fleet_rebalances_total", "Group rebalances this worker went through", gw, registry=r
+        )
+        self.fleet_last_rebalance = Gauge(
+            P + "fleet_last_rebalance_timestamp_seconds", "Unix time of this worker's last rebalance", gw, registry=r
+        )
+        self.fleet_owner = gauge("fleet_owner", "1 while this worker runs the pipeline (label worker)", ["worker"])
 
         self._init_series(pipeline)
 

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from connector.config import ConfigError, PipelineConfig
+from connector.stream.leader import GroupMember, group_member
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,26 @@ def check_together(named: list[tuple[Path, PipelineConfig]]) -> None:
             f"metrics.listen differs: {a!r} in {pa}, {b!r} in {pb}; the pipelines of one process share "
             "one metrics listener, so give them the same metrics.listen"
         )
+
+
+def group_members(cfgs: list[PipelineConfig], metrics) -> dict[str, GroupMember]:
+    """One group member per fleet (`fleet.group_id`) among these pipelines: the pipelines of one
+    fleet share this process's heartbeat. Their group timeouts must agree."""
+    members: dict[str, GroupMember] = {}
+    for cfg in cfgs:
+        f = cfg.fleet
+        if f is None:
+            continue
+        m = members.get(f.group_id)
+        if m is None:
+            members[f.group_id] = group_member(cfg, metrics)
+        elif (m.session_timeout_ms, m.heartbeat_interval_ms) != (f.session_timeout_ms, f.heartbeat_interval_ms):
+            raise ConfigError(
+                f"{cfg.pipeline.name}: fleet {f.group_id!r} has session_timeout_ms {m.session_timeout_ms} and "
+                f"heartbeat_interval_ms {m.heartbeat_interval_ms} in another pipeline file; the pipelines of one "
+                "fleet share these settings"
+            )
+    return members
 
 
 class Fleet:

@@ -33,7 +33,6 @@ from kafka import (
     ConsumerRebalanceListener,
     KafkaAdminClient,
     KafkaConsumer,
-    TopicPartition,
 )
 from kafka.admin import NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
@@ -41,6 +40,7 @@ from kafka.errors import KafkaError, RebalanceInProgressError, TopicAlreadyExist
 
 from connector.config import KafkaSection
 from connector.kafka import client_settings, describe_servers
+from connector.metrics import WORKER
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,48 @@ def leader_topic(state_topic: str) -> str:
 
 def group_id(pipeline: str) -> str:
     return f"tanium-connector.{pipeline}.leader"
+
+
+def fleet_group(group_id: str) -> str:
+    return f"tanium-connector.fleet.{group_id}"
+
+
+def fleet_topic(state_topic: str, pipeline: str) -> str:
+    """A fleet pipeline's coordination topic: one per pipeline, so a worker that was not given a
+    pipeline never subscribes to it and the group can only assign it among the workers that run it."""
+    return f"{state_topic}.leader.{pipeline}"
+
+
+def group_member(cfg, metrics=None) -> GroupMember:
+    """The group member for a fleet pipeline's `[fleet]` section (shared by a process's pipelines
+    of the same fleet)."""
+    f = cfg.fleet
+    return GroupMember(
+        cfg.kafka,
+        fleet_group(f.group_id),
+        session_timeout_ms=f.session_timeout_ms,
+        heartbeat_interval_ms=f.heartbeat_interval_ms,
+        metrics=metrics,
+    )
+
+
+def election_for(cfg, metrics, on_change, member: GroupMember | None = None) -> LeaderElection:
+    """The election of a stream pipeline with `[ha]` (a group of its own) or `[fleet]` (the
+    fleet's group, through `member` when the process shares one)."""
+    if cfg.fleet is None:
+        h = cfg.ha
+        return LeaderElection(
+            cfg.kafka,
+            leader_topic(cfg.state.topic),
+            group_id(cfg.pipeline.name),
+            session_timeout_ms=h.session_timeout_ms,
+            heartbeat_interval_ms=h.heartbeat_interval_ms,
+            metrics=metrics,
+            on_change=on_change,
+        )
+    member = member or group_member(cfg, metrics)
+    topic = fleet_topic(cfg.state.topic, cfg.pipeline.name)
+    return LeaderElection(cfg.kafka, topic, member.group, member=member, metrics=metrics, on_change=on_change)
 
 
 def rebalance_timeout_ms(session_timeout_ms: int) -> int:
@@ -115,55 +157,69 @@ class Lease:
         return self.expiry() if self.holds else float("-inf")
 
 
-class LeaderElection:
-    """`start()`, then `is_leader` / `wait_leader(timeout)`; `on_change(leader: bool)` is called
-    on the election thread at every change (keep it short); `close()` leaves the group so a
-    standby takes over without waiting for the session timeout."""
+class GroupMember:
+    """One member of a Kafka consumer group, subscribed to one coordination topic per pipeline it may
+    run; the member the group assigns a topic's partition 0 runs that pipeline. `[ha]` has one
+    pipeline per group; the pipelines of a `[fleet]` share one group, and the pipelines of one
+    process share one member (one consumer, one heartbeat). Each pipeline's LeaderElection holds
+    its own Lease; the member feeds every lease with the coordinator's answers."""
 
     def __init__(
         self,
         kafka: KafkaSection,
-        topic: str,
         group: str,
         *,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         metrics=None,
-        on_change: Callable[[bool], None] | None = None,
     ):
-        self.kafka, self.topic, self.group = kafka, topic, group
+        self.kafka, self.group = kafka, group
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
-        self.on_change = on_change
-        self.gauge = metrics.ha_leader.labels(metrics.pipeline) if metrics else None
-        if self.gauge is not None:
-            self.gauge.set(0)
-        self.lease = Lease(session_timeout_ms, rebalance_timeout_ms(session_timeout_ms), heartbeat_interval_ms)
-        self._leader = threading.Event()
+        self.metrics = metrics
+        self.elections: dict[str, LeaderElection] = {}  # by coordination topic
+        self.joined = threading.Event()  # set once this member has synced with a group (has an assignment)
+        self.rebalances = 0
         self._closing = threading.Event()
-        self._lock = threading.Lock()  # the lease (fed on kafka-python's threads) and leadership changes
+        self._start_lock = threading.Lock()
+        self._started = False
+        self._error: LeaderError | None = None
+        self._open = 0  # elections started and not closed: the member leaves the group with the last
         self._consumer: KafkaConsumer | None = None
         self._thread: threading.Thread | None = None
-        self.terms = 0  # times this process became leader
-        self.joined = threading.Event()  # set once this member has synced with a group (has an assignment)
-        self.error: str | None = None
 
-    # -- public ------------------------------------------------------------------------------
+    def add(self, election: LeaderElection) -> None:
+        if self._started:
+            raise RuntimeError("every pipeline joins the member before it starts")
+        self.elections[election.topic] = election
 
-    @property
-    def is_leader(self) -> bool:
-        return self._leader.is_set()
+    def start(self) -> None:
+        """Joins the group (once, for every election of this member); raises LeaderError."""
+        with self._start_lock:
+            self._open += 1
+            if self._error is not None:
+                raise self._error
+            if self._started:
+                return
+            try:
+                self._join()
+            except LeaderError as e:
+                self._error = e
+                raise
+            self._started = True
 
-    def wait_leader(self, timeout: float | None = None) -> bool:
-        return self._leader.wait(timeout)
+    def release(self) -> None:
+        """One election is done; the last one out leaves the group (a standby takes over at once)."""
+        with self._start_lock:
+            self._open -= 1
+            last = self._open <= 0
+        if last:
+            self._closing.set()
+            if self._thread is not None:
+                self._thread.join(10)
 
-    def safe_until(self) -> float:
-        """Monotonic time until which no other process can be the leader (see Lease)."""
-        with self._lock:
-            return self.lease.safe_until()
-
-    def start(self) -> LeaderElection:
-        self._ensure_topic()
+    def _join(self) -> None:
+        self._ensure_topics()
         try:
             self._consumer = KafkaConsumer(
                 **client_settings(self.kafka),
@@ -173,49 +229,42 @@ class LeaderElection:
                 heartbeat_interval_ms=self.heartbeat_interval_ms,
                 max_poll_interval_ms=rebalance_timeout_ms(self.session_timeout_ms),
                 request_timeout_ms=max(30000, self.session_timeout_ms + 5000),
-                # cooperative + sticky: a standby joining or leaving does not take partition 0
-                # away from the leader (an eager rebalance would stop it each time)
+                # cooperative + sticky: a member joining or leaving does not take a pipeline away
+                # from the member running it, unless the group moves it to balance the load
                 partition_assignment_strategy=(CooperativeStickyAssignor,),
             )
             self._watch(self._consumer._coordinator)
-            self._consumer.subscribe([self.topic], listener=_Listener(self))
+            self._consumer.subscribe(sorted(self.elections), listener=_Listener(self))
         except KafkaError as e:
-            raise LeaderError(
-                f"cannot join the HA group {self.group!r} on {describe_servers(self.kafka)}: {e}"
-            ) from None
-        self._thread = threading.Thread(target=self._loop, name="ha-election", daemon=True)
+            raise LeaderError(f"cannot join the group {self.group!r} on {describe_servers(self.kafka)}: {e}") from None
+        self._thread = threading.Thread(target=self._loop, name="group-member", daemon=True)
         self._thread.start()
-        return self
 
-    def close(self, timeout: float = 10) -> None:
-        self._closing.set()
-        self._set(False)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _ensure_topic(self) -> None:
+    def _ensure_topics(self) -> None:
         try:
             admin = KafkaAdminClient(**client_settings(self.kafka), request_timeout_ms=30000)
         except (KafkaError, OSError) as e:
             raise LeaderError(
-                f"cannot reach Kafka at {describe_servers(self.kafka)} for the HA election: {e}"
+                f"cannot reach Kafka at {describe_servers(self.kafka)} for the group {self.group!r}: {e}"
             ) from None
         try:
-            brokers = len(admin.describe_cluster().get("brokers") or []) or 1
-            admin.create_topics([NewTopic(self.topic, 1, min(3, brokers))])
-            log.info("created HA coordination topic %s", self.topic)
-        except TopicAlreadyExistsError:
-            pass
+            existing = set(admin.list_topics())
+            missing = [t for t in sorted(self.elections) if t not in existing]
+            if missing:
+                brokers = len(admin.describe_cluster().get("brokers") or []) or 1
+                try:
+                    admin.create_topics([NewTopic(t, 1, min(3, brokers)) for t in missing])
+                    log.info("created coordination topics %s", ", ".join(missing))
+                except TopicAlreadyExistsError:
+                    pass  # another member created them first
         except KafkaError as e:
-            raise LeaderError(f"cannot create the HA coordination topic {self.topic}: {e}") from None
+            raise LeaderError(f"cannot create the coordination topics of group {self.group!r}: {e}") from None
         finally:
             admin.close()
 
     def _watch(self, coordinator) -> None:
-        """Feeds the lease with every answer of the group coordinator, timed by when its request was
-        sent: kafka-python (pinned, 3.0.x) hands each response with its send time to these three
+        """Feeds the leases with every answer of the group coordinator, timed by when its request
+        was sent: kafka-python (pinned, 3.0.x) hands each response with its send time to these three
         methods, on its own thread. A JoinGroup or SyncGroup that succeeded settles the group, and
         a heartbeat answered without error shows it settled; REBALANCE_IN_PROGRESS still proves
         membership."""
@@ -244,28 +293,134 @@ class LeaderElection:
             self.joined.set()
 
     def _answered(self, sent_at: float, settled: bool) -> None:
-        with self._lock:
-            self.lease.answered(sent_at, settled)
+        for e in self.elections.values():
+            e.answered(sent_at, settled)
 
     def _loop(self) -> None:
         consumer = self._consumer
-        assert consumer is not None, "start() creates the consumer before the loop runs"
+        assert consumer is not None, "_join creates the consumer before the loop runs"
         try:
             while not self._closing.is_set():
                 try:
                     consumer.poll(timeout_ms=200)
-                except KafkaError as e:  # the coordinator moved or is unreachable: keep trying
-                    log.warning("HA group %s: %s", self.group, e)
+                except KafkaError as err:  # the coordinator moved or is unreachable: keep trying
+                    log.warning("group %s: %s", self.group, err)
                     self._closing.wait(0.5)
-                self._decide()
+                for e in self.elections.values():
+                    e.decide()
         finally:
-            self._set(False)
+            for e in self.elections.values():
+                e.set(False)
             try:
-                consumer.close()  # leaves the group: a standby takes over at once
-            except Exception as e:  # noqa: BLE001 (closing on the way out; nothing to save)
-                log.debug("closing the HA consumer: %s", e)
+                consumer.close()  # leaves the group: another member takes over at once
+            except Exception as err:  # noqa: BLE001 (closing on the way out; nothing to save)
+                log.debug("closing the group consumer: %s", err)
 
-    def _decide(self) -> None:
+    def _assigned(self, partitions) -> None:
+        """Called once per completed rebalance (with the partitions added, maybe none)."""
+        for tp in partitions:
+            e = self.elections.get(tp.topic)
+            if e is not None and tp.partition == 0:
+                e.assigned()
+        self._observe(rebalanced=True)
+
+    def _revoked(self, partitions) -> None:
+        for tp in partitions:
+            e = self.elections.get(tp.topic)
+            if e is not None and tp.partition == 0:
+                e.revoked()
+        self._observe()
+
+    def _observe(self, rebalanced: bool = False) -> None:
+        if rebalanced:
+            self.rebalances += 1
+        m = self.metrics
+        if m is None:
+            return
+        held = sum(1 for e in self.elections.values() if e.lease.holds)
+        m.fleet_pipelines.labels(self.group, WORKER).set(held)
+        if rebalanced:
+            m.fleet_rebalances.labels(self.group, WORKER).inc()
+            m.fleet_last_rebalance.labels(self.group, WORKER).set_to_current_time()
+
+
+class LeaderElection:
+    """One pipeline's election: `start()`, then `is_leader` / `wait_leader(timeout)`;
+    `on_change(leader: bool)` is called on the member's thread at every change (keep it short);
+    `close()` leaves the group (with the member's last election) so a standby takes over without
+    waiting for the session timeout. `member`: a GroupMember shared with the other pipelines of this
+    process (its timeouts apply); without one, the election has a member of its own."""
+
+    def __init__(
+        self,
+        kafka: KafkaSection,
+        topic: str,
+        group: str,
+        *,
+        session_timeout_ms: int = 10000,
+        heartbeat_interval_ms: int = 3000,
+        metrics=None,
+        on_change: Callable[[bool], None] | None = None,
+        member: GroupMember | None = None,
+    ):
+        self.member = member or GroupMember(
+            kafka,
+            group,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            metrics=metrics,
+        )
+        self.topic, self.group = topic, self.member.group
+        self.session_timeout_ms = self.member.session_timeout_ms
+        self.heartbeat_interval_ms = self.member.heartbeat_interval_ms
+        self.on_change = on_change
+        self.gauge = metrics.ha_leader.labels(metrics.pipeline) if metrics else None
+        if self.gauge is not None:
+            self.gauge.set(0)
+        self.owner = metrics.fleet_owner.labels(metrics.pipeline, WORKER) if metrics else None
+        if self.owner is not None:
+            self.owner.set(0)
+        s, hb = self.session_timeout_ms, self.heartbeat_interval_ms
+        self.lease = Lease(s, rebalance_timeout_ms(s), hb)
+        self._leader = threading.Event()
+        self._closing = threading.Event()
+        self._lock = threading.Lock()  # the lease (fed on kafka-python's threads) and leadership changes
+        self.terms = 0  # times this process became leader
+        self.joined = self.member.joined
+        self.member.add(self)
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader.is_set()
+
+    def wait_leader(self, timeout: float | None = None) -> bool:
+        return self._leader.wait(timeout)
+
+    def safe_until(self) -> float:
+        """Monotonic time until which no other process can be the leader (see Lease)."""
+        with self._lock:
+            return self.lease.safe_until()
+
+    def start(self) -> LeaderElection:
+        self.member.start()
+        return self
+
+    def close(self, timeout: float = 10) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self.set(False)
+        self.member.release()
+
+    # -- fed by the member -------------------------------------------------------------------
+
+    def answered(self, sent_at: float, settled: bool) -> None:
+        with self._lock:
+            self.lease.answered(sent_at, settled)
+
+    def decide(self) -> None:
         """Leader exactly while the lease says so: steps down when it runs out, and takes the lead
         up again when the coordinator answers in time while partition 0 is still ours."""
         with self._lock:
@@ -279,21 +434,19 @@ class LeaderElection:
                 self.session_timeout_ms,
                 self.heartbeat_interval_ms,
             )
-        self._set(leads)
+        self.set(leads)
 
-    def _assigned(self, partitions) -> None:
-        if TopicPartition(self.topic, 0) in set(partitions):
-            with self._lock:
-                self.lease.assigned()
-            self._decide()
+    def assigned(self) -> None:
+        with self._lock:
+            self.lease.assigned()
+        self.decide()
 
-    def _revoked(self, partitions) -> None:
-        if TopicPartition(self.topic, 0) in set(partitions):
-            with self._lock:
-                self.lease.revoked()
-            self._set(False)
+    def revoked(self) -> None:
+        with self._lock:
+            self.lease.revoked()
+        self.set(False)
 
-    def _set(self, leader: bool) -> None:
+    def set(self, leader: bool) -> None:
         with self._lock:
             if leader == self._leader.is_set():
                 return
@@ -302,9 +455,16 @@ class LeaderElection:
                 self._leader.set()
             else:
                 self._leader.clear()
-        log.info("HA: this process is %s for group %s", "the LEADER (polling)" if leader else "standing by", self.group)
+        log.info(
+            "HA: this process is %s for %s in group %s",
+            "the LEADER (polling)" if leader else "standing by",
+            self.topic,
+            self.group,
+        )
         if self.gauge is not None:
             self.gauge.set(1 if leader else 0)
+        if self.owner is not None:
+            self.owner.set(1 if leader else 0)
         if self.on_change is not None:
             try:
                 self.on_change(leader)
@@ -313,14 +473,14 @@ class LeaderElection:
 
 
 class _Listener(ConsumerRebalanceListener):
-    def __init__(self, election: LeaderElection):
-        self.election = election
+    def __init__(self, member: GroupMember):
+        self.member = member
 
     def on_partitions_revoked(self, revoked):
-        self.election._revoked(revoked)
+        self.member._revoked(revoked)
 
     def on_partitions_assigned(self, assigned):
-        self.election._assigned(assigned)
+        self.member._assigned(assigned)
 
     def on_partitions_lost(self, lost):
-        self.election._revoked(lost)
+        self.member._revoked(lost)

@@ -59,7 +59,7 @@ from datetime import datetime
 from connector.config import ConfigError
 from connector.kafka import ProducerFenced
 from connector.stream.checkpoint import CheckpointError, open_store
-from connector.stream.leader import LeaderElection, group_id, leader_topic
+from connector.stream.leader import GroupMember, election_for
 from connector.stream.records import Record, RecordMaker
 from connector.stream.session import Backoff, Failure, Retry, Session, describe, error_text, refused, sort_key
 from connector.stream.sink import DryRunSink, KafkaSink, SinkStopped
@@ -106,6 +106,7 @@ class StreamPipeline(Transactions, Terms):
         client=None,
         sink=None,
         store=None,
+        member: GroupMember | None = None,
     ):
         self.cfg = cfg
         self.metrics = metrics
@@ -118,7 +119,7 @@ class StreamPipeline(Transactions, Terms):
         self.exactly_once = cfg.pipeline.delivery == "exactly-once" and not dry_run
         # one id per pipeline: a restarted (or newly elected) instance fences the previous one
         self.transactional_id = f"tanium-connector.{cfg.pipeline.name}" if self.exactly_once else None
-        ha = cfg.ha.enabled and not dry_run
+        elected = (cfg.ha.enabled or cfg.fleet is not None) and not dry_run
         stages = build_stages(cfg, self.client, metrics)  # each session builds its own source
         self.enricher = stages.enricher
         self.records = RecordMaker(cfg, stages.enricher, stages.normalizer, metrics)
@@ -129,20 +130,10 @@ class StreamPipeline(Transactions, Terms):
                 raise ConfigError(
                     f"{cfg.pipeline.name}: the pipeline has no [kafka] section: add one, or use --dry-run"
                 )
-            elif not ha:  # with HA, each term as leader opens its own sink (see _run_ha)
+            elif not elected:  # when elected, each term as leader opens its own sink (see terms.py)
                 sink = self._new_sink()
         self.sink = sink
-        self.election = None
-        if ha:
-            self.election = LeaderElection(
-                cfg.kafka,
-                leader_topic(cfg.state.topic),
-                group_id(cfg.pipeline.name),
-                session_timeout_ms=cfg.ha.session_timeout_ms,
-                heartbeat_interval_ms=cfg.ha.heartbeat_interval_ms,
-                metrics=metrics,
-                on_change=self._leadership,
-            )
+        self.election = election_for(cfg, metrics, self._leadership, member) if elected else None
         self.store = store if store is not None else open_store(cfg)
         self.since = since
         self.start_at = parse_start(since or cfg.source.start_from)
