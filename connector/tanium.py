@@ -12,17 +12,12 @@ Redirects are followed within the origin (scheme, host, port) asked only: reques
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -32,6 +27,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from connector.config import TaniumSection
+from connector.tanium_http import classify, retry_after, root_reason
 from connector.text import json_type, mask_userinfo, shorten
 
 log = logging.getLogger(__name__)
@@ -271,7 +267,7 @@ class TaniumClient:
                 ) from None
             except requests.RequestException as e:
                 elapsed = time.monotonic() - t0
-                kind, retryable = _classify(e)
+                kind, retryable = classify(e)
                 if m:
                     m.requests.labels(m.pipeline, endpoint, "error").inc()
                     m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
@@ -304,7 +300,7 @@ class TaniumClient:
             if code == 429 or code >= 500:
                 reason = "429" if code == 429 else "5xx"
                 if attempt < attempts:
-                    after = _retry_after(resp.headers.get("Retry-After"))
+                    after = retry_after(resp.headers.get("Retry-After"))
                     wait = min(after, RETRY_AFTER_CAP) if after is not None else self._backoff(attempt)
                     resp.close()
                     self._wait(reason, wait, attempt)
@@ -406,7 +402,7 @@ class TaniumClient:
     def _connection_error(self, kind: str, exc: Exception, attempts: int) -> TaniumConnectionError:
         s = self.settings
         where = self._where
-        reason = shorten(_root_reason(exc))
+        reason = shorten(root_reason(exc))
         if kind == "tls":
             if "WRONG_VERSION_NUMBER" in reason.upper() or "wrong version" in reason.lower():
                 msg = (
@@ -457,74 +453,6 @@ class TaniumClient:
         if self._key:
             text = text.replace(self._key, "***")
         return mask_userinfo(text)
-
-
-def _classify(e: requests.RequestException) -> tuple[str, bool]:
-    """→ (kind, retryable). Retried: resets and read timeouts; not: TLS, DNS, refused, connect timeout."""
-    if isinstance(e, requests.exceptions.SSLError):
-        return "tls", False
-    if isinstance(e, requests.exceptions.ProxyError):
-        return "proxy", False
-    if isinstance(e, requests.exceptions.ConnectTimeout):
-        return "connect_timeout", False
-    if isinstance(e, requests.exceptions.ReadTimeout):
-        return "read_timeout", True
-    for x in _chain(e):
-        if isinstance(x, (urllib3.exceptions.NameResolutionError, socket.gaierror)):
-            return "dns", False
-        if isinstance(x, ConnectionRefusedError):
-            return "refused", False
-        if isinstance(x, ssl.SSLError):
-            return "tls", False
-        if isinstance(x, (urllib3.exceptions.ReadTimeoutError, TimeoutError, socket.timeout)):
-            return "read_timeout", True
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)):
-        return "reset", True
-    return "reset", False
-
-
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    """The exception and everything it wraps (args, .reason, causes)."""
-    seen, stack = set(), [e]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        nested = [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
-        nested += [r for r in (getattr(x, "reason", None), x.__cause__, x.__context__) if isinstance(r, BaseException)]
-        stack.extend(nested)
-
-
-def _root_reason(e: BaseException) -> str:
-    """The most specific message in the chain (no URLs of the pool wrapper when avoidable)."""
-    for x in _chain(e):
-        if isinstance(x, (ssl.SSLError, socket.gaierror, OSError)) and not isinstance(x, requests.RequestException):
-            text = str(x)
-            if text:
-                return text
-    return str(e)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _unwrap(body: Any) -> tuple[Any, Any]:
