@@ -76,11 +76,11 @@ class Metrics:
         self.retries = counter("source_retries_total", "Tanium API retries by reason", ["reason"])
         self.rate_limited = counter("source_rate_limited_seconds_total", "Seconds waited because Tanium said 429")
         self.pages = counter("source_pages_total", "Alert pages fetched")
-        # API key: 401s after re-reading tanium.api_key_file, and the re-reads that found a new key or none
+        # API key (connector/secrets.py): 401s that re-reading tanium.api_key_file did not cure, and the re-reads
         self.unauthorized = gauge(
-            "source_unauthorized", "1 while Tanium answers 401 to the API key (re-read), 0 once it accepts it"
+            "source_unauthorized", "1 while Tanium answers 401 to the API key (file re-read), 0 once it accepts it"
         )
-        self.auth_failures = counter("source_auth_failures_total", "Tanium answers 401 to the API key (re-read)")
+        self.auth_failures = counter("source_auth_failures_total", "Requests Tanium answered 401 (file re-read)")
         self.api_key_reloads = counter(
             "source_api_key_reloads_total", "Re-reads of tanium.api_key_file: a new key, or none usable", ["result"]
         )

@@ -233,8 +233,8 @@ class TaniumClient:
     ) -> Any:
         key = self._key.current()
         resp, body = self._request(endpoint, path, params, key)
-        if resp.status_code == 401 and self._key.reload() != key:  # rotated: once more with the new key
-            resp, body = self._request(endpoint, path, params, self._key.current())
+        if resp.status_code == 401 and (fresh := self._key.reload()) != key:  # rotated: once more with the new key
+            resp, body = self._request(endpoint, path, params, fresh)
         code = resp.status_code
         if code != 401:
             self._key.accepted()  # any other answer (429 and 5xx were retried or raised) passed authentication
