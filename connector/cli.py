@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from connector import __version__
 from connector.config import ConfigError, load_pipeline
+from connector.secrets import on_new_key
 from connector.simulator import command as simulator_command
 from connector.text import mask_userinfo
 from connector.timeutil import parse_ts
@@ -42,7 +43,10 @@ class RedactFilter(logging.Filter):
     An exception a library logs (kafka-python logs its own socket races at shutdown with a traceback)
     becomes one line, its type and message: the library recovers from it, and a traceback into its
     internals tells an operator nothing. `--log-level debug` keeps the traceback. The connector's own
-    exceptions always keep theirs."""
+    exceptions always keep theirs.
+
+    `secrets` are the configuration's (set by `load`); a key read later from a rotated
+    tanium.api_key_file is added before its first use (connector/secrets.py calls `add`)."""
 
     def __init__(self):
         super().__init__()
@@ -64,8 +68,13 @@ class RedactFilter(logging.Filter):
         record.msg, record.args = mask_userinfo(msg), None
         return True
 
+    def add(self, secret: str) -> None:
+        if secret and secret not in self.secrets:
+            self.secrets = [*self.secrets, secret]  # a new list: filter() may be iterating the old one
+
 
 REDACT = RedactFilter()
+on_new_key(REDACT.add)
 
 
 def setup_logging(level: str, fmt: str | None) -> None:

@@ -41,6 +41,7 @@ DLQ_REASONS = ("not an object", "bad id", "no id", "not serializable", "too larg
 # records a stage does not pass on, by stage: the normalizer's rejections, the validation query limit
 DROP_REASONS = {"normalize": ("not an object", "bad id", "no id"), "validation": ("limit",)}
 RETRY_REASONS = ("429", "5xx", "network")  # why the Tanium client retried (tanium.py)
+KEY_RELOAD_RESULTS = ("changed", "failed")  # re-reads of tanium.api_key_file (secrets.py)
 # freshness: fine around a poll interval (the target is p99 <= poll_interval + 1 s), coarse beyond,
 # up to the day-old alerts of a backfill
 FRESHNESS_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30)
@@ -80,6 +81,14 @@ class Metrics:
         self.retries = counter("source_retries_total", "Tanium API retries by reason", ["reason"])
         self.rate_limited = counter("source_rate_limited_seconds_total", "Seconds waited because Tanium said 429")
         self.pages = counter("source_pages_total", "Alert pages fetched")
+        # API key (connector/secrets.py): 401s that re-reading tanium.api_key_file did not cure, and the re-reads
+        self.unauthorized = gauge(
+            "source_unauthorized", "1 while Tanium answers 401 to the API key (file re-read), 0 once it accepts it"
+        )
+        self.auth_failures = counter("source_auth_failures_total", "Requests Tanium answered 401 (file re-read)")
+        self.api_key_reloads = counter(
+            "source_api_key_reloads_total", "Re-reads of tanium.api_key_file: a new key, or none usable", ["result"]
+        )
         self.last_success = gauge("last_success_timestamp_seconds", "Unix time of the last successful poll cycle")
         # the stale-poll alert compares time since last_success with 3x this (set it from tanium.poll_interval)
         self.poll_interval = gauge("poll_interval_seconds", "Configured tanium.poll_interval")
@@ -169,6 +178,8 @@ class Metrics:
                 self.records_dropped.labels(pipeline, stage, reason)
         for reason in RETRY_REASONS:
             self.retries.labels(pipeline, reason)
+        for result in KEY_RELOAD_RESULTS:
+            self.api_key_reloads.labels(pipeline, result)
         for name in DEFAULT_FIELD_MAP:  # a field_map only re-maps these fields, never adds one
             self.normalize_warnings.labels(pipeline, name)
         # Series exist (at 0) from the first scrape, so rate()/increase() see the first event and
@@ -176,6 +187,8 @@ class Metrics:
         for family in (
             self.rate_limited,
             self.pages,
+            self.unauthorized,
+            self.auth_failures,
             self.cache_entries,
             self.lookup_duration,
             self.enrich_errors,

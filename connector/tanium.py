@@ -1,7 +1,9 @@
 """Client for the Tanium Threat Response 4.x REST API (alerts, IntelDocs, session check).
 
 Every call sends `session: <api key>` and `Accept: application/json`; replies are unwrapped from the
-4.x `{"data": …, "meta": …}` envelope (a bare array or object, as 3.x sends, is accepted too).
+4.x `{"data": …, "meta": …}` envelope (a bare array or object, as 3.x sends, is accepted too). The key
+follows `tanium.api_key_file` (connector/secrets.py): a changed file is used by the next request, and
+a 401 re-reads the file and, if the key changed, sends the request once more with the new key.
 429, 5xx, connection resets and read timeouts are retried with capped full-jitter exponential
 backoff, honouring `Retry-After`; everything else fails at once with a `TaniumError` whose
 `.message` says what is wrong and what to check. The API key never appears in a message, a log
@@ -12,17 +14,12 @@ Redirects are followed within the origin (scheme, host, port) asked only: reques
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -32,6 +29,8 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from connector.config import TaniumSection
+from connector.secrets import ApiKey
+from connector.tanium_http import classify, retry_after, root_reason
 from connector.text import json_type, mask_userinfo, shorten
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ class TaniumClient:
         self.base_url = settings.base_url
         self.max_retries = settings.max_retries
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
-        self._key = settings.api_key.get_secret_value()
+        self._key = ApiKey(settings.api_key.get_secret_value(), settings.api_key_file, metrics)
         self._timeout = (settings.timeout, settings.timeout)
         if not settings.verify_ssl:
             self._verify: bool | str = False
@@ -212,26 +211,33 @@ class TaniumClient:
         return items
 
     # -- transport -----------------------------------------------------------------------------------
-    def _session(self) -> requests.Session:
+    def _session(self, key: str) -> requests.Session:
+        """This thread's session, sending `key`."""
         s = getattr(self._local, "session", None)
         if s is None:
             if self._closed.is_set():
                 raise TaniumError("the Tanium client is closed")
             s = _Session()
-            s.headers.update({"session": self._key, "Accept": "application/json", "User-Agent": "tanium-tr-connector"})
+            s.headers.update({"Accept": "application/json", "User-Agent": "tanium-tr-connector"})
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             self._local.session = s
             with self._lock:
                 self._sessions.append(s)
+        s.headers["session"] = key
         return s
 
     def _get_json(
         self, endpoint: str, path: str, params: list[tuple[str, str]] | None = None, none_on_404: bool = False
     ) -> Any:
-        resp, body = self._request(endpoint, path, params)
+        key = self._key.current()
+        resp, body = self._request(endpoint, path, params, key)
+        if resp.status_code == 401 and (fresh := self._key.reload()) != key:  # rotated: once more with the new key
+            resp, body = self._request(endpoint, path, params, fresh)
         code = resp.status_code
+        if code != 401:
+            self._key.accepted()  # any other answer (429 and 5xx were retried or raised) passed authentication
         if code == 404 and none_on_404:
             return None
         if code >= 400:
@@ -239,7 +245,7 @@ class TaniumClient:
         return self._parse(resp, body, path)
 
     def _request(
-        self, endpoint: str, path: str, params: list[tuple[str, str]] | None
+        self, endpoint: str, path: str, params: list[tuple[str, str]] | None, key: str
     ) -> tuple[requests.Response, bytes]:
         """The response and its whole body, after retries."""
         url = self.base_url + path
@@ -251,7 +257,7 @@ class TaniumClient:
             try:
                 # verify and proxies per request: on a Session, REQUESTS_CA_BUNDLE and *_PROXY from the
                 # environment would override them (requests merges the environment over session settings)
-                resp = self._session().get(
+                resp = self._session(key).get(
                     url, params=params, timeout=self._timeout, verify=self._verify, proxies=self._proxies, stream=True
                 )
                 # the body in one read: requests alone reads it in 10 KiB pieces, 4x the CPU on a 3 MB
@@ -271,7 +277,7 @@ class TaniumClient:
                 ) from None
             except requests.RequestException as e:
                 elapsed = time.monotonic() - t0
-                kind, retryable = _classify(e)
+                kind, retryable = classify(e)
                 if m:
                     m.requests.labels(m.pipeline, endpoint, "error").inc()
                     m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
@@ -304,7 +310,7 @@ class TaniumClient:
             if code == 429 or code >= 500:
                 reason = "429" if code == 429 else "5xx"
                 if attempt < attempts:
-                    after = _retry_after(resp.headers.get("Retry-After"))
+                    after = retry_after(resp.headers.get("Retry-After"))
                     wait = min(after, RETRY_AFTER_CAP) if after is not None else self._backoff(attempt)
                     resp.close()
                     self._wait(reason, wait, attempt)
@@ -374,7 +380,7 @@ class TaniumClient:
     def _status_error(self, resp: requests.Response, body: bytes, path: str) -> TaniumError:
         code = resp.status_code
         if code == 401:
-            return TaniumAuthError(
+            error = TaniumAuthError(
                 self._scrub(
                     f"Tanium at {self._where} answered 401 Unauthorized: the API token is invalid or expired, or "
                     "this client's IP address is not in the token's trusted IP list. Check tanium.api_key (or "
@@ -383,6 +389,8 @@ class TaniumClient:
                 ),
                 status=401,
             )
+            self._key.rejected(error.message)
+            return error
         if code == 403:
             return TaniumPermissionError(
                 self._scrub(
@@ -406,7 +414,7 @@ class TaniumClient:
     def _connection_error(self, kind: str, exc: Exception, attempts: int) -> TaniumConnectionError:
         s = self.settings
         where = self._where
-        reason = shorten(_root_reason(exc))
+        reason = shorten(root_reason(exc))
         if kind == "tls":
             if "WRONG_VERSION_NUMBER" in reason.upper() or "wrong version" in reason.lower():
                 msg = (
@@ -454,77 +462,7 @@ class TaniumClient:
         return TaniumConnectionError(self._scrub(msg), retryable=kind not in ("tls", "dns"))
 
     def _scrub(self, text: str) -> str:
-        if self._key:
-            text = text.replace(self._key, "***")
-        return mask_userinfo(text)
-
-
-def _classify(e: requests.RequestException) -> tuple[str, bool]:
-    """→ (kind, retryable). Retried: resets and read timeouts; not: TLS, DNS, refused, connect timeout."""
-    if isinstance(e, requests.exceptions.SSLError):
-        return "tls", False
-    if isinstance(e, requests.exceptions.ProxyError):
-        return "proxy", False
-    if isinstance(e, requests.exceptions.ConnectTimeout):
-        return "connect_timeout", False
-    if isinstance(e, requests.exceptions.ReadTimeout):
-        return "read_timeout", True
-    for x in _chain(e):
-        if isinstance(x, (urllib3.exceptions.NameResolutionError, socket.gaierror)):
-            return "dns", False
-        if isinstance(x, ConnectionRefusedError):
-            return "refused", False
-        if isinstance(x, ssl.SSLError):
-            return "tls", False
-        if isinstance(x, (urllib3.exceptions.ReadTimeoutError, TimeoutError, socket.timeout)):
-            return "read_timeout", True
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)):
-        return "reset", True
-    return "reset", False
-
-
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    """The exception and everything it wraps (args, .reason, causes)."""
-    seen, stack = set(), [e]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        nested = [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
-        nested += [r for r in (getattr(x, "reason", None), x.__cause__, x.__context__) if isinstance(r, BaseException)]
-        stack.extend(nested)
-
-
-def _root_reason(e: BaseException) -> str:
-    """The most specific message in the chain (no URLs of the pool wrapper when avoidable)."""
-    for x in _chain(e):
-        if isinstance(x, (ssl.SSLError, socket.gaierror, OSError)) and not isinstance(x, requests.RequestException):
-            text = str(x)
-            if text:
-                return text
-    return str(e)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        return mask_userinfo(self._key.scrub(text))
 
 
 def _unwrap(body: Any) -> tuple[Any, Any]:

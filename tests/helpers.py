@@ -1,6 +1,6 @@
 """Helpers shared by the test folders: reading topics to their end, waiting on conditions, pipeline
 files and configs, the connector CLI in a subprocess, its metrics, a proxy that stalls or slows
-a broker's connections, and an HTTP forward proxy."""
+a broker's connections, an HTTP forward proxy, and a key file laid out like a Kubernetes Secret volume."""
 
 from __future__ import annotations
 
@@ -111,6 +111,34 @@ class Cli:
 
     def logs(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+class SecretDir:
+    """A directory laid out like a Kubernetes Secret volume: `api_key` → `..data/api_key`, `..data` →
+    a timestamped directory. `swap` writes a new timestamped directory and renames a new `..data`
+    symlink over the old one (atomic), then removes the old directory, as the kubelet does."""
+
+    def __init__(self, root: Path, key: str):
+        self.root, self.n = root, 0
+        self.swap(key)
+        (root / "api_key").symlink_to("..data/api_key")
+
+    @property
+    def path(self) -> str:
+        return str(self.root / "api_key")
+
+    def swap(self, key: str) -> None:
+        self.n += 1
+        new = self.root / f"..2025_01_01_00_00_{self.n:02d}"
+        new.mkdir()
+        (new / "api_key").write_text(key)
+        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
+        (self.root / "..data_tmp").symlink_to(new.name)
+        os.rename(self.root / "..data_tmp", self.root / "..data")
+        if old:
+            for f in (self.root / old).iterdir():
+                f.unlink()
+            (self.root / old).rmdir()
 
 
 def scrape(port: int, path: str = "/metrics", timeout: float = 2) -> tuple[int, str]:

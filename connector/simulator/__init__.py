@@ -26,8 +26,9 @@ id order. Garbage records (a fault) carry negative ids and their neighbour's cre
 move a (createdAt, id) cursor past real alerts.
 
 Runtime API: `Simulator(...)` is a context manager; `.url`, `.api_key` (change it to make the token
-"expire"), `.faults` (see `Faults`), `.stats` (requests per endpoint: alerts, alert, intels, intel,
-intel_labels, session, unknown), `.inject(...)`, `.bump_revision(doc_id)`, `.get_alert(id)`,
+"expire"), `.old_keys` (accepted too: a rotated token's predecessor not yet revoked), `.faults` (see
+`Faults`), `.stats` (requests per endpoint: alerts, alert, intels, intel, intel_labels, session,
+unknown), `.inject(...)`, `.bump_revision(doc_id)`, `.get_alert(id)`,
 `.alert_count`, `.intel_doc_ids`, `.settings(**tanium_overrides)`, `.stop()`.
 Command line: `tanium-connector simulate` (`add_arguments`, `run`) or `python -m connector.simulator`.
 """

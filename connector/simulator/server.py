@@ -82,6 +82,7 @@ class Simulator:
             raise ValueError(f"late_fraction must be between 0 and 1, not {late_fraction}")
         self.seed = seed
         self.api_key = api_key
+        self.old_keys: set[str] = set()  # accepted too: the overlap of a token rotation
         self.live_rate, self.late_fraction, self.late_by = live_rate, late_fraction, late_by
         self.live_total = live_total
         self.bare = bare
@@ -316,7 +317,7 @@ class Simulator:
         endpoint, ident = self._route(path)
         self.stats[endpoint] += 1
         f = self.faults
-        if req.headers.get("session") != self.api_key or f.wrong_token:
+        if req.headers.get("session") not in (self.api_key, *self.old_keys) or f.wrong_token:
             return req.reply(
                 401,
                 {

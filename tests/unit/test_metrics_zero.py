@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from connector.fieldmap import DEFAULT_FIELD_MAP
-from connector.metrics import DLQ_REASONS, DROP_REASONS, RETRY_REASONS, Metrics
+from connector.metrics import DLQ_REASONS, DROP_REASONS, KEY_RELOAD_RESULTS, RETRY_REASONS, Metrics
 from connector.stream.normalize import NormalizeError, Normalizer, serialize
 from connector.tanium import TaniumClient, TaniumError
 
@@ -33,6 +33,9 @@ def test_a_fresh_registry_has_every_known_label_value_at_zero():
     dropped = {(r, stage): 0.0 for stage, reasons in DROP_REASONS.items() for r in reasons}
     assert samples(m, "records_dropped") == dropped  # labels sorted by name: reason, stage
     assert samples(m, "source_retries") == {(r,): 0.0 for r in RETRY_REASONS}
+    assert samples(m, "source_api_key_reloads") == {(r,): 0.0 for r in KEY_RELOAD_RESULTS}
+    assert samples(m, "source_auth_failures") == {(): 0.0}
+    assert m.registry.get_sample_value("tanium_connector_source_unauthorized", {"pipeline": P}) == 0
     text = m.render().decode()
     assert f'tanium_connector_dlq_records_total{{pipeline="{P}",reason="bad id"}} 0.0' in text
     assert f'tanium_connector_source_retries_total{{pipeline="{P}",reason="429"}} 0.0' in text

@@ -25,9 +25,9 @@ from connector.tanium import (
     TaniumModuleMissing,
     TaniumPermissionError,
     TaniumResponseError,
-    _retry_after,
     decode_details,
 )
+from connector.tanium_http import retry_after
 from connector.tools.embedded import free_port
 
 KEY = "token-S3CRET-5f2a9c71d0"
@@ -346,14 +346,14 @@ def test_429_storm_without_retry_after_uses_backoff_then_fails(tsim):
 
 
 def test_retry_after_parsing():
-    assert _retry_after("3") == 3.0
-    assert _retry_after(" 0 ") == 0.0
-    assert _retry_after("-5") == 0.0
-    assert _retry_after(None) is None and _retry_after("soon") is None
+    assert retry_after("3") == 3.0
+    assert retry_after(" 0 ") == 0.0
+    assert retry_after("-5") == 0.0
+    assert retry_after(None) is None and retry_after("soon") is None
     future = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 25 <= _retry_after(future) <= 30
+    assert 25 <= retry_after(future) <= 30
     past = email.utils.format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)
-    assert _retry_after(past) == 0.0
+    assert retry_after(past) == 0.0
 
 
 def test_close_interrupts_a_retry_wait(tsim):
