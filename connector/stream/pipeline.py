@@ -134,6 +134,7 @@ class StreamPipeline(Transactions, Terms):
                 sink = self._new_sink()
         self.sink = sink
         self.election = election_for(cfg, metrics, self._leadership, member) if elected else None
+        self.term = 0  # the election term being served (terms.py)
         self.store = store if store is not None else open_store(cfg)
         self.since = since
         self.start_at = parse_start(since or cfg.source.start_from)
@@ -157,9 +158,11 @@ class StreamPipeline(Transactions, Terms):
         return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
 
     def _active(self) -> bool:
-        """False while another process is the HA leader, or once another instance fenced this one's
-        transactional producer: then nothing may poll or publish."""
-        return self.fenced is None and (self.election is None or self.election.is_leader)
+        """False while another process is the HA leader, once the term this process leads in has
+        ended (even if a new one began: its producer was stopped), or once another instance fenced
+        this one's transactional producer: then nothing may poll or publish."""
+        e = self.election
+        return self.fenced is None and (e is None or (e.is_leader and e.terms == self.term))
 
     def _leadership(self, leader: bool) -> None:
         # on the election thread: refuse every further record at once; the processing thread

@@ -38,6 +38,7 @@ class Terms:
     summary: Any
     fenced: Any
     exactly_once: bool
+    term: int
     stop_event: threading.Event
     _active: Callable[[], bool]
     _report_ready: Callable[[], None]
@@ -59,7 +60,7 @@ class Terms:
                 if not self.election.wait_leader(0.5):
                     self._report_ready()
                     continue
-                term = self.election.terms
+                term = self.term = self.election.terms
                 if term == fenced_term:
                     # still the group's leader, but another producer owns the transactional id:
                     # write again only once elected anew, never fight over it

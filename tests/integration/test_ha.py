@@ -21,8 +21,10 @@ from datetime import datetime
 import pytest
 from helpers import (
     Cli,
+    Running,
     StallProxy,
     broker_behind_proxy,
+    make_cfg,
     metric,
     read_topic,
     scrape,
@@ -473,3 +475,65 @@ def test_a_fenced_leader_stands_by_and_never_fences_back(broker, topic_prefix, t
     assert "Traceback" not in logs[0] + logs[1]
     committed = alert_ids(read_committed_log(k, f"{name}.events"))
     assert sorted(committed) == list(range(1, created + 1)), "every alert committed exactly once"
+
+
+class FlappingElection:
+    """An election (the pipeline's interface to it) whose lead can be lost and won back before the
+    pipeline looks again, as a lease that runs out in a rebalance and is renewed 200 ms later does."""
+
+    group = "flapping"
+
+    def __init__(self, on_change):
+        self.on_change = on_change
+        self.terms = 0
+        self._leader = threading.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader.is_set()
+
+    def wait_leader(self, timeout=None) -> bool:
+        return self._leader.wait(timeout)
+
+    def safe_until(self) -> float:
+        return time.monotonic() + 30
+
+    def start(self):
+        self.terms += 1
+        self._leader.set()
+        return self
+
+    def flap(self) -> None:
+        self._leader.clear()
+        self.on_change(False)
+        self.terms += 1
+        self._leader.set()
+        self.on_change(True)
+
+    def close(self) -> None:
+        self._leader.clear()
+
+
+def test_a_lead_lost_and_won_back_at_once_starts_a_new_term(broker, topic_prefix, tmp_path):
+    """Losing the lead stops the term's producer at once; when the lead comes back before the
+    pipeline noticed the loss, the pipeline still ends that term and starts a new one (new
+    producer, from the checkpoint) instead of going on with the stopped producer."""
+    with Simulator(alerts=100, intel_docs=3, seed=91, history=3600) as sim:
+        cfg = make_cfg(
+            sim,
+            broker.bootstrap,
+            topic_prefix,
+            tmp_path,
+            ha={"enabled": True},
+            state={"backend": "kafka", "topic": f"{topic_prefix}.state"},
+        )
+        run = Running(cfg)
+        election = run.pipe.election = FlappingElection(run.pipe._leadership)
+        with run:
+            wait_until(lambda: run.committed_offset() >= 100, timeout=60, what="the history delivered")
+            election.flap()
+            for _ in range(20):
+                sim.inject()
+            wait_until(lambda: run.committed_offset() >= 120, timeout=30, what="delivery after the flap")
+        ids = alert_ids(read_topic(broker.bootstrap, cfg.kafka.topic, expect=120))
+        assert set(ids) == set(range(1, 121))
