@@ -28,7 +28,9 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from connector import __version__
 from connector.config import TaniumSection
+from connector.metrics import WORKER
 from connector.secrets import ApiKey
 from connector.tanium_http import classify, retry_after, root_reason
 from connector.text import json_type, mask_userinfo, shorten
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 TR_PATH = "/plugin/products/threat-response/api/v1"
 SESSION_PATH = "/api/v2/session/current"
 MAX_PAGE = 500
+# names this worker, so Tanium's request logs (and the simulator's) show which process polled
+USER_AGENT = f"tanium-tr-connector/{__version__} ({WORKER})"
 MODULE_MISSING_MESSAGE = (
     "Tanium returned 404 for the Threat Response API: the Threat Response module is missing or not "
     "configured on this Tanium server (the Threat Response plugin is required)"
@@ -218,7 +222,7 @@ class TaniumClient:
             if self._closed.is_set():
                 raise TaniumError("the Tanium client is closed")
             s = _Session()
-            s.headers.update({"Accept": "application/json", "User-Agent": "tanium-tr-connector"})
+            s.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)

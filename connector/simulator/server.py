@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -92,6 +92,8 @@ class Simulator:
         self.faults.latency = latency
         self.faults.module_missing = module_missing
         self.stats: Counter = Counter()
+        # (monotonic time, User-Agent) of each alert listing: which client polled when
+        self.polls: deque[tuple[float, str]] = deque(maxlen=100_000)
         self.garbage_log: list[tuple[str, int | None]] = []
         self.live_created = 0
         self._stop = threading.Event()
@@ -316,6 +318,8 @@ class Simulator:
         path = unquote(raw_path)
         endpoint, ident = self._route(path)
         self.stats[endpoint] += 1
+        if endpoint == "alerts":
+            self.polls.append((time.monotonic(), req.headers.get("User-Agent", "")))
         f = self.faults
         if req.headers.get("session") not in (self.api_key, *self.old_keys) or f.wrong_token:
             return req.reply(

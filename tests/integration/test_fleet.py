@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import time
 
 import pytest
 from helpers import Cli, ids_of, metric, read_topic, scrape, stream_sections, wait_until, write_pipeline
@@ -91,3 +92,128 @@ def test_pipelines_run_together_need_distinct_names_and_stream_mode(tmp_path, si
     cli = Cli(["run", str(empty)], tmp_path / "empty.log")
     code, _ = cli.wait(30)
     assert code == 2 and "holds no pipeline file" in cli.logs()
+
+
+SESSION_MS, HEARTBEAT_MS = 4000, 1000
+# kill -9 of a worker → each of its pipelines is polled by another worker within
+#     fleet.session_timeout_ms + fleet.heartbeat_interval_ms + HAND_OVER_MARGIN_S
+# (the coordinator drops the dead worker a session after its last heartbeat; the others hear of
+# the rebalance at their next heartbeat; the margin covers rejoining — tansu holds a JoinGroup
+# about 2 s — and starting the pipeline on a loaded machine). The README states this bound.
+HAND_OVER_MARGIN_S = 8.0
+HAND_OVER_BOUND_S = (SESSION_MS + HEARTBEAT_MS) / 1000 + HAND_OVER_MARGIN_S
+PIPELINES = 12
+
+
+class Workers:
+    """Worker processes running `run DIR` on one directory of fleet pipelines; each has its own
+    metrics port through ${METRICS_PORT} in the shared files."""
+
+    def __init__(self, folder, tmp_path):
+        self.folder, self.tmp_path = folder, tmp_path
+        self.clis: list[Cli] = []
+        self.ports: list[int] = []
+
+    def start(self) -> int:
+        port = free_port()
+        n = len(self.clis)
+        cli = Cli(["run", str(self.folder)], self.tmp_path / f"worker{n}.log", env={"METRICS_PORT": str(port)})
+        self.clis.append(cli)
+        self.ports.append(port)
+        return n
+
+    def owned(self, n: int) -> set[str]:
+        _, text = scrape(self.ports[n])
+        out = set()
+        for line in text.splitlines():
+            if line.startswith("tanium_connector_fleet_owner{") and line.endswith(" 1.0"):
+                out.add(line.split('pipeline="', 1)[1].split('"', 1)[0])
+        return out
+
+    def worker_of(self, agent: str) -> int | None:
+        for n, cli in enumerate(self.clis):
+            if agent.endswith(f":{cli.proc.pid})"):
+                return n
+        return None
+
+    def stop_all(self):
+        for cli in self.clis:
+            cli.stop()
+
+
+def _owners(workers: Workers, alive: list[int]) -> dict[str, list[int]]:
+    owners: dict[str, list[int]] = {}
+    for n in alive:
+        for name in workers.owned(n):
+            owners.setdefault(name, []).append(n)
+    return owners
+
+
+@pytest.mark.timeout(300)
+def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(broker, topic_prefix, tmp_path):
+    """3 workers, 12 fleet pipelines against simulators with live alerts: Kafka's group gives each
+    pipeline to one worker; kill -9 of a worker hands its pipelines to the others within the
+    bound; a new worker takes a share. Every alert of every pipeline arrives, and by the
+    simulators' request logs no two workers ever polled one pipeline at the same time."""
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    names = [f"{topic_prefix}-{i:02d}" for i in range(PIPELINES)]
+    workers = Workers(folder, tmp_path)
+    with contextlib.ExitStack() as stack:
+        sims = {
+            name: stack.enter_context(Simulator(alerts=50, intel_docs=3, seed=80 + i, history=3600, live_rate=5))
+            for i, name in enumerate(names)
+        }
+        for name, sim in sims.items():
+            sections = stream_sections(name, sim, broker.bootstrap, tmp_path / "unused")
+            sections["state"] = {"backend": "kafka", "topic": f"{topic_prefix}.state"}
+            sections["metrics"] = {"listen": "127.0.0.1:${METRICS_PORT}"}
+            sections["fleet"] = {
+                "group_id": topic_prefix,
+                "session_timeout_ms": SESSION_MS,
+                "heartbeat_interval_ms": HEARTBEAT_MS,
+            }
+            write_pipeline(folder / f"{name}.toml", sections)
+        stack.callback(workers.stop_all)
+        for _ in range(3):
+            workers.start()
+
+        def settled(alive):
+            owners = _owners(workers, alive)
+            return sorted(owners) == names and all(len(v) == 1 for v in owners.values())
+
+        wait_until(lambda: settled([0, 1, 2]), timeout=90, what="every pipeline run by exactly one worker")
+        lost = {name for name, (n,) in _owners(workers, [0, 1, 2]).items() if n == 0}
+        assert lost, "the group gave worker 0 a share"
+
+        workers.clis[0].kill9()
+        t_kill = time.monotonic()
+        wait_until(lambda: settled([1, 2]), timeout=60, what="the dead worker's pipelines to move")
+        workers.start()  # worker 3
+        wait_until(lambda: settled([1, 2, 3]) and workers.owned(3), timeout=90, what="the new worker to take a share")
+
+        for sim in sims.values():
+            sim.live_total = sim.live_created
+        for name, sim in sims.items():
+            got = read_topic(broker.bootstrap, f"{name}.events", expect=sim.alert_count, timeout=60)
+            assert set(ids_of(got)) == set(range(1, sim.alert_count + 1)), name
+
+        hand_overs, moves = [], {}
+        for name, sim in sims.items():
+            polls = [(t, workers.worker_of(agent)) for t, agent in sim.polls]
+            assert all(w is not None for _, w in polls), name
+            # one worker at a time: once another worker polled the pipeline, the one before never again
+            order = [w for i, (_, w) in enumerate(polls) if i == 0 or polls[i - 1][1] != w]
+            assert len(order) == len(set(order)), (name, order)
+            moves[name] = order
+            if name in lost:
+                hand_overs.append(next(t for t, w in polls if w != 0 and t > t_kill) - t_kill)
+        figures = {"hand_over_s": [round(t, 1) for t in hand_overs], "bound_s": HAND_OVER_BOUND_S, "owners": moves}
+        print(f"\nFLEET FIGURES: {json.dumps(figures)}")
+        assert max(hand_overs) <= HAND_OVER_BOUND_S, hand_overs
+        for n in (1, 2, 3):
+            workers.clis[n].proc.send_signal(signal.SIGTERM)
+        for n in (1, 2, 3):
+            code, _ = workers.clis[n].wait(60)
+            assert code == 0, workers.clis[n].logs()[-3000:]
+            assert "Traceback" not in workers.clis[n].logs()
