@@ -24,6 +24,7 @@ joins; tests/integration/test_ha.py bounds kill -9 → new leader polling.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -77,6 +78,7 @@ def group_member(cfg, metrics=None) -> GroupMember:
         session_timeout_ms=f.session_timeout_ms,
         heartbeat_interval_ms=f.heartbeat_interval_ms,
         metrics=metrics,
+        fleet=True,
     )
 
 
@@ -157,6 +159,33 @@ class Lease:
         return self.expiry() if self.holds else float("-inf")
 
 
+class FleetAssignor(CooperativeStickyAssignor):
+    """Cooperative sticky assignment of the pipelines every member of the fleet runs. A pipeline
+    that only some workers were given (their pipeline files differ, e.g. in the middle of a
+    ConfigMap roll-out) is assigned to none; the assignment tells every member which pipelines were
+    refused, and a member that has them says so in its log. Once every worker has it, it runs."""
+
+    name = "tanium-fleet"
+
+    def __init__(self, member: GroupMember):
+        super().__init__()
+        self.member = member
+
+    def assign(self, cluster, members):
+        topics = [set(self.parse_member_metadata(m.metadata).subscription) for m in members]
+        refused = sorted(set().union(*topics) - set.intersection(*topics)) if topics else []
+        out = super().assign(cluster, members)
+        if refused:
+            for a in out.values():
+                a.assigned_partitions = [(t, ps) for t, ps in a.assigned_partitions if t not in refused]
+                a.user_data = json.dumps(refused).encode()
+        return out
+
+    def on_assignment(self, assignment, generation):
+        super().on_assignment(assignment, generation)
+        self.member.refused(set(json.loads(assignment.user_data)) if assignment.user_data else set())
+
+
 class GroupMember:
     """One member of a Kafka consumer group, subscribed to one coordination topic per pipeline it may
     run; the member the group assigns a topic's partition 0 runs that pipeline. `[ha]` has one
@@ -172,8 +201,10 @@ class GroupMember:
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         metrics=None,
+        fleet: bool = False,
     ):
-        self.kafka, self.group = kafka, group
+        self.kafka, self.group, self.fleet = kafka, group, fleet
+        self.refusing: set[str] = set()  # coordination topics the fleet's assignment refuses
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.metrics = metrics
@@ -231,7 +262,7 @@ class GroupMember:
                 request_timeout_ms=max(30000, self.session_timeout_ms + 5000),
                 # cooperative + sticky: a member joining or leaving does not take a pipeline away
                 # from the member running it, unless the group moves it to balance the load
-                partition_assignment_strategy=(CooperativeStickyAssignor,),
+                partition_assignment_strategy=(FleetAssignor(self) if self.fleet else CooperativeStickyAssignor,),
             )
             self._watch(self._consumer._coordinator)
             self._consumer.subscribe(sorted(self.elections), listener=_Listener(self))
@@ -316,6 +347,21 @@ class GroupMember:
             except Exception as err:  # noqa: BLE001 (closing on the way out; nothing to save)
                 log.debug("closing the group consumer: %s", err)
 
+    def refused(self, topics: set[str]) -> None:
+        """The fleet's assignment refuses these pipelines' topics (not every worker has them)."""
+        mine = {t for t in topics if t in self.elections}
+        if mine != self.refusing:
+            for t in sorted(mine - self.refusing):
+                log.error(
+                    "fleet group %s: pipeline %s is not run by any worker: not every worker of the fleet "
+                    "was given it (their pipeline files differ); it runs once every worker has it",
+                    self.group,
+                    self.elections[t].pipeline,
+                )
+            for t in sorted(self.refusing - mine):
+                log.info("fleet group %s: every worker has pipeline %s now", self.group, self.elections[t].pipeline)
+            self.refusing = mine
+
     def _assigned(self, partitions) -> None:
         """Called once per completed rebalance (with the partitions added, maybe none)."""
         for tp in partitions:
@@ -371,6 +417,7 @@ class LeaderElection:
             metrics=metrics,
         )
         self.topic, self.group = topic, self.member.group
+        self.pipeline = metrics.pipeline if metrics else topic
         self.session_timeout_ms = self.member.session_timeout_ms
         self.heartbeat_interval_ms = self.member.heartbeat_interval_ms
         self.on_change = on_change

@@ -105,6 +105,15 @@ HAND_OVER_BOUND_S = (SESSION_MS + HEARTBEAT_MS) / 1000 + HAND_OVER_MARGIN_S
 PIPELINES = 12
 
 
+def write_fleet_pipeline(folder, name, sim, bootstrap, prefix) -> None:
+    """A pipeline of the fleet `prefix`, its metrics port from the worker's ${METRICS_PORT}."""
+    sections = stream_sections(name, sim, bootstrap, folder / "unused")
+    sections["state"] = {"backend": "kafka", "topic": f"{prefix}.state"}
+    sections["metrics"] = {"listen": "127.0.0.1:${METRICS_PORT}"}
+    sections["fleet"] = {"group_id": prefix, "session_timeout_ms": SESSION_MS, "heartbeat_interval_ms": HEARTBEAT_MS}
+    write_pipeline(folder / f"{name}.toml", sections)
+
+
 class Workers:
     """Worker processes running `run DIR` on one directory of fleet pipelines; each has its own
     metrics port through ${METRICS_PORT} in the shared files."""
@@ -114,10 +123,11 @@ class Workers:
         self.clis: list[Cli] = []
         self.ports: list[int] = []
 
-    def start(self) -> int:
+    def start(self, folder=None) -> int:
         port = free_port()
         n = len(self.clis)
-        cli = Cli(["run", str(self.folder)], self.tmp_path / f"worker{n}.log", env={"METRICS_PORT": str(port)})
+        args = ["run", str(folder or self.folder)]
+        cli = Cli(args, self.tmp_path / f"worker{n}.log", env={"METRICS_PORT": str(port)})
         self.clis.append(cli)
         self.ports.append(port)
         return n
@@ -165,15 +175,7 @@ def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(broker, 
             for i, name in enumerate(names)
         }
         for name, sim in sims.items():
-            sections = stream_sections(name, sim, broker.bootstrap, tmp_path / "unused")
-            sections["state"] = {"backend": "kafka", "topic": f"{topic_prefix}.state"}
-            sections["metrics"] = {"listen": "127.0.0.1:${METRICS_PORT}"}
-            sections["fleet"] = {
-                "group_id": topic_prefix,
-                "session_timeout_ms": SESSION_MS,
-                "heartbeat_interval_ms": HEARTBEAT_MS,
-            }
-            write_pipeline(folder / f"{name}.toml", sections)
+            write_fleet_pipeline(folder, name, sim, broker.bootstrap, topic_prefix)
         stack.callback(workers.stop_all)
         for _ in range(3):
             workers.start()
@@ -217,3 +219,40 @@ def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(broker, 
             code, _ = workers.clis[n].wait(60)
             assert code == 0, workers.clis[n].logs()[-3000:]
             assert "Traceback" not in workers.clis[n].logs()
+
+
+@pytest.mark.timeout(180)
+def test_a_pipeline_not_every_worker_has_runs_nowhere_until_every_worker_has_it(broker, topic_prefix, tmp_path):
+    """Two workers whose pipeline directories differ (a roll-out in progress): the pipelines both
+    have run, each on one worker; the one only the second worker has is refused — neither polls
+    it and the second says why — until the first worker leaves and every worker has it."""
+    names = [f"{topic_prefix}-{x}" for x in ("a", "b", "new")]
+    dirs = {"old": tmp_path / "old", "new": tmp_path / "new"}
+    with contextlib.ExitStack() as stack:
+        sims = {n: stack.enter_context(Simulator(alerts=30, intel_docs=2, seed=70 + i)) for i, n in enumerate(names)}
+        for key, folder in dirs.items():
+            folder.mkdir()
+            for name in names if key == "new" else names[:2]:
+                write_fleet_pipeline(folder, name, sims[name], broker.bootstrap, topic_prefix)
+        workers = Workers(None, tmp_path)
+        stack.callback(workers.stop_all)
+        workers.start(dirs["old"])
+        workers.start(dirs["new"])
+        wait_until(
+            lambda: f"pipeline {names[2]} is not run by any worker" in workers.clis[1].logs(),
+            timeout=60,
+            what="the second worker to report the refused pipeline",
+        )
+        wait_until(
+            lambda: sorted(_owners(workers, [0, 1])) == names[:2], timeout=60, what="the common pipelines to run"
+        )
+        for name in names[:2]:
+            got = read_topic(broker.bootstrap, f"{name}.events", expect=30, timeout=60)
+            assert sorted(ids_of(got)) == list(range(1, 31))
+        assert sims[names[2]].stats["alerts"] == 0, "nobody polls the refused pipeline"
+
+        workers.clis[0].proc.send_signal(signal.SIGTERM)
+        assert workers.clis[0].wait(60)[0] == 0
+        got = read_topic(broker.bootstrap, f"{names[2]}.events", expect=30, timeout=60)
+        assert sorted(ids_of(got)) == list(range(1, 31))
+        assert f"every worker has pipeline {names[2]} now" in workers.clis[1].logs()
