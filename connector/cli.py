@@ -29,6 +29,8 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            # names the pipeline when several share the process ("pipeline NAME", "source NAME")
+            "thread": record.threadName,
             "msg": record.getMessage(),
         }
         if record.exc_info:
@@ -82,7 +84,9 @@ def setup_logging(level: str, fmt: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(REDACT)
     handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(threadName)s]: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -492,7 +492,7 @@ class StreamPipeline(Transactions, Terms):
 
     def _session(self, s: Session) -> bool:
         """Runs session `s` until stopped, finished (--once), or a delivery fails (returns False)."""
-        poller = threading.Thread(target=self._poll, args=(s,), name="source", daemon=True)
+        poller = threading.Thread(target=self._poll, args=(s,), name=f"source {self.cfg.pipeline.name}", daemon=True)
         poller.start()
         finished = False
         try:
