@@ -12,7 +12,9 @@ import time
 import pytest
 from helpers import Cli, ids_of, metric, read_topic, scrape, stream_sections, wait_until, write_pipeline
 
+from connector.config import KafkaSection
 from connector.simulator import Simulator
+from connector.stream.checkpoint import read_committed_log
 from connector.tools.embedded import free_port
 
 
@@ -102,12 +104,12 @@ SESSION_MS, HEARTBEAT_MS = 4000, 1000
 # about 2 s — and starting the pipeline on a loaded machine). The README states this bound.
 HAND_OVER_MARGIN_S = 8.0
 HAND_OVER_BOUND_S = (SESSION_MS + HEARTBEAT_MS) / 1000 + HAND_OVER_MARGIN_S
-PIPELINES = 12
 
 
-def write_fleet_pipeline(folder, name, sim, bootstrap, prefix) -> None:
+def write_fleet_pipeline(folder, name, sim, bootstrap, prefix, delivery="at-least-once") -> None:
     """A pipeline of the fleet `prefix`, its metrics port from the worker's ${METRICS_PORT}."""
     sections = stream_sections(name, sim, bootstrap, folder / "unused")
+    sections["pipeline"]["delivery"] = delivery
     sections["state"] = {"backend": "kafka", "topic": f"{prefix}.state"}
     sections["metrics"] = {"listen": "127.0.0.1:${METRICS_PORT}"}
     sections["fleet"] = {"group_id": prefix, "session_timeout_ms": SESSION_MS, "heartbeat_interval_ms": HEARTBEAT_MS}
@@ -160,14 +162,18 @@ def _owners(workers: Workers, alive: list[int]) -> dict[str, list[int]]:
 
 
 @pytest.mark.timeout(300)
-def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(broker, topic_prefix, tmp_path):
-    """3 workers, 12 fleet pipelines against simulators with live alerts: Kafka's group gives each
-    pipeline to one worker; kill -9 of a worker hands its pipelines to the others within the
-    bound; a new worker takes a share. Every alert of every pipeline arrives, and by the
-    simulators' request logs no two workers ever polled one pipeline at the same time."""
+@pytest.mark.parametrize("delivery, pipelines", [("at-least-once", 12), ("exactly-once", 6)])
+def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(
+    delivery, pipelines, broker, topic_prefix, tmp_path
+):
+    """3 workers, 12 fleet pipelines (6 in exactly-once mode) against simulators with live alerts:
+    Kafka's group gives each pipeline to one worker; kill -9 of a worker hands its pipelines to
+    the others within the bound; a new worker takes a share. Every alert of every pipeline
+    arrives (exactly-once: committed exactly once), and by the simulators' request logs no two
+    workers ever polled one pipeline at the same time."""
     folder = tmp_path / "pipelines"
     folder.mkdir()
-    names = [f"{topic_prefix}-{i:02d}" for i in range(PIPELINES)]
+    names = [f"{topic_prefix}-{i:02d}" for i in range(pipelines)]
     workers = Workers(folder, tmp_path)
     with contextlib.ExitStack() as stack:
         sims = {
@@ -175,7 +181,7 @@ def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(broker, 
             for i, name in enumerate(names)
         }
         for name, sim in sims.items():
-            write_fleet_pipeline(folder, name, sim, broker.bootstrap, topic_prefix)
+            write_fleet_pipeline(folder, name, sim, broker.bootstrap, topic_prefix, delivery)
         stack.callback(workers.stop_all)
         for _ in range(3):
             workers.start()
@@ -199,6 +205,11 @@ def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(broker, 
         for name, sim in sims.items():
             got = read_topic(broker.bootstrap, f"{name}.events", expect=sim.alert_count, timeout=60)
             assert set(ids_of(got)) == set(range(1, sim.alert_count + 1)), name
+            if delivery == "exactly-once":
+                committed = ids_of(
+                    read_committed_log(KafkaSection(bootstrap_servers=broker.bootstrap), f"{name}.events")
+                )
+                assert sorted(committed) == list(range(1, sim.alert_count + 1)), name
 
         hand_overs, moves = [], {}
         for name, sim in sims.items():
