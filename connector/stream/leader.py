@@ -1,11 +1,14 @@
-"""HA poller: which of several processes running the same stream pipeline polls Tanium.
+"""Which process polls a pipeline: the HA poller (`[ha]`) and the fleet (`[fleet]`).
 
-Every process joins one Kafka consumer group on a single-partition coordination topic
-(`<state topic>.leader`); the member the group assigns partition 0 is the leader, the others
-stand by. When the leader dies, the group coordinator drops it after `ha.session_timeout_ms`
-without heartbeats and gives partition 0 to a standby, which resumes from the shared Kafka
-checkpoint. Nothing is ever written to or read from the coordination topic: only membership
-matters.
+Every process joins a Kafka consumer group on one single-partition coordination topic per pipeline
+(`<state topic>.leader` for `[ha]`, whose group is the pipeline's own; `<state topic>.leader.<name>`
+for each pipeline of a fleet, whose group is the fleet's); the member the group assigns a topic's
+partition 0 is that pipeline's leader, the others stand by. One process has one group member per
+group (GroupMember: one consumer, one heartbeat) and one LeaderElection, with its own Lease, per
+pipeline. A fleet's assignor gives a pipeline only when every member subscribes to it
+(FleetAssignor). When a leader dies, the group coordinator drops it after `session_timeout_ms`
+without heartbeats and gives its partitions to the others, which resume from the shared Kafka
+checkpoint. Nothing is ever written to or read from a coordination topic: only membership matters.
 
 A leader steps down at once when the group takes the partition away (revoked or lost), and on
 its own when its lease runs out (`Lease`): the coordinator cannot have given partition 0 to
@@ -19,7 +22,7 @@ stepping down (flush, checkpoint).
 
 Takeover after the leader dies: the coordinator drops it `session_timeout_ms` after its last
 heartbeat, a standby hears of the rebalance at its next heartbeat (`heartbeat_interval_ms`) and
-joins; tests/integration/test_ha.py bounds kill -9 → new leader polling.
+joins; tests/integration/test_ha.py and test_fleet.py bound kill -9 → new leader polling.
 """
 
 from __future__ import annotations
