@@ -31,7 +31,17 @@ DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "tanium-connector.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 K8S = DEPLOY / "kubernetes"
-ROWS = ["Overview", "Tanium API", "Enrichment", "Normalize", "Kafka sink", "Validation", "Downstream", "Process"]
+ROWS = [
+    "Overview",
+    "Tanium API",
+    "Enrichment",
+    "Normalize",
+    "Kafka sink",
+    "Validation",
+    "Downstream",
+    "Fleet",
+    "Process",
+]
 # Metrics that come from elsewhere than the connector's /metrics.
 EXTERNAL = {"up": "Prometheus (scrape status)", "kafka_": "kafka_exporter"}
 
@@ -542,14 +552,47 @@ def selectors(expr: str, name: str) -> list[str]:
     return [m.group(1) or "" for m in re.finditer(pattern, expr)]
 
 
+# Whether a pipeline runs is a question over every worker: filtered by instance, a pipeline another
+# instance runs would look as if nobody ran it. Its panels select pipelines only.
+ACROSS_WORKERS = {"tanium_connector_fleet_owner"}
+
+
+def connector_families() -> dict[str, tuple[str, ...]]:
+    """{family name: label names} of every family the connector's Metrics defines."""
+    return {a._name: tuple(a._labelnames) for a in vars(Metrics("families")).values() if hasattr(a, "_labelnames")}
+
+
 def test_dashboard_connector_queries_filter_by_pipeline_and_instance():
+    """Pipeline series follow $pipeline and $instance; a worker's series (its Kafka group's, no
+    pipeline label) follow $instance, whose values are the instances of the selected pipelines; the
+    owner of a pipeline follows $pipeline only (ACROSS_WORKERS)."""
+    families = connector_families()
+    worker_level = {f for f, labels in families.items() if "pipeline" not in labels}
+    assert worker_level == {
+        "tanium_connector_fleet_pipelines",
+        "tanium_connector_fleet_rebalances",
+        "tanium_connector_fleet_last_rebalance_timestamp_seconds",
+    }
     for row, title, expr in dashboard_queries():
         for name in metric_names(expr):
+            family = _family(name)
             for sel in selectors(expr, name):
-                if name.startswith(("tanium_connector_", "process_", "python_")) or name == "up":
-                    assert 'instance=~"$instance"' in sel, f"{row} / {title}: {name} ignores $instance"
-                if name.startswith("tanium_connector_"):
-                    assert 'pipeline=~"$pipeline"' in sel, f"{row} / {title}: {name} ignores $pipeline"
+                where = f"{row} / {title}: {name}"
+                if family in ACROSS_WORKERS:
+                    assert "instance" not in sel, f"{where} must count every worker, not the selected instances"
+                elif name.startswith(("tanium_connector_", "process_", "python_")) or name == "up":
+                    assert 'instance=~"$instance"' in sel, f"{where} ignores $instance"
+                if name.startswith("tanium_connector_") and family not in worker_level:
+                    assert 'pipeline=~"$pipeline"' in sel, f"{where} ignores $pipeline"
+
+
+def test_dashboard_fleet_row_shows_workers_and_owners():
+    fleet = [p for p in dashboard_panels() if p["_row"] == "Fleet"]
+    used = {_family(n) for p in fleet for t in p["targets"] for n in metric_names(t["expr"])}
+    assert used == {f for f in connector_families() if f.startswith("tanium_connector_fleet_")}
+    (owners,) = [p for p in fleet if p["type"] == "table"]
+    (expr,) = [t["expr"] for t in owners["targets"]]
+    assert label_names(expr)["grouping"] >= {"pipeline", "worker"} and expr.endswith("== 1)")
 
 
 # ---- metric names -----------------------------------------------------------------------------
