@@ -24,6 +24,7 @@ import yaml
 from connector.cli import build_parser
 from connector.config import parse_pipeline
 from connector.metrics import HealthServer, Metrics
+from connector.stream.fleet import check_together, group_members
 from connector.tools.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,16 +407,33 @@ def test_compose_prometheus_and_grafana_wiring(compose):
 # ---- Kubernetes -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def k8s() -> dict[str, dict]:
-    kust = load_yaml(K8S / "kustomization.yaml")
-    docs = {}
-    for res in kust["resources"]:
-        path = K8S / res
-        assert path.is_file(), f"kustomization lists {res}, which does not exist"
+def kustomize_docs(root: Path) -> list[dict]:
+    """The documents a kustomization lists (files, and other kustomizations' directories, followed)
+    and the ConfigMaps its configMapGenerator makes, read without kustomize: names without the hash
+    suffix, no namespace. test_k8s_*_renders checks the real rendering where kubectl exists."""
+    kust = load_yaml(root / "kustomization.yaml")
+    docs = []
+    for res in kust.get("resources", []):
+        path = (root / res).resolve()
+        if path.is_dir():
+            docs += kustomize_docs(path)
+            continue
+        assert path.is_file(), f"{root}/kustomization.yaml lists {res}, which does not exist"
         for d in load_yaml_all(path):
             assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name"), f"{res}: incomplete"
-            docs[d["kind"]] = d
+            docs.append(d)
+    for gen in kust.get("configMapGenerator", []):
+        data = {Path(f).name: (root / f).read_text(encoding="utf-8") for f in gen["files"]}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    docs = {}
+    for d in kustomize_docs(K8S):
+        assert d["kind"] not in docs, f"two {d['kind']}s in {K8S}"
+        docs[d["kind"]] = d
     return docs
 
 
@@ -428,10 +446,11 @@ def _k8s_pipeline(k8s, tmp_path):
     c = _container(k8s)
     run = build_parser().parse_args(c["args"])
     assert run.command == "run"
-    mount = next(m for m in c["volumeMounts"] if run.pipeline.startswith(m["mountPath"] + "/"))
+    (path,) = run.pipeline
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
     vol = next(v for v in k8s["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     assert vol["configMap"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
-    text = k8s["ConfigMap"]["data"][run.pipeline[len(mount["mountPath"]) + 1 :]]
+    text = k8s["ConfigMap"]["data"][path[len(mount["mountPath"]) + 1 :]]
     return text, pipeline_with_key_file(text, tmp_path)
 
 
@@ -516,6 +535,128 @@ def test_k8s_kustomization_renders():
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"}
     assert all(d["metadata"]["namespace"] == "tanium-connector" for d in docs)
+
+
+# ---- Kubernetes: the fleet example ------------------------------------------------------------
+
+FLEET = K8S / "fleet"
+
+
+@pytest.fixture(scope="module")
+def fleet() -> dict[str, list[dict]]:
+    """The fleet example's documents by kind."""
+    out: dict[str, list[dict]] = {}
+    for d in kustomize_docs(FLEET):
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def _fleet_pod(fleet) -> tuple[dict, dict]:
+    (dep,) = fleet["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    return pod, c
+
+
+def _mounted(pod: dict, c: dict, path: str) -> tuple[dict, dict]:
+    """The volume mount holding `path` (a file inside a directory mount) and its volume."""
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    return mount, next(v for v in pod["volumes"] if v["name"] == mount["name"])
+
+
+def _fleet_files(fleet) -> dict[str, str]:
+    """{file name: text} of the pipeline directory the workers run (the ConfigMap they mount)."""
+    pod, c = _fleet_pod(fleet)
+    run = build_parser().parse_args(c["args"])
+    assert run.command == "run"
+    (folder,) = run.pipeline
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"].rstrip("/") == folder.rstrip("/"))
+    vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (cm,) = [d for d in fleet["ConfigMap"] if d["metadata"]["name"] == vol["configMap"]["name"]]
+    return cm["data"]
+
+
+def test_k8s_fleet_pipeline_files_load_as_one_fleet(fleet, tmp_path):
+    """Every file of the workers' pipeline directory loads (its mounted key file replaced by a
+    temporary one), and the files pass the checks `run DIR` makes: distinct names, one metrics
+    listener, one fleet whose pipelines agree on the group's timeouts."""
+    files = _fleet_files(fleet)
+    assert len(files) >= 3 and all(name.endswith(".toml") for name in files), sorted(files)
+    named = [(Path(name), pipeline_with_key_file(text, tmp_path)) for name, text in sorted(files.items())]
+    check_together(named)
+    cfgs = [cfg for _, cfg in named]
+    members = group_members(cfgs, None)  # builds the group member, joins nothing
+    assert list(members) == [cfgs[0].fleet.group_id], "one fleet"
+    for cfg in cfgs:
+        assert cfg.state.backend == "kafka" and cfg.kafka is not None, cfg.pipeline.name
+        assert cfg.metrics.enabled and cfg.metrics.listen == "0.0.0.0:9464", cfg.pipeline.name
+    assert len({cfg.tanium.host for cfg in cfgs}) == len(cfgs), "one Tanium server per pipeline"
+
+
+def test_k8s_fleet_every_pipeline_has_its_own_mounted_secret(fleet):
+    pod, c = _fleet_pod(fleet)
+    secrets = {d["metadata"]["name"]: d for d in fleet["Secret"]}
+    used = []
+    for name, text in sorted(_fleet_files(fleet).items()):
+        tanium = tomllib.loads(text)["tanium"]
+        assert "api_key" not in tanium, f"{name}: no key in the ConfigMap"
+        mount, vol = _mounted(pod, c, tanium["api_key_file"])
+        assert mount.get("readOnly") and "subPath" not in mount, f"{name}: a subPath mount never sees an update"
+        items = {i["path"]: i["key"] for i in vol["secret"]["items"]}
+        key = items[tanium["api_key_file"][len(mount["mountPath"]) + 1 :]]
+        secret = secrets[vol["secret"]["secretName"]]
+        assert key in secret.get("stringData", secret.get("data", {})), f"{name}: the Secret has no {key!r}"
+        used.append(secret["metadata"]["name"])
+    assert sorted(used) == sorted(secrets), "one Secret per pipeline, and no Secret nobody uses"
+    for secret in secrets.values():  # placeholders, never a real token
+        assert all(v.startswith("REPLACE-") for v in secret["stringData"].values()), secret["metadata"]["name"]
+
+
+def test_k8s_fleet_workers_are_probed_hardened_and_scraped(fleet, k8s, tmp_path):
+    """Several workers, probes on the one listener of the files, the hardening of the single-pipeline
+    Deployment, and pods the shared Service (the Prometheus job) selects."""
+    (dep,) = fleet["Deployment"]
+    spec = dep["spec"]
+    assert spec["replicas"] >= 2 and spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    pod, c = _fleet_pod(fleet)
+    base = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == base["securityContext"]
+    assert c["securityContext"] == _container(k8s)["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    assert any(m["mountPath"] == "/tmp" and not m.get("readOnly") for m in c["volumeMounts"])
+    cfgs = [pipeline_with_key_file(text, tmp_path) for text in _fleet_files(fleet).values()]
+    assert pod["terminationGracePeriodSeconds"] > max(cfg.pipeline.shutdown_timeout for cfg in cfgs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    (listen,) = {cfg.metrics.listen for cfg in cfgs}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and ports.get(get["port"], get["port"]) == listen_port(listen)
+    (svc,) = fleet["Service"]
+    assert svc["metadata"]["name"] == "tanium-connector", "the Service name is the job label the alerts use"
+    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] in ports
+    assert [r["spec"]["groups"] for r in fleet["PrometheusRule"]] == [load_yaml(ALERTS)["groups"]]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (kustomize render skipped)")
+def test_k8s_fleet_kustomization_renders(fleet):
+    out = subprocess.run(["kubectl", "kustomize", str(FLEET)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"] + ["Secret"] * 3)
+    assert all(d["metadata"]["namespace"] == "tanium-connector" for d in docs)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    # the generated name (with its content hash) is the one the workers mount: a changed file rolls them
+    assert [v["configMap"]["name"] for v in volumes if "configMap" in v] == [cm["metadata"]["name"]]
+    assert cm["data"] == _fleet_files(fleet)
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["image"].startswith("registry.example.com/")
 
 
 # ---- dashboard --------------------------------------------------------------------------------
