@@ -24,7 +24,7 @@ import yaml
 from connector.cli import build_parser
 from connector.config import parse_pipeline
 from connector.metrics import HealthServer, Metrics
-from connector.stream.fleet import check_together, group_members
+from connector.stream.fleet import check_together, group_members, pipeline_files
 from connector.tools.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -321,6 +321,15 @@ def _bind_mounts(service: dict) -> list[tuple[Path, str]]:
     return out
 
 
+def _by_command(compose, command: str) -> dict[str, object]:
+    """{service: parsed command line} of the services running `tanium-connector COMMAND`."""
+    out = {}
+    for name, service in compose["services"].items():
+        if service.get("build") and service["command"][0] == command:
+            out[name] = build_parser().parse_args(service["command"])
+    return out
+
+
 def test_compose_has_the_whole_stack(compose):
     s = compose["services"]
     assert s["kafka"]["image"].startswith("apache/kafka:")
@@ -331,19 +340,29 @@ def test_compose_has_the_whole_stack(compose):
     assert any("kafka:9092" in a for a in s["kafka-exporter"]["command"])
     assert s["prometheus"]["image"].startswith("prom/prometheus:")
     assert s["grafana"]["image"].startswith("grafana/grafana:")
-    for name in ("simulator", "connector"):
+    built = [name for name, service in s.items() if service.get("build")]
+    assert len(_by_command(compose, "simulate")) == 3 and len(_by_command(compose, "run")) == 2
+    assert len(built) == 5, built
+    for name in built:
         build = s[name]["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
 
 
 def test_compose_commands_are_real_subcommands(compose):
+    """Three simulators listening for the other containers; two workers running one mounted
+    directory of pipeline files."""
     s = compose["services"]
-    sim = build_parser().parse_args(s["simulator"]["command"])
-    assert sim.command == "simulate" and sim.host == "0.0.0.0"
-    run = build_parser().parse_args(s["connector"]["command"])
-    assert run.command == "run"
-    mounts = dict((dst, src) for src, dst in _bind_mounts(s["connector"]))
-    assert run.pipeline in mounts, "the connector's pipeline file is not mounted"
+    for name, sim in _by_command(compose, "simulate").items():
+        assert sim.host == "0.0.0.0", name
+        assert s[name].get("healthcheck"), f"{name}: the workers wait for it to be healthy"
+    sources = set()
+    for name, run in _by_command(compose, "run").items():
+        (folder,) = run.pipeline
+        mounts = {dst: src for src, dst in _bind_mounts(s[name])}
+        assert folder in mounts and mounts[folder].is_dir(), f"{name}: the pipeline directory is not mounted"
+        sources.add(mounts[folder])
+        assert set(_by_command(compose, "simulate")) <= set(s[name]["depends_on"]), name
+    assert len(sources) == 1, "the workers of a fleet run the same directory"
 
 
 def test_compose_files_exist(compose):
@@ -354,33 +373,49 @@ def test_compose_files_exist(compose):
         assert (DEPLOY / secret["file"]).is_file(), f"secret {name}: {secret['file']} missing"
 
 
-def test_compose_pipeline_points_at_the_compose_services(compose, tmp_path):
+def _compose_fleet(compose) -> tuple[list[str], Path]:
+    """The worker services and the pipeline directory they run."""
+    workers = _by_command(compose, "run")
+    name, run = next(iter(workers.items()))
+    mounts = {dst: src for src, dst in _bind_mounts(compose["services"][name])}
+    return sorted(workers), mounts[run.pipeline[0]]
+
+
+def test_compose_fleet_points_at_the_compose_services(compose, tmp_path):
+    """The pipeline files load as one fleet (the checks of `run DIR`), each reads its own simulator
+    with a key the simulator accepts from a secret the workers have, Kafka by its advertised name,
+    metrics where Prometheus scrapes both workers; the SIEM stand-in reads every events topic."""
     s = compose["services"]
-    run = build_parser().parse_args(s["connector"]["command"])
-    src = dict((dst, src) for src, dst in _bind_mounts(s["connector"]))[run.pipeline]
-    cfg = pipeline_with_key_file(src.read_text(), tmp_path)
-    raw = tomllib.loads(src.read_text())
-    sim = build_parser().parse_args(s["simulator"]["command"])
-    assert (cfg.tanium.host, cfg.tanium.port) == ("simulator", sim.port)
-    # the key file is the compose secret, and holds the key the simulator accepts
-    secret = s["connector"]["secrets"][0]
-    assert raw["tanium"]["api_key_file"] == f"/run/secrets/{secret}"
-    assert (DEPLOY / compose["secrets"][secret]["file"]).read_text().strip() == (sim.api_key or "token-demo")
+    workers, folder = _compose_fleet(compose)
+    files = pipeline_files([str(folder)])
+    assert len(files) == 3
+    named = [(f, pipeline_with_key_file(f.read_text(), tmp_path)) for f in files]
+    check_together(named)
+    cfgs = [cfg for _, cfg in named]
+    assert len(group_members(cfgs, None)) == 1, "one fleet"
+    sims = _by_command(compose, "simulate")
+    assert sorted((cfg.tanium.host, cfg.tanium.port) for cfg in cfgs) == sorted((n, a.port) for n, a in sims.items())
     advertised = s["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    for server in cfg.kafka.bootstrap_servers:
-        assert f"//{server}" in advertised, f"{server} is not an advertised Kafka listener"
-    # metrics reachable from Prometheus, on the port the scrape config uses
-    host, _, port = cfg.metrics.listen.rpartition(":")
+    (consumer,) = re.findall(r"--include '([^']+)'", " ".join(s["downstream-consumer"]["command"]))
+    for f, cfg in named:
+        key_file = tomllib.loads(f.read_text())["tanium"]["api_key_file"]
+        secret = key_file.removeprefix("/run/secrets/")
+        assert all(secret in s[w]["secrets"] for w in workers), f"{f.name}: {secret} is not given to every worker"
+        key = (DEPLOY / compose["secrets"][secret]["file"]).read_text().strip()
+        assert key == (sims[cfg.tanium.host].api_key or "token-demo"), f"{f.name}: the simulator rejects the key"
+        for server in cfg.kafka.bootstrap_servers:
+            assert f"//{server}" in advertised, f"{server} is not an advertised Kafka listener"
+        assert cfg.state.backend == "kafka", "the workers share checkpoints through Kafka"
+        assert re.fullmatch(consumer, cfg.kafka.topic), f"the SIEM stand-in does not read {cfg.kafka.topic}"
+    # one listener per worker, reachable from Prometheus, which scrapes every worker
+    (listen,) = {cfg.metrics.listen for cfg in cfgs}
+    host, _, port = listen.rpartition(":")
     assert host == "0.0.0.0"
     prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tanium-connector")
-    assert job["static_configs"][0]["targets"] == [f"connector:{port}"]
-    assert any(p.endswith(f":{port}") for p in s["connector"]["ports"])
-    # checkpoints land in the named volume
-    volume_dst = next(v.split(":")[1] for v in s["connector"]["volumes"] if not v.startswith("."))
-    assert cfg.state.backend == "file" and cfg.state.path.startswith(volume_dst)
-    # the consumer standing in for a SIEM reads the connector's topic (Downstream row)
-    assert f"--topic {cfg.kafka.topic}" in " ".join(s["downstream-consumer"]["command"])
+    assert job["static_configs"][0]["targets"] == [f"{w}:{port}" for w in workers]
+    published = [p for w in workers for p in s[w]["ports"]]
+    assert all(p.endswith(f":{port}") for p in published) and len(set(published)) == len(workers)
 
 
 def test_compose_prometheus_and_grafana_wiring(compose):
@@ -792,7 +827,7 @@ def test_every_label_in_dashboard_and_rules_exists(exposed):
 def test_init_from_config_exposes_poll_interval_and_zero_delivery_failures(tmp_path):
     """The stale-poll alert needs the poll interval; the delivery-failure alert and panel need the
     per-topic series before the first failure."""
-    cfg = pipeline_with_key_file((DEPLOY / "pipelines" / "compose.toml").read_text(), tmp_path)
+    cfg = pipeline_with_key_file((DEPLOY / "pipelines" / "fleet" / "emea.toml").read_text(), tmp_path)
     m = Metrics(cfg.pipeline.name)
     m.init_from_config(cfg)
     text = m.render().decode()
