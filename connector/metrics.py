@@ -208,16 +208,31 @@ class Metrics:
 
     def init_from_config(self, cfg) -> None:
         """Series only the pipeline file knows (call once for a stream pipeline): the poll interval,
-        which the stale-poll alert multiplies by 3, and zero delivery failures per output topic, so
-        the first failure shows as an increase and the dashboard shows 0 instead of "No data"."""
+        which the stale-poll alert multiplies by 3; zero delivery failures per output topic, so the
+        first failure shows as an increase and the dashboard shows 0 instead of "No data"; and, for a
+        pipeline of a fleet or with HA, this worker's pipelines and rebalances in its Kafka group (the
+        last-rebalance time stays unset until the first)."""
         self.poll_interval.labels(self.pipeline).set(cfg.tanium.poll_interval)
         if cfg.kafka is not None:
             formats = [cfg.kafka.topics[f] for f in cfg.output.formats if f != "normalized"]
             for topic in (cfg.kafka.topic, cfg.kafka.dlq_topic, *formats):
                 self.delivery_failures.labels(self.pipeline, topic)
+        group = member_group(cfg)
+        if group is not None:  # the worker's series of its group, at 0 until the member joins (its first rebalance)
+            self.fleet_pipelines.labels(group, WORKER)
+            self.fleet_rebalances.labels(group, WORKER)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def member_group(cfg) -> str | None:
+    """The Kafka group a stream pipeline's process joins: its fleet's, its own with [ha], else none."""
+    from connector.stream.leader import fleet_group, group_id  # leader.py labels its series with WORKER
+
+    if cfg.fleet is not None:
+        return fleet_group(cfg.fleet.group_id)
+    return group_id(cfg.pipeline.name) if cfg.ha.enabled else None
 
 
 Check = Callable[[], tuple[bool, str]]

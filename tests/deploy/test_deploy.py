@@ -24,6 +24,7 @@ import yaml
 from connector.cli import build_parser
 from connector.config import parse_pipeline
 from connector.metrics import HealthServer, Metrics
+from connector.stream.fleet import check_together, group_members, pipeline_files
 from connector.tools.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,17 @@ DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "tanium-connector.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 K8S = DEPLOY / "kubernetes"
-ROWS = ["Overview", "Tanium API", "Enrichment", "Normalize", "Kafka sink", "Validation", "Downstream", "Process"]
+ROWS = [
+    "Overview",
+    "Tanium API",
+    "Enrichment",
+    "Normalize",
+    "Kafka sink",
+    "Validation",
+    "Downstream",
+    "Fleet",
+    "Process",
+]
 # Metrics that come from elsewhere than the connector's /metrics.
 EXTERNAL = {"up": "Prometheus (scrape status)", "kafka_": "kafka_exporter"}
 
@@ -310,6 +321,15 @@ def _bind_mounts(service: dict) -> list[tuple[Path, str]]:
     return out
 
 
+def _by_command(compose, command: str) -> dict[str, object]:
+    """{service: parsed command line} of the services running `tanium-connector COMMAND`."""
+    out = {}
+    for name, service in compose["services"].items():
+        if service.get("build") and service["command"][0] == command:
+            out[name] = build_parser().parse_args(service["command"])
+    return out
+
+
 def test_compose_has_the_whole_stack(compose):
     s = compose["services"]
     assert s["kafka"]["image"].startswith("apache/kafka:")
@@ -320,19 +340,29 @@ def test_compose_has_the_whole_stack(compose):
     assert any("kafka:9092" in a for a in s["kafka-exporter"]["command"])
     assert s["prometheus"]["image"].startswith("prom/prometheus:")
     assert s["grafana"]["image"].startswith("grafana/grafana:")
-    for name in ("simulator", "connector"):
+    built = [name for name, service in s.items() if service.get("build")]
+    assert len(_by_command(compose, "simulate")) == 3 and len(_by_command(compose, "run")) == 2
+    assert len(built) == 5, built
+    for name in built:
         build = s[name]["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
 
 
 def test_compose_commands_are_real_subcommands(compose):
+    """Three simulators listening for the other containers; two workers running one mounted
+    directory of pipeline files."""
     s = compose["services"]
-    sim = build_parser().parse_args(s["simulator"]["command"])
-    assert sim.command == "simulate" and sim.host == "0.0.0.0"
-    run = build_parser().parse_args(s["connector"]["command"])
-    assert run.command == "run"
-    mounts = dict((dst, src) for src, dst in _bind_mounts(s["connector"]))
-    assert run.pipeline in mounts, "the connector's pipeline file is not mounted"
+    for name, sim in _by_command(compose, "simulate").items():
+        assert sim.host == "0.0.0.0", name
+        assert s[name].get("healthcheck"), f"{name}: the workers wait for it to be healthy"
+    sources = set()
+    for name, run in _by_command(compose, "run").items():
+        (folder,) = run.pipeline
+        mounts = {dst: src for src, dst in _bind_mounts(s[name])}
+        assert folder in mounts and mounts[folder].is_dir(), f"{name}: the pipeline directory is not mounted"
+        sources.add(mounts[folder])
+        assert set(_by_command(compose, "simulate")) <= set(s[name]["depends_on"]), name
+    assert len(sources) == 1, "the workers of a fleet run the same directory"
 
 
 def test_compose_files_exist(compose):
@@ -343,33 +373,49 @@ def test_compose_files_exist(compose):
         assert (DEPLOY / secret["file"]).is_file(), f"secret {name}: {secret['file']} missing"
 
 
-def test_compose_pipeline_points_at_the_compose_services(compose, tmp_path):
+def _compose_fleet(compose) -> tuple[list[str], Path]:
+    """The worker services and the pipeline directory they run."""
+    workers = _by_command(compose, "run")
+    name, run = next(iter(workers.items()))
+    mounts = {dst: src for src, dst in _bind_mounts(compose["services"][name])}
+    return sorted(workers), mounts[run.pipeline[0]]
+
+
+def test_compose_fleet_points_at_the_compose_services(compose, tmp_path):
+    """The pipeline files load as one fleet (the checks of `run DIR`), each reads its own simulator
+    with a key the simulator accepts from a secret the workers have, Kafka by its advertised name,
+    metrics where Prometheus scrapes both workers; the SIEM stand-in reads every events topic."""
     s = compose["services"]
-    run = build_parser().parse_args(s["connector"]["command"])
-    src = dict((dst, src) for src, dst in _bind_mounts(s["connector"]))[run.pipeline]
-    cfg = pipeline_with_key_file(src.read_text(), tmp_path)
-    raw = tomllib.loads(src.read_text())
-    sim = build_parser().parse_args(s["simulator"]["command"])
-    assert (cfg.tanium.host, cfg.tanium.port) == ("simulator", sim.port)
-    # the key file is the compose secret, and holds the key the simulator accepts
-    secret = s["connector"]["secrets"][0]
-    assert raw["tanium"]["api_key_file"] == f"/run/secrets/{secret}"
-    assert (DEPLOY / compose["secrets"][secret]["file"]).read_text().strip() == (sim.api_key or "token-demo")
+    workers, folder = _compose_fleet(compose)
+    files = pipeline_files([str(folder)])
+    assert len(files) == 3
+    named = [(f, pipeline_with_key_file(f.read_text(), tmp_path)) for f in files]
+    check_together(named)
+    cfgs = [cfg for _, cfg in named]
+    assert len(group_members(cfgs, None)) == 1, "one fleet"
+    sims = _by_command(compose, "simulate")
+    assert sorted((cfg.tanium.host, cfg.tanium.port) for cfg in cfgs) == sorted((n, a.port) for n, a in sims.items())
     advertised = s["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    for server in cfg.kafka.bootstrap_servers:
-        assert f"//{server}" in advertised, f"{server} is not an advertised Kafka listener"
-    # metrics reachable from Prometheus, on the port the scrape config uses
-    host, _, port = cfg.metrics.listen.rpartition(":")
+    (consumer,) = re.findall(r"--include '([^']+)'", " ".join(s["downstream-consumer"]["command"]))
+    for f, cfg in named:
+        key_file = tomllib.loads(f.read_text())["tanium"]["api_key_file"]
+        secret = key_file.removeprefix("/run/secrets/")
+        assert all(secret in s[w]["secrets"] for w in workers), f"{f.name}: {secret} is not given to every worker"
+        key = (DEPLOY / compose["secrets"][secret]["file"]).read_text().strip()
+        assert key == (sims[cfg.tanium.host].api_key or "token-demo"), f"{f.name}: the simulator rejects the key"
+        for server in cfg.kafka.bootstrap_servers:
+            assert f"//{server}" in advertised, f"{server} is not an advertised Kafka listener"
+        assert cfg.state.backend == "kafka", "the workers share checkpoints through Kafka"
+        assert re.fullmatch(consumer, cfg.kafka.topic), f"the SIEM stand-in does not read {cfg.kafka.topic}"
+    # one listener per worker, reachable from Prometheus, which scrapes every worker
+    (listen,) = {cfg.metrics.listen for cfg in cfgs}
+    host, _, port = listen.rpartition(":")
     assert host == "0.0.0.0"
     prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tanium-connector")
-    assert job["static_configs"][0]["targets"] == [f"connector:{port}"]
-    assert any(p.endswith(f":{port}") for p in s["connector"]["ports"])
-    # checkpoints land in the named volume
-    volume_dst = next(v.split(":")[1] for v in s["connector"]["volumes"] if not v.startswith("."))
-    assert cfg.state.backend == "file" and cfg.state.path.startswith(volume_dst)
-    # the consumer standing in for a SIEM reads the connector's topic (Downstream row)
-    assert f"--topic {cfg.kafka.topic}" in " ".join(s["downstream-consumer"]["command"])
+    assert job["static_configs"][0]["targets"] == [f"{w}:{port}" for w in workers]
+    published = [p for w in workers for p in s[w]["ports"]]
+    assert all(p.endswith(f":{port}") for p in published) and len(set(published)) == len(workers)
 
 
 def test_compose_prometheus_and_grafana_wiring(compose):
@@ -396,16 +442,33 @@ def test_compose_prometheus_and_grafana_wiring(compose):
 # ---- Kubernetes -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def k8s() -> dict[str, dict]:
-    kust = load_yaml(K8S / "kustomization.yaml")
-    docs = {}
-    for res in kust["resources"]:
-        path = K8S / res
-        assert path.is_file(), f"kustomization lists {res}, which does not exist"
+def kustomize_docs(root: Path) -> list[dict]:
+    """The documents a kustomization lists (files, and other kustomizations' directories, followed)
+    and the ConfigMaps its configMapGenerator makes, read without kustomize: names without the hash
+    suffix, no namespace. test_k8s_*_renders checks the real rendering where kubectl exists."""
+    kust = load_yaml(root / "kustomization.yaml")
+    docs = []
+    for res in kust.get("resources", []):
+        path = (root / res).resolve()
+        if path.is_dir():
+            docs += kustomize_docs(path)
+            continue
+        assert path.is_file(), f"{root}/kustomization.yaml lists {res}, which does not exist"
         for d in load_yaml_all(path):
             assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name"), f"{res}: incomplete"
-            docs[d["kind"]] = d
+            docs.append(d)
+    for gen in kust.get("configMapGenerator", []):
+        data = {Path(f).name: (root / f).read_text(encoding="utf-8") for f in gen["files"]}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    docs = {}
+    for d in kustomize_docs(K8S):
+        assert d["kind"] not in docs, f"two {d['kind']}s in {K8S}"
+        docs[d["kind"]] = d
     return docs
 
 
@@ -418,10 +481,11 @@ def _k8s_pipeline(k8s, tmp_path):
     c = _container(k8s)
     run = build_parser().parse_args(c["args"])
     assert run.command == "run"
-    mount = next(m for m in c["volumeMounts"] if run.pipeline.startswith(m["mountPath"] + "/"))
+    (path,) = run.pipeline
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
     vol = next(v for v in k8s["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     assert vol["configMap"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
-    text = k8s["ConfigMap"]["data"][run.pipeline[len(mount["mountPath"]) + 1 :]]
+    text = k8s["ConfigMap"]["data"][path[len(mount["mountPath"]) + 1 :]]
     return text, pipeline_with_key_file(text, tmp_path)
 
 
@@ -508,6 +572,128 @@ def test_k8s_kustomization_renders():
     assert all(d["metadata"]["namespace"] == "tanium-connector" for d in docs)
 
 
+# ---- Kubernetes: the fleet example ------------------------------------------------------------
+
+FLEET = K8S / "fleet"
+
+
+@pytest.fixture(scope="module")
+def fleet() -> dict[str, list[dict]]:
+    """The fleet example's documents by kind."""
+    out: dict[str, list[dict]] = {}
+    for d in kustomize_docs(FLEET):
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def _fleet_pod(fleet) -> tuple[dict, dict]:
+    (dep,) = fleet["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    return pod, c
+
+
+def _mounted(pod: dict, c: dict, path: str) -> tuple[dict, dict]:
+    """The volume mount holding `path` (a file inside a directory mount) and its volume."""
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    return mount, next(v for v in pod["volumes"] if v["name"] == mount["name"])
+
+
+def _fleet_files(fleet) -> dict[str, str]:
+    """{file name: text} of the pipeline directory the workers run (the ConfigMap they mount)."""
+    pod, c = _fleet_pod(fleet)
+    run = build_parser().parse_args(c["args"])
+    assert run.command == "run"
+    (folder,) = run.pipeline
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"].rstrip("/") == folder.rstrip("/"))
+    vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (cm,) = [d for d in fleet["ConfigMap"] if d["metadata"]["name"] == vol["configMap"]["name"]]
+    return cm["data"]
+
+
+def test_k8s_fleet_pipeline_files_load_as_one_fleet(fleet, tmp_path):
+    """Every file of the workers' pipeline directory loads (its mounted key file replaced by a
+    temporary one), and the files pass the checks `run DIR` makes: distinct names, one metrics
+    listener, one fleet whose pipelines agree on the group's timeouts."""
+    files = _fleet_files(fleet)
+    assert len(files) >= 3 and all(name.endswith(".toml") for name in files), sorted(files)
+    named = [(Path(name), pipeline_with_key_file(text, tmp_path)) for name, text in sorted(files.items())]
+    check_together(named)
+    cfgs = [cfg for _, cfg in named]
+    members = group_members(cfgs, None)  # builds the group member, joins nothing
+    assert list(members) == [cfgs[0].fleet.group_id], "one fleet"
+    for cfg in cfgs:
+        assert cfg.state.backend == "kafka" and cfg.kafka is not None, cfg.pipeline.name
+        assert cfg.metrics.enabled and cfg.metrics.listen == "0.0.0.0:9464", cfg.pipeline.name
+    assert len({cfg.tanium.host for cfg in cfgs}) == len(cfgs), "one Tanium server per pipeline"
+
+
+def test_k8s_fleet_every_pipeline_has_its_own_mounted_secret(fleet):
+    pod, c = _fleet_pod(fleet)
+    secrets = {d["metadata"]["name"]: d for d in fleet["Secret"]}
+    used = []
+    for name, text in sorted(_fleet_files(fleet).items()):
+        tanium = tomllib.loads(text)["tanium"]
+        assert "api_key" not in tanium, f"{name}: no key in the ConfigMap"
+        mount, vol = _mounted(pod, c, tanium["api_key_file"])
+        assert mount.get("readOnly") and "subPath" not in mount, f"{name}: a subPath mount never sees an update"
+        items = {i["path"]: i["key"] for i in vol["secret"]["items"]}
+        key = items[tanium["api_key_file"][len(mount["mountPath"]) + 1 :]]
+        secret = secrets[vol["secret"]["secretName"]]
+        assert key in secret.get("stringData", secret.get("data", {})), f"{name}: the Secret has no {key!r}"
+        used.append(secret["metadata"]["name"])
+    assert sorted(used) == sorted(secrets), "one Secret per pipeline, and no Secret nobody uses"
+    for secret in secrets.values():  # placeholders, never a real token
+        assert all(v.startswith("REPLACE-") for v in secret["stringData"].values()), secret["metadata"]["name"]
+
+
+def test_k8s_fleet_workers_are_probed_hardened_and_scraped(fleet, k8s, tmp_path):
+    """Several workers, probes on the one listener of the files, the hardening of the single-pipeline
+    Deployment, and pods the shared Service (the Prometheus job) selects."""
+    (dep,) = fleet["Deployment"]
+    spec = dep["spec"]
+    assert spec["replicas"] >= 2 and spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    pod, c = _fleet_pod(fleet)
+    base = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == base["securityContext"]
+    assert c["securityContext"] == _container(k8s)["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    assert any(m["mountPath"] == "/tmp" and not m.get("readOnly") for m in c["volumeMounts"])
+    cfgs = [pipeline_with_key_file(text, tmp_path) for text in _fleet_files(fleet).values()]
+    assert pod["terminationGracePeriodSeconds"] > max(cfg.pipeline.shutdown_timeout for cfg in cfgs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    (listen,) = {cfg.metrics.listen for cfg in cfgs}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and ports.get(get["port"], get["port"]) == listen_port(listen)
+    (svc,) = fleet["Service"]
+    assert svc["metadata"]["name"] == "tanium-connector", "the Service name is the job label the alerts use"
+    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] in ports
+    assert [r["spec"]["groups"] for r in fleet["PrometheusRule"]] == [load_yaml(ALERTS)["groups"]]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (kustomize render skipped)")
+def test_k8s_fleet_kustomization_renders(fleet):
+    out = subprocess.run(["kubectl", "kustomize", str(FLEET)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"] + ["Secret"] * 3)
+    assert all(d["metadata"]["namespace"] == "tanium-connector" for d in docs)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    # the generated name (with its content hash) is the one the workers mount: a changed file rolls them
+    assert [v["configMap"]["name"] for v in volumes if "configMap" in v] == [cm["metadata"]["name"]]
+    assert cm["data"] == _fleet_files(fleet)
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["image"].startswith("registry.example.com/")
+
+
 # ---- dashboard --------------------------------------------------------------------------------
 
 
@@ -542,14 +728,47 @@ def selectors(expr: str, name: str) -> list[str]:
     return [m.group(1) or "" for m in re.finditer(pattern, expr)]
 
 
+# Whether a pipeline runs is a question over every worker: filtered by instance, a pipeline another
+# instance runs would look as if nobody ran it. Its panels select pipelines only.
+ACROSS_WORKERS = {"tanium_connector_fleet_owner"}
+
+
+def connector_families() -> dict[str, tuple[str, ...]]:
+    """{family name: label names} of every family the connector's Metrics defines."""
+    return {a._name: tuple(a._labelnames) for a in vars(Metrics("families")).values() if hasattr(a, "_labelnames")}
+
+
 def test_dashboard_connector_queries_filter_by_pipeline_and_instance():
+    """Pipeline series follow $pipeline and $instance; a worker's series (its Kafka group's, no
+    pipeline label) follow $instance, whose values are the instances of the selected pipelines; the
+    owner of a pipeline follows $pipeline only (ACROSS_WORKERS)."""
+    families = connector_families()
+    worker_level = {f for f, labels in families.items() if "pipeline" not in labels}
+    assert worker_level == {
+        "tanium_connector_fleet_pipelines",
+        "tanium_connector_fleet_rebalances",
+        "tanium_connector_fleet_last_rebalance_timestamp_seconds",
+    }
     for row, title, expr in dashboard_queries():
         for name in metric_names(expr):
+            family = _family(name)
             for sel in selectors(expr, name):
-                if name.startswith(("tanium_connector_", "process_", "python_")) or name == "up":
-                    assert 'instance=~"$instance"' in sel, f"{row} / {title}: {name} ignores $instance"
-                if name.startswith("tanium_connector_"):
-                    assert 'pipeline=~"$pipeline"' in sel, f"{row} / {title}: {name} ignores $pipeline"
+                where = f"{row} / {title}: {name}"
+                if family in ACROSS_WORKERS:
+                    assert "instance" not in sel, f"{where} must count every worker, not the selected instances"
+                elif name.startswith(("tanium_connector_", "process_", "python_")) or name == "up":
+                    assert 'instance=~"$instance"' in sel, f"{where} ignores $instance"
+                if name.startswith("tanium_connector_") and family not in worker_level:
+                    assert 'pipeline=~"$pipeline"' in sel, f"{where} ignores $pipeline"
+
+
+def test_dashboard_fleet_row_shows_workers_and_owners():
+    fleet = [p for p in dashboard_panels() if p["_row"] == "Fleet"]
+    used = {_family(n) for p in fleet for t in p["targets"] for n in metric_names(t["expr"])}
+    assert used == {f for f in connector_families() if f.startswith("tanium_connector_fleet_")}
+    (owners,) = [p for p in fleet if p["type"] == "table"]
+    (expr,) = [t["expr"] for t in owners["targets"]]
+    assert label_names(expr)["grouping"] >= {"pipeline", "worker"} and expr.endswith("== 1)")
 
 
 # ---- metric names -----------------------------------------------------------------------------
@@ -608,7 +827,7 @@ def test_every_label_in_dashboard_and_rules_exists(exposed):
 def test_init_from_config_exposes_poll_interval_and_zero_delivery_failures(tmp_path):
     """The stale-poll alert needs the poll interval; the delivery-failure alert and panel need the
     per-topic series before the first failure."""
-    cfg = pipeline_with_key_file((DEPLOY / "pipelines" / "compose.toml").read_text(), tmp_path)
+    cfg = pipeline_with_key_file((DEPLOY / "pipelines" / "fleet" / "emea.toml").read_text(), tmp_path)
     m = Metrics(cfg.pipeline.name)
     m.init_from_config(cfg)
     text = m.render().decode()

@@ -2,7 +2,8 @@
 
 One stack per module: the TR simulator (with a 429, a 5xx, a garbage record and alerts with bad
 field values, so the error panels have something to show), the embedded broker, the connector
-started as `tanium-connector run FILE` (as the image does), and Debian's `prometheus` binary
+started as `tanium-connector run FILE` (as the image does; the pipeline is a fleet's, run by this one
+worker, so the Fleet row and the fleet rules have series), and Debian's `prometheus` binary
 scraping it every second with the alert rules loaded. Then every dashboard query (with
 $pipeline, $instance, $__rate_interval and $__range substituted) must parse and return data,
 every alert expression must parse and evaluate cleanly in the rule manager, every connector
@@ -40,6 +41,7 @@ from kafka.admin import NewTopic
 from test_deploy import (
     ALERTS,
     alert_rules,
+    connector_families,
     dashboard_queries,
     external_source,
     label_values_selector,
@@ -181,7 +183,10 @@ start_from = "30d"
 bootstrap_servers = "{broker.bootstrap}"
 topic = "{topic}"
 [state]
-path = "{tmp / "state"}"
+backend = "kafka"
+topic = "{topic}.state"
+[fleet]
+group_id = "{topic}"
 [metrics]
 listen = "127.0.0.1:{mport}"
 """)
@@ -364,10 +369,15 @@ def test_alert_expression_parses_and_evaluates(stack, rule):
 RULE_INPUTS = sorted({n for r in alert_rules() for n in metric_names(r["expr"]) if n.startswith("tanium_connector_")})
 
 
+WORKER_LEVEL = {f for f, labels in connector_families().items() if "pipeline" not in labels}
+
+
 @pytest.mark.parametrize("name", RULE_INPUTS)
 def test_metric_an_alert_needs_is_exported(stack, name):
-    """A rule on a series the running connector never exports can never fire."""
-    q = f'{name}{{job="{JOB}", pipeline="{PIPELINE}"}}'
+    """A rule on a series the running connector never exports can never fire. A worker's series
+    (of its Kafka group, without a pipeline label) are looked for on the pipeline's instance."""
+    which = f'instance="{stack.instance}"' if name.removesuffix("_total") in WORKER_LEVEL else f'pipeline="{PIPELINE}"'
+    q = f'{name}{{job="{JOB}", {which}}}'
     body = stack.poll(q, lambda b: b["data"]["result"])
     users = [r["alert"] for r in alert_rules() if name in metric_names(r["expr"])]
     assert body["data"]["result"], f"{name} (used by {', '.join(users)}) is not exported by a running connector"
@@ -415,6 +425,9 @@ def test_rules_evaluate_in_the_rule_manager_and_a_healthy_run_raises_no_outage(s
         "TaniumConnectorMissing",
         "TaniumConnectorPollStale",
         "TaniumConnectorKafkaDeliveryFailures",
+        "TaniumConnectorFleetPipelineUnowned",
+        "TaniumConnectorFleetGone",
+        "TaniumConnectorFleetWorkerOverloaded",
     }
     active = {r["name"] for r in rules if r["state"] in ("pending", "firing")}
     assert not active & outage, f"a healthy run raised {sorted(active & outage)}"

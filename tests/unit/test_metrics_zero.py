@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from connector.config import parse_pipeline
 from connector.fieldmap import DEFAULT_FIELD_MAP
-from connector.metrics import DLQ_REASONS, DROP_REASONS, KEY_RELOAD_RESULTS, RETRY_REASONS, Metrics
+from connector.metrics import DLQ_REASONS, DROP_REASONS, KEY_RELOAD_RESULTS, RETRY_REASONS, WORKER, Metrics
+from connector.stream.leader import election_for
 from connector.stream.normalize import NormalizeError, Normalizer, serialize
 from connector.tanium import TaniumClient, TaniumError
 
@@ -82,3 +84,63 @@ def test_every_retry_reason_the_client_produces_is_precreated(sim):
     retries = samples(m, "source_retries")
     assert set(retries) == {(r,) for r in RETRY_REASONS}
     assert retries[("429",)] == 1 and retries[("5xx",)] == 1 and retries[("network",)] == 2
+
+
+def _cfg(**sections):
+    raw = {
+        "pipeline": {"name": P},
+        "tanium": {"host": "tanium.example.com", "api_key": "token-test"},
+        "kafka": {"bootstrap_servers": "127.0.0.1:9", "topic": "t.events"},
+        "state": {"backend": "kafka"},
+        **sections,
+    }
+    return parse_pipeline(raw)
+
+
+def _worker_series(m: Metrics) -> dict[str, dict[tuple, float]]:
+    """{sample name: {(group, worker): value}} of the per-worker group families."""
+    out: dict[str, dict[tuple, float]] = {}
+    for metric in m.registry.collect():
+        if metric.name.startswith("tanium_connector_fleet_") and metric.name != "tanium_connector_fleet_owner":
+            for s in metric.samples:
+                if not s.name.endswith("_created"):
+                    out.setdefault(s.name, {})[(s.labels["group"], s.labels["worker"])] = s.value
+    return out
+
+
+@pytest.mark.parametrize(
+    "sections,group",
+    [
+        ({"fleet": {"group_id": "emea"}}, "tanium-connector.fleet.emea"),
+        ({"ha": {"enabled": True}}, f"tanium-connector.{P}.leader"),
+    ],
+    ids=["fleet", "ha"],
+)
+def test_a_group_members_worker_series_exist_at_zero_and_its_first_rebalance_counts(sections, group):
+    """A pipeline of a fleet (or with HA) has this worker's pipelines and rebalances in its group at
+    0 before the member joins; the member's own updates land on those series, so the join's
+    rebalance is an increase from 0. The last-rebalance time stays unset until a rebalance."""
+    cfg = _cfg(**sections)
+    m = Metrics(P)
+    m.init_from_config(cfg)
+    zero = {(group, WORKER): 0.0}
+    assert _worker_series(m) == {
+        "tanium_connector_fleet_pipelines": zero,
+        "tanium_connector_fleet_rebalances_total": zero,
+    }
+    election = election_for(cfg, m, on_change=None)  # builds the group member; joins nothing yet
+    assert election.member.group == group
+    election.member._assigned([])  # what the group's listener calls when a rebalance completes
+    series = _worker_series(m)
+    assert series["tanium_connector_fleet_rebalances_total"] == {(group, WORKER): 1.0}
+    assert series["tanium_connector_fleet_pipelines"] == zero
+    assert set(series["tanium_connector_fleet_last_rebalance_timestamp_seconds"]) == {(group, WORKER)}
+    # the pipeline's own series: not run here (yet), not the leader
+    assert m.registry.get_sample_value("tanium_connector_fleet_owner", {"pipeline": P, "worker": WORKER}) == 0
+    assert m.registry.get_sample_value("tanium_connector_ha_leader", {"pipeline": P}) == 0
+
+
+def test_a_pipeline_without_a_group_has_no_worker_series():
+    m = Metrics(P)
+    m.init_from_config(_cfg())
+    assert _worker_series(m) == {}
