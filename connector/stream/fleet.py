@@ -12,8 +12,9 @@ checkpoint and the metrics; stream mode only; one metrics listener), one metrics
 every pipeline, each within its own pipeline.shutdown_timeout). /readyz answers with one JSON object
 per pipeline and is 503 only when no pipeline is ready (the process itself cannot work: Kafka is
 unreachable, say); /healthz is 503 when any pipeline's poll loop is stuck, since only a restart
-frees it. A pipeline that fails ends alone (its error is logged and the exit code is 1); the
-others keep running.
+frees it. A pipeline that fails ends alone (its error is logged, /readyz names it, the exit code
+is 1) and the others keep running — unless it belongs to a fleet: then the worker stops (exit 1), since
+it would hold the pipeline in the group and no other worker would run it.
 
 Not shared yet: a Kafka producer per pipeline (not one per process), and threads per pipeline
 (a source thread and a processing thread each), which suits tens of pipelines, not hundreds.
@@ -101,6 +102,8 @@ class Fleet:
     def __init__(self, pipelines: list):
         self.pipelines = pipelines
         self.codes: dict[str, int] = {}
+        self.ended: dict[str, str] = {}  # why a pipeline stopped before the process did
+        self.stopping = False
 
     def run(self) -> int:
         threads = [
@@ -120,16 +123,34 @@ class Fleet:
         except Exception as e:  # noqa: BLE001 (one pipeline's end must not end the others)
             message = getattr(e, "message", None) or str(e)
             log.error("pipeline %s stopped: %s", name, message)
+            self.ended[name] = f"stopped: {message}"
             code = 1
         self.codes[name] = code
         log.info("summary %s: %s", name, json.dumps(pipe.summary.as_dict()))
+        if code and not self.stopping:
+            self.ended.setdefault(name, "stopped: " + "; ".join(pipe.summary.errors or ["an error"]))
+            if pipe.cfg.fleet is not None:
+                # its worker still holds it in the group, so no other worker would run it
+                log.error(
+                    "pipeline %s of fleet %s failed: stopping this worker, so that the group hands its "
+                    "pipelines to the other workers",
+                    name,
+                    pipe.cfg.fleet.group_id,
+                )
+                self.stop()
 
     def stop(self) -> None:
+        self.stopping = True
         for p in self.pipelines:
             p.stop()
 
     def readiness(self) -> tuple[bool, str]:
-        states = {p.cfg.pipeline.name: p.readiness() for p in self.pipelines}
+        states = {
+            p.cfg.pipeline.name: (False, self.ended[p.cfg.pipeline.name])
+            if p.cfg.pipeline.name in self.ended
+            else p.readiness()
+            for p in self.pipelines
+        }
         body = {name: {"ready": ok, "reason": why} for name, (ok, why) in states.items()}
         return any(ok for ok, _ in states.values()), json.dumps(body, sort_keys=True)
 
