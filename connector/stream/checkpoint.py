@@ -42,6 +42,7 @@ from kafka.record.memory_records import MemoryRecords
 from connector.config import ConfigError, KafkaSection
 from connector.kafka import SinkError, client_settings, close_producer, describe_servers, make_producer
 from connector.stream.source import Position
+from connector.stream.updates import Watermark
 from connector.timeutil import format_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -415,6 +416,8 @@ class PositionStore:
         if data is not None:
             try:
                 Position.from_checkpoint(data)
+                if "updates" in data:
+                    Watermark.from_checkpoint(data["updates"])
             except ValueError as e:
                 raise CheckpointError(
                     f"the checkpoint in {self.location} is invalid: {e}; fix it, or delete it to start "
