@@ -5,11 +5,11 @@ State changes, as Threat Response 4.x takes them: `PUT {TR_PATH}/alerts/{id}` wi
 at once. The state is one of unresolved, inprogress, resolved, suppressed. A change sets `state` and
 `updatedAt`, `ackedAt` on the first move off unresolved, and `suppressedAt` (the change's time when
 suppressed, else null). `updatedAt` is now, never before the newest updatedAt of any alert (the
-server clock does not go back), and one request gives all its alerts the same time, so a bulk change
-makes ties. Replies: `{"data": alert}` or `{"data": [alerts]}`; 400 for a body that is not a JSON
-object with a known state or a bulk request without ids, 404 for an unknown or pruned id (then
-nothing changes). Every change is logged in `changes` (id, guid, state, updatedAt), so tests know the
-truth.
+server clock does not go back) and always after the alert's own previous one; one request gives all
+its alerts the same time, so a bulk change makes ties. Replies: `{"data": alert}` or
+`{"data": [alerts]}`; 400 for a body that is not a JSON object with a known state or a bulk request
+without ids, 404 for an unknown or pruned id (then nothing changes). Every change is logged in
+`changes` (id, guid, state, updatedAt), so tests know the truth.
 
 Sorting by updatedAt: `sort=-updatedAt` (or `updatedAt`, optionally followed by `id` in the same
 direction) without filters is served from an index of (updatedAt, id) kept in step with changes and
@@ -127,7 +127,8 @@ class Lifecycle:
                 if not data.pruned < aid <= data.total():
                     raise ChangeError(404, f"alert {aid} not found")
             keys = self._index()
-            when = max(now_ms(), keys[-1] >> _ID_BITS if keys else 0)
+            # the clock does not go back, and a change is later than the alert's previous one
+            when = max(now_ms(), keys[-1] >> _ID_BITS if keys else 0, *(self._updated_ms(a - 1) + 1 for a in ids))
             stamp = iso_ms(when)
             for aid in dict.fromkeys(ids):
                 pos = aid - 1

@@ -66,8 +66,10 @@ createdAt: changes since then to alerts already published become update events (
 change may repeat the state its creation event carried).
 
 Cost: one request per cycle (FIRST_PAGE records from the top) when few alerts changed; more, in pages
-doubling up to `tanium.page_size`, when many did. Assumption: Tanium stamps updatedAt from a clock
-that does not go back; a change stamped earlier than a change already read would be missed.
+doubling up to `tanium.page_size`, when many did. Assumptions: Tanium stamps updatedAt from a clock
+that does not go back (a change stamped earlier than one already read would be missed), and a
+change of an alert gets a later updatedAt than its previous one (two changes of one alert within
+one millisecond are one change here: the event carries the state read).
 """
 
 from __future__ import annotations
@@ -287,7 +289,9 @@ class TrackedSource:
         if top is None:  # an empty list: every later change is newer than nothing
             top = old.at if old is not None else 0
         new = Watermark(top, frozenset(ties), self.since)
-        self.sent = {i: at for i, at in self.sent.items() if at > top or (at == top and i not in ties)}
+        # every alert published before or during this scan is now at or below the new watermark, or
+        # changed since (then its updatedAt differs): nothing left to remember
+        self.sent = {}
         self.mark = new
         if old is not None and new != old:
             yield [(MARK, Mark(pos.created_at, pos.id, pos.offset, new))]
