@@ -1,7 +1,8 @@
 """Checkpoint stores: where a pipeline's durable position lives between runs.
 
 The checkpoint is a JSON object from the pipeline (a source Position: {"created_at", "id",
-"offset"}); the store adds `saved_at`. The stores themselves treat it as opaque; open_store()
+"offset"}, with update tracking also `updates`, the watermark of connector/stream/updates.py); the
+store adds `saved_at`. The stores themselves treat it as opaque; open_store()
 wraps them in a PositionStore whose load() rejects a checkpoint with a missing or wrong field.
 Two backends:
 - file: one JSON file per pipeline in `state.path`, replaced atomically (temp file in the same
