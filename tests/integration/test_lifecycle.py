@@ -9,6 +9,7 @@ pipeline runs on a live stream of new alerts, in three formats.
 - With a kill -9 while changes are being published, and a restart: no change is lost; what repeats is
   exactly what at-least-once allows here, an event whose guid and updatedAt an event of that guid
   already carried; per guid updatedAt never goes back; the compacted read again equals the final states.
+- Exactly-once: the watermark is committed in a transaction after the update events it passes.
 - `run --dry-run --once` from a checkpoint shows the update events of the changes since, in each format.
 """
 
@@ -20,6 +21,7 @@ import requests
 from helpers import Cli, Running, make_cfg, read_topic, stream_sections, wait_until, write_pipeline
 
 from connector.simulator import TR_PATH, Simulator
+from connector.stream.checkpoint import read_committed_log
 from connector.stream.updates import epoch_ms
 
 FORMATS = ["normalized", "ocsf", "ecs"]
@@ -163,6 +165,33 @@ def test_a_kill9_while_changes_are_published_loses_none_and_repeats_only_identic
     topics = {fmt: _read(broker.bootstrap, topic_prefix, fmt) for fmt in FORMATS}
     for rows in topics.values():
         _check(rows, sim, crashed=True)
+
+
+def test_exactly_once_commits_the_update_watermark_with_the_update_events(broker, topic_prefix, tmp_path):
+    """In exactly-once mode the watermark a scan sets is in a transaction after its update events: the
+    committed checkpoint passes the changes, and the committed topic holds each once, in order."""
+    with Simulator(alerts=100, intel_docs=4, seed=24, history=3600) as sim:
+        cfg = make_cfg(
+            sim,
+            broker.bootstrap,
+            topic_prefix,
+            tmp_path,
+            pipeline={"delivery": "exactly-once"},
+            state={"backend": "kafka", "topic": f"{topic_prefix}.state"},
+            output={"formats": FORMATS},
+        )
+        with Running(cfg) as run:
+            for ids, state in ([5, 6, 7], "inprogress"), ([6], "resolved"), ([5, 7], "suppressed"):
+                wait_until(lambda: _settled(run.pipe.committed, sim, 100), what="the checkpoint past every change")
+                _put(sim, ids, state)
+            wait_until(lambda: _settled(run.pipe.committed, sim, 100), what="the checkpoint past every change")
+        saved = json.loads(read_committed_log(cfg.kafka, f"{topic_prefix}.state")[-1].value)
+    assert _settled(saved, sim, 100)
+    for fmt in FORMATS:
+        topic = cfg.kafka.topic if fmt == "normalized" else cfg.kafka.topics[fmt]
+        rows = [_view(fmt, json.loads(r.value)) for r in read_committed_log(cfg.kafka, topic)]
+        assert len([r for r in rows if r[1] != "created"]) == 6, fmt
+        _check(rows, sim, crashed=False)
 
 
 def test_dry_run_once_shows_the_update_events_since_the_checkpoint(tmp_path):
