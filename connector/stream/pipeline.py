@@ -5,8 +5,9 @@ normalizes and publishes the previous page, so the stages overlap. Memory stays 
 QUEUE_PAGES pages wait, and the sink blocks once `kafka.max_unacked` records are unacknowledged,
 which in turn stops the source (back pressure).
 
-Delivery: every record (events and DLQ records alike) enters an AckWindow in read order; the
-checkpoint moves only to the last record of the contiguous acknowledged prefix. When Kafka fails
+Delivery: every record (events and DLQ records alike, and the update watermark's markers, which
+have no Kafka record: stream/updates.py) enters an AckWindow in read order; the checkpoint moves
+only to the last record of the contiguous acknowledged prefix. When Kafka fails
 to confirm a record, the session ends and a new one reads again from the durable checkpoint
 (at-least-once: records after the checkpoint may repeat, none are lost).
 
