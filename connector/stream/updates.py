@@ -43,19 +43,24 @@ suppressed, else "updated"; any change of updatedAt is one (an acknowledgement t
 
 Durability
 ----------
-Every record carries the whole checkpoint (a `Mark`): the creation cursor's Position and the
-watermark in force. A completed scan that moved the watermark ends with a marker item carrying the
-new one: it enters the AckWindow without a Kafka record (the pipeline confirms it at once), so the
-checkpoint takes the new watermark only when every record before it, the scan's update events
-included, is acknowledged (in exactly-once mode: in the page's transaction). The checkpoint keeps it
-as `updates` {updated_at, ids, since}. A crash loses nothing: the next run scans again from the last
-durable watermark.
+Every record carries the whole checkpoint (a `Mark`): the creation cursor's Position, the watermark
+in force, and `published`: the alerts published since that watermark that a scan may still read, each
+with the updatedAt it was published with (an alert whose updatedAt is its createdAt never changed and
+is left out, so in the steady state this is a handful of alerts). A restart from any record's
+checkpoint therefore knows which states were published up to that record: the alerts a creation
+page published are not taken for changes, nor are the update events before it published again. A
+completed scan that moved the watermark ends with a marker item carrying the new one (and an empty
+`published`): it enters the AckWindow without a Kafka record (the pipeline confirms it at once), so
+the checkpoint takes the new watermark only when every record before it, the scan's update events
+included, is acknowledged (in exactly-once mode: in a transaction after theirs). The checkpoint keeps
+it as `updates` {updated_at, ids, since, published}. A crash loses nothing: the next run scans again
+from the durable watermark.
 
-What may repeat (at-least-once, after a crash or a rewind): an update event whose guid and updatedAt
-an event of that guid already carried (the same state: a change after the durable watermark published
-again, or the state a creation event after the creation checkpoint carried); and creation events after
-the creation checkpoint, read again with the state the alert has then. Per guid, updatedAt never goes
-back from one event to the next.
+What may repeat (at-least-once, after a crash or a rewind): only events sent after the durable
+checkpoint, which Kafka may have taken without the checkpoint knowing: update events (the same guid
+and updatedAt, so the same state) and creation events (read again with the state the alert has
+then). In exactly-once mode nothing repeats. Per guid, updatedAt never goes back from one event to
+the next.
 
 Start
 -----
@@ -119,6 +124,11 @@ def epoch_ms(value) -> int | None:
     return (when - _EPOCH) // _MS
 
 
+def _unchanged(alert, at: int) -> bool:
+    """An alert whose updatedAt is its createdAt never changed (a change is stamped later)."""
+    return epoch_ms(alert.get("createdAt")) == at
+
+
 def _iso(ms: int) -> str:
     return format_ts(_EPOCH + ms * _MS)
 
@@ -143,8 +153,8 @@ class Watermark:
     ids: frozenset[int]
     since: str | None
 
-    def to_checkpoint(self) -> dict:
-        return {"updated_at": _iso(self.at), "ids": sorted(self.ids), "since": self.since}
+    def to_checkpoint(self, published: list | None = None) -> dict:
+        return {"updated_at": _iso(self.at), "ids": sorted(self.ids), "since": self.since, "published": published or []}
 
     @classmethod
     def from_checkpoint(cls, data) -> Watermark:
@@ -165,6 +175,37 @@ class Watermark:
             raise ValueError(f"updates.since is {since!r}; it must be null or an ISO-8601 time")
         return cls(at, frozenset(ids), since)
 
+    @staticmethod
+    def published(data: dict) -> list[tuple[int, int]]:
+        """The checkpoint's `published` pairs (alert id, updatedAt in epoch ms); ValueError if malformed."""
+        pairs = data.get("published", [])
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+            for p in pairs
+        ):
+            raise ValueError(f"updates.published is {pairs!r}; it must be a list of [alert id, epoch ms] pairs")
+        return [(i, at) for i, at in pairs]
+
+
+class Published:
+    """What the session published since the last completed scan, as of one record: the first `n`
+    (alert id, updatedAt) pairs of an append-only log (one log per scan epoch, so a record keeps its
+    view for O(1)). Compared by identity of the log, so comparing positions stays cheap."""
+
+    __slots__ = ("log", "n")
+
+    def __init__(self, log: list[tuple[int, int]], n: int):
+        self.log, self.n = log, n
+
+    def pairs(self) -> list[list[int]]:
+        return [[i, at] for i, at in self.log[: self.n]]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Published) and self.log is other.log and self.n == other.n
+
+    def __hash__(self) -> int:
+        return hash((id(self.log), self.n))
+
 
 @dataclass(frozen=True)
 class Mark(Position):
@@ -173,11 +214,12 @@ class Mark(Position):
 
     updates: Watermark | None = None
     change: str | None = None
+    published: Published | None = None
 
     def to_checkpoint(self) -> dict:
         out = super().to_checkpoint()
         if self.updates is not None:
-            out["updates"] = self.updates.to_checkpoint()
+            out["updates"] = self.updates.to_checkpoint(self.published.pairs() if self.published else None)
         return out
 
 
@@ -193,6 +235,7 @@ class TrackedSource:
         self.since: str | None = None
         self.position = Position(None, None, 0)  # the creation cursor's, as of the last record yielded
         self.sent: dict[int, int] = {}  # alert id → updatedAt published since the last completed scan
+        self.log: list[tuple[int, int]] = []  # the same, in order: what records' positions carry
 
     @property
     def hit_limit(self) -> bool:
@@ -201,11 +244,13 @@ class TrackedSource:
     def resume(self, checkpoint: dict | None, start_at: datetime) -> None:
         self.source.resume(checkpoint, start_at)
         self.position = Position.from_checkpoint(checkpoint) if checkpoint else Position(None, None, 0)
-        self.sent = {}
+        self.sent, self.log = {}, []
         data = checkpoint.get("updates") if checkpoint else None
         if data is not None:
             self.mark = Watermark.from_checkpoint(data)
             self.since = self.mark.since
+            for ident, at in Watermark.published(data):
+                self._remember(ident, at)
         elif checkpoint and not self.source.from_start:  # written without update tracking
             created, ident = self.source.key
             self.mark, self.since = Watermark(epoch_ms(created) or 0, frozenset({ident}), None), None
@@ -217,16 +262,25 @@ class TrackedSource:
             for _ in self._scan(None):  # the anchor: sets the watermark, publishes nothing
                 pass
         mark = self.mark
+        assert mark is not None  # set by the anchor
         for page in self.source.cycle():
             out: list[tuple[object, Position]] = []
             for alert, pos in page:
                 key = update_key(alert)
-                if key is not None:
-                    self.sent[key[1]] = key[0]
+                # what a scan may still read (at or after the watermark), unless it never changed
+                if key is not None and key[0] >= mark.at and not _unchanged(alert, key[0]):
+                    self._remember(key[1], key[0])
                 self.position = pos
-                out.append((alert, Mark(pos.created_at, pos.id, pos.offset, mark)))
+                out.append((alert, Mark(pos.created_at, pos.id, pos.offset, mark, None, self._view())))
             yield out
         yield from self._scan(mark)
+
+    def _remember(self, ident: int, at: int) -> None:
+        self.sent[ident] = at
+        self.log.append((ident, at))
+
+    def _view(self) -> Published:
+        return Published(self.log, len(self.log))
 
     def _published(self, alert: dict) -> bool:
         """Whether the creation cursor published the alert: created at or after the floor and at or
@@ -279,7 +333,7 @@ class TrackedSource:
                     continue
                 change = self._change(alert, key)
                 if change is not None:
-                    out.append((alert, Mark(pos.created_at, pos.id, pos.offset, old, change)))
+                    out.append((alert, Mark(pos.created_at, pos.id, pos.offset, old, change, self._view())))
             if out:
                 yield out
             if done or len(items) < size:
@@ -291,7 +345,7 @@ class TrackedSource:
         new = Watermark(top, frozenset(ties), self.since)
         # every alert published before or during this scan is now at or below the new watermark, or
         # changed since (then its updatedAt differs): nothing left to remember
-        self.sent = {}
+        self.sent, self.log = {}, []
         self.mark = new
         if old is not None and new != old:
             yield [(MARK, Mark(pos.created_at, pos.id, pos.offset, new))]
@@ -299,9 +353,9 @@ class TrackedSource:
     def _change(self, alert: dict, key: tuple[int, int]) -> str | None:
         """ "updated" or "closed" when the change becomes an update event (see "Which changes"), else None."""
         at, ident = key
-        if self.sent.get(ident) == at or not self._published(alert):
+        if self.sent.get(ident) == at or _unchanged(alert, at) or not self._published(alert):
             return None
-        self.sent[ident] = at
+        self._remember(ident, at)
         state = alert.get("state")
         return "closed" if isinstance(state, str) and state.strip().lower() in CLOSED else "updated"
 
