@@ -33,12 +33,13 @@ Which changes become events, and their order per guid
 -----------------------------------------------------
 A changed record becomes an update event when its alert was published: created at or after the
 tracking floor (`since`: source.start_from when tracking began without a checkpoint) and at or before
-the creation cursor, and not already published with this very updatedAt in this session (`sent`: the
-updatedAt of every alert published, by creation or update event, since the last completed scan). An
-alert the creation cursor has not reached needs no update event: its creation event carries the state
-it has when it is read. A cycle delivers its creation pages first and its scan after, and scans
-move down the list in updatedAt order, so per guid the creation event comes first and update events
-follow with a newer updatedAt each. The event says "closed" when the new state is resolved or
+the creation cursor, changed since its creation (updatedAt later than createdAt), and not already
+published with this very updatedAt (`published`, see "Durability": the updatedAt of every alert
+published, by creation or update event, since the watermark). An alert the creation cursor has not
+reached needs no update event: its creation event carries the state it has when it is read. A
+cycle delivers its creation pages first and its scan after, and scans move down the list in
+updatedAt order, so per guid the creation event comes first and update events follow with a newer
+updatedAt each. The event says "closed" when the new state is resolved or
 suppressed, else "updated"; any change of updatedAt is one (an acknowledgement too: same state).
 
 Durability
