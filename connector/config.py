@@ -156,6 +156,8 @@ class TaniumSection(_Section):
 
 class SourceSection(_Section):
     start_from: str = "24h"
+    # also publish an update event when a published alert changes (connector/stream/updates.py)
+    track_updates: bool = True
 
     @field_validator("start_from")
     @classmethod

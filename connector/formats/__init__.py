@@ -38,8 +38,19 @@ class Settings:
         return cls(cfg.pipeline.name, cfg.output.include_raw, cfg.tanium.host)
 
 
-def render_all(formats: Sequence[str], alert: dict, event: dict, settings: Settings) -> list[dict]:
-    """One document per format of `formats`, in order, for an alert the normalizer turned into `event`."""
+# what an event says happened to the alert (normalized `event_action`): its creation, or a change of
+# its state (connector/stream/updates.py), a change to resolved or suppressed being its close
+ACTIONS = ("created", "updated", "closed")
+OCSF_ACTIVITY = {"created": 1, "updated": 2, "closed": 3}  # Create, Update, Close
+
+
+def render_all(
+    formats: Sequence[str], alert: dict, event: dict, settings: Settings, action: str | None = None
+) -> list[dict]:
+    """One document per format of `formats`, in order, for an alert the normalizer turned into `event`;
+    `action` is "updated" or "closed" for an update event (stream/updates.py), else None (its creation)."""
+    action = action or "created"
+    event["event_action"] = action
     out: list[dict] = []
     facts = raw = None
     for fmt in formats:
@@ -50,17 +61,17 @@ def render_all(formats: Sequence[str], alert: dict, event: dict, settings: Setti
             facts = Facts(alert, event)
             raw = _raw(alert) if settings.include_raw else None
         if fmt == "ocsf":
-            out.append(ocsf.render(facts, settings.pipeline, raw))
+            out.append(ocsf.render(facts, settings.pipeline, raw, OCSF_ACTIVITY[action]))
         elif fmt == "ecs":
-            out.append(ecs.render(facts, settings.pipeline, settings.observer_host, raw))
+            out.append(ecs.render(facts, settings.pipeline, settings.observer_host, raw, action))
         else:
             raise ValueError(f"unknown output format {fmt!r}; allowed: {', '.join(FORMATS)}")
     return out
 
 
-def render(fmt: str, alert: dict, event: dict, settings: Settings) -> dict:
+def render(fmt: str, alert: dict, event: dict, settings: Settings, action: str | None = None) -> dict:
     """The document of one format (see render_all)."""
-    return render_all((fmt,), alert, event, settings)[0]
+    return render_all((fmt,), alert, event, settings, action)[0]
 
 
 def encode(fmt: str, doc: dict, max_bytes: int) -> bytes:

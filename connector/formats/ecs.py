@@ -23,23 +23,27 @@ SEVERITY = {
     "high": (4, 73.0),
     "critical": (5, 99.0),
 }
-# match type → event.category; the event type of a new alert is "info" (expected by every one of them)
+# match type → event.category
 CATEGORIES = {
     "file": ["malware", "file"],
     "process": ["intrusion_detection", "process"],
     "port": ["intrusion_detection", "network"],
 }
+# event.type: "info" for every alert (expected by each category above); a state change adds "change"
+TYPES = {"created": ["info"], "updated": ["info", "change"], "closed": ["info", "change"]}
 OS_TYPES = {"windows": "windows", "linux": "linux", "macos": "macos", "mac": "macos"}
 OBSERVER = {"vendor": "Tanium", "product": "Threat Response", "type": "edr"}
 
 
-def render(facts: Facts, pipeline: str, observer_host: str, raw: str | None, event_type: str = "info") -> dict:
-    """The ECS document of one alert; `raw` is the alert as JSON text (None: left out)."""
+def render(facts: Facts, pipeline: str, observer_host: str, raw: str | None, action: str = "created") -> dict:
+    """The ECS document of one alert; `raw` is the alert as JSON text (None: left out); `action` is
+    "created", or "updated"/"closed" for a change of the alert's state (event.type gains "change")."""
     f = facts
     event: dict = {
         "kind": "alert",
         "category": CATEGORIES.get(f.match_type or "", ["intrusion_detection"]),
-        "type": [event_type],
+        "type": TYPES[action],
+        "action": action,
         "id": f.guid or f.uid,
         "dataset": DATASET,
         "module": "tanium",

@@ -3,8 +3,10 @@
 The mapping, field by field, is the table in docs/formats.md; the value checks are in alert.py.
 Profiles: `host` (the alert's endpoint as `device`) and `security_control` (the detection is an
 alert that blocked nothing: action Allowed, disposition Alert, `attacks` beside
-finding_info.attacks as the class description asks). `activity_id` is 1 Create: one finding per
-alert. Tanium fields with no OCSF home are under `unmapped` (see Facts.leftovers).
+finding_info.attacks as the class description asks). `activity_id` is 1 Create for a new alert, 2
+Update when its state changed, 3 Close when it changed to resolved or suppressed (the lifecycle,
+connector/stream/updates.py); `status_id` is always the alert's state at reading. Tanium fields
+with no OCSF home are under `unmapped` (see Facts.leftovers).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Endpoints (all need the `session` header, else 401; a trailing slash is accepted):
   GET /plugin/products/threat-response/api/v1/alerts        list: filters, sort, limit, offset, expand
   GET /plugin/products/threat-response/api/v1/alerts/{id}
+  PUT /plugin/products/threat-response/api/v1/alerts/{id}      {"state": …}: one alert's state (lifecycle.py)
+  PUT /plugin/products/threat-response/api/v1/alerts/?id=1&id=2  the same for several at once
   GET /plugin/products/threat-response/api/v1/intels        list: name, description, type, labelId,
                                                               mitreTechniqueId, limit (50, max 500), offset
   GET /plugin/products/threat-response/api/v1/intels/{id}   404 for an unknown id
@@ -15,7 +17,8 @@ the number; `computerName`, `computerIpAddress`, `guid`, `path`, `intelDocName`,
 `mitreId`, `platform` (of the IntelDoc), `details` are case-insensitive "contains"; `alertedAtFrom` is
 inclusive and `alertedAtUntil` exclusive (Z or offset, 0–9 fractional digits). The same parameter repeated
 is OR, different parameters AND. `sort` is a comma list of columns, `-col` descending; ties are broken by
-`id` in the direction of the first column. `expand=intelDoc` adds the doc (without labelIds/contents).
+`id` in the direction of the first column (`-updatedAt` is served from an index). `expand=intelDoc`
+adds the doc (without labelIds/contents).
 Replies are `{"data": …, "meta": {"totalCount", "filteredCount"}}` (or bare with `bare=True`, like 3.x).
 
 Data: deterministic from `seed`. `alerts` history alerts are virtual (computed from their id on demand,
@@ -28,7 +31,9 @@ move a (createdAt, id) cursor past real alerts.
 Runtime API: `Simulator(...)` is a context manager; `.url`, `.api_key` (change it to make the token
 "expire"), `.old_keys` (accepted too: a rotated token's predecessor not yet revoked), `.faults` (see
 `Faults`), `.stats` (requests per endpoint: alerts, alert, intels, intel, intel_labels, session,
-unknown), `.inject(...)`, `.bump_revision(doc_id)`, `.get_alert(id)`,
+update, unknown), `.polls` ((time, User-Agent) of each alert listing), `.inject(...)`,
+`.set_state(ids, state)` (and `.lifecycle.changes`, every change made), `.bump_revision(doc_id)`,
+`.get_alert(id)`,
 `.alert_count`, `.intel_doc_ids`, `.settings(**tanium_overrides)`, `.stop()`.
 Command line: `tanium-connector simulate` (`add_arguments`, `run`) or `python -m connector.simulator`.
 """

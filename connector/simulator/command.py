@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of live alerts arriving late, alertedAt hours in the past (default 0)",
     )
     parser.add_argument("--live-total", type=int, default=None, help="stop live alerts after this many")
+    parser.add_argument(
+        "--live-updates",
+        type=float,
+        default=0.0,
+        help="state changes per second: recent alerts move to inprogress, then resolved or suppressed (default 0)",
+    )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every reply (default 0)")
     parser.add_argument(
         "--module-missing", action="store_true", help="answer 404 on every Threat Response path (module not installed)"
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             live_rate=args.live_rate,
             late_fraction=args.late_fraction,
             live_total=args.live_total,
+            live_updates=args.live_updates,
             latency=args.latency_ms / 1000,
             module_missing=args.module_missing,
             certfile=args.tls_cert,
@@ -84,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             pass
     with sim:
         live = f", {args.live_rate:g} new alerts/s" if args.live_rate else ""
+        live += f", {args.live_updates:g} state changes/s" if args.live_updates else ""
         missing = " [TR module missing: 404 on every TR path]" if args.module_missing else ""
         print(
             f"Tanium Threat Response simulator on {sim.url} ({args.alerts} alerts, {args.intel_docs} IntelDocs, "

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import base64
 import bisect
-import functools
 import hashlib
 import logging
 import random
 import threading
-import time
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -34,8 +31,8 @@ from connector.simulator.catalogue import (
     WIN_PARENTS,
     WIN_ROOTS,
 )
+from connector.simulator.clock import iso_ms, now_ms, to_ms  # noqa: F401 (re-exported)
 from connector.simulator.details import _SLOTS, compile_template, details_tree, json_cached, json_text, process_nodes
-from connector.timeutil import parse_ts
 
 log = logging.getLogger(__name__)
 MAX_ALERT_DELAY_MS = 301_000  # alertedAt is at most 5 min (+ rounding to the second) before createdAt
@@ -84,31 +81,6 @@ def mix_hash(*values: int) -> int:
     for v in values:
         x = _mix(x ^ (v & _M64))
     return x
-
-
-@functools.lru_cache(maxsize=8192)
-def _iso_second(s: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
-
-
-def iso_ms(ms: int) -> str:
-    """epoch milliseconds → 2023-10-16T12:29:34.849Z"""
-    s, m = divmod(ms, 1000)
-    return f"{_iso_second(s)}.{m:03d}Z"
-
-
-def to_ms(value: datetime | str | float | int) -> int:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError(f"{value!r} has no time zone")
-        return int(value.timestamp() * 1000)
-    if isinstance(value, str):
-        return int(parse_ts(value).timestamp() * 1000)
-    return int(value * 1000)  # epoch seconds
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class _Doc:
@@ -309,6 +281,7 @@ class Data:
         self.extra_doc: list[_Doc | None] = []
         self.lock = threading.Lock()
         self.pruned = 0  # the oldest `pruned` alerts are deleted (Simulator.prune)
+        self.changed: dict[int, dict] = {}  # history alert id → fields a state change set (lifecycle.py)
 
     # -- positions and times ----------------------------------------------------------------------
     def total(self) -> int:
@@ -353,7 +326,9 @@ class Data:
         """Top-level fields of the alert at `pos` (history alerts: without `details`)."""
         if pos >= self.n_base:
             return self.extra[pos - self.n_base]
-        return self._top(pos + 1, self.created(pos), self.base_alerted(pos), self.base_doc(pos), {})
+        top = self._top(pos + 1, self.created(pos), self.base_alerted(pos), self.base_doc(pos), {})
+        top.update(self.changed.get(pos + 1, ()))
+        return top
 
     def alert(self, pos: int) -> dict:
         """The wire alert at `pos` (details as a JSON string). Stored alerts are returned as is."""
@@ -362,7 +337,23 @@ class Data:
         doc, alerted = self.base_doc(pos), self.base_alerted(pos)
         top = self._top(pos + 1, self.created(pos), alerted, doc, {})
         top["details"] = self._details(top, doc, {}, alerted)
+        top.update(self.changed.get(pos + 1, ()))
         return top
+
+    def _acked(self, h: int, created: int) -> int | None:
+        """When the alert with hash `h` was acknowledged (its state moved off unresolved), or None:
+        70% stay unresolved, and so does every alert whose acknowledgement lies after the history's
+        end (live alerts are new, so unresolved; no updatedAt lies in the future)."""
+        if (h >> 40) % 100 < 70:
+            return None
+        acked = created + 60_000 + (h >> 20) % 7_200_000
+        return acked if acked + 7 <= self.start_ms + self.span else None
+
+    def base_updated(self, pos: int) -> int:
+        """updatedAt (epoch ms) of the history alert at `pos` before any state change (cheap: no alert built)."""
+        created = self.created(pos)
+        acked = self._acked(_mix(self.key ^ ((pos + 1) << 8)), created)
+        return created if acked is None else acked + 7
 
     def _top(self, aid: int, created: int, alerted: int, doc: _Doc, ov: dict) -> dict:
         h = _mix(self.key ^ (aid << 8))
@@ -378,10 +369,11 @@ class Data:
         else:
             path = leaf[1]
         path = ov.get("path", path)
+        acked = self._acked(h, created)
         state_roll = (h >> 40) % 100
         state = (
             "unresolved"
-            if state_roll < 70
+            if acked is None
             else "inprogress"
             if state_roll < 82
             else "resolved"
@@ -390,7 +382,6 @@ class Data:
         )
         severity = ("high", "high", "low", "info", "critical", "medium")[(h >> 48) % 6]
         priority = ("high", "high", "medium", "low", "critical")[(h >> 52) % 5]
-        acked = created + 60_000 + (h >> 20) % 7_200_000 if state != "unresolved" else None
         rev = doc.revisions
         if aid <= self.n_base:  # history alerts walk through the doc's first revisions
             rev = 1 + (doc.history_revisions * (aid - 1)) // self.n_base

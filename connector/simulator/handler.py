@@ -57,12 +57,14 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:  # a simulator bug: say so loudly, answer 500
-            log.exception("simulator: error handling GET %s", self.path.split("?")[0])
+            log.exception("simulator: error handling %s %s", self.command, self.path.split("?")[0])
             self.close_connection = True
             try:
                 self.reply(500, {"text": "simulator error"})
             except OSError:
                 pass
+
+    do_PUT = do_GET  # noqa: N815 (http.server API): state changes, see lifecycle.py
 
     def do_POST(self):  # noqa: N802
         self.reply(405, {"text": "Method Not Allowed"})

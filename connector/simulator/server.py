@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from connector.simulator.catalogue import LABELS, SOURCES
+from connector.simulator.catalogue import SOURCES
 from connector.simulator.data import (
     MAX_ALERT_DELAY_MS,
     Data,
@@ -30,6 +30,7 @@ from connector.simulator.data import (
 )
 from connector.simulator.faults import Faults, garbage_record
 from connector.simulator.handler import Handler, Server
+from connector.simulator.lifecycle import ChangeError, Lifecycle, parse_state
 from connector.simulator.query import (
     CONTAINS_FILTERS,
     DOC_FILTERS,
@@ -40,9 +41,12 @@ from connector.simulator.query import (
     BadRequest,
     expand_fields,
     int_param,
+    intel_labels,
+    list_intels,
     natural_order,
     sort_keys,
     sort_value,
+    updated_order,
 )
 from connector.timeutil import parse_ts
 
@@ -70,14 +74,17 @@ class Simulator:
         late_fraction: float = 0.0,
         late_by: tuple[float, float] = (1800, 6 * 3600),
         live_total: int | None = None,
+        live_updates: float = 0.0,
         latency: float = 0.0,
         module_missing: bool = False,
         certfile: str | None = None,
         keyfile: str | None = None,
         bare: bool = False,
     ):
-        if alerts < 0 or intel_docs < 1 or hosts < 1 or history <= 0 or live_rate < 0:
-            raise ValueError("alerts must be >= 0, intel_docs and hosts >= 1, history and live_rate positive")
+        if alerts < 0 or intel_docs < 1 or hosts < 1 or history <= 0 or live_rate < 0 or live_updates < 0:
+            raise ValueError(
+                "alerts must be >= 0, intel_docs and hosts >= 1, history positive, live_rate and live_updates >= 0"
+            )
         if not 0 <= late_fraction <= 1:
             raise ValueError(f"late_fraction must be between 0 and 1, not {late_fraction}")
         self.seed = seed
@@ -85,17 +92,19 @@ class Simulator:
         self.old_keys: set[str] = set()  # accepted too: the overlap of a token rotation
         self.live_rate, self.late_fraction, self.late_by = live_rate, late_fraction, late_by
         self.live_total = live_total
+        self.live_updates = live_updates  # state changes per second (lifecycle.py)
         self.bare = bare
         end_ms = to_ms(end) if end is not None else now_ms()
         self.data = Data(seed, alerts, intel_docs, revisions, hosts, end_ms, int(history * 1000))
         self.faults = Faults(seed)
+        self.lifecycle = Lifecycle(self.data, seed)
         self.faults.latency = latency
         self.faults.module_missing = module_missing
         self.stats: Counter = Counter()
         # (monotonic time, User-Agent) of each alert listing: which client polled when
         self.polls: deque[tuple[float, str]] = deque(maxlen=100_000)
         self.garbage_log: list[tuple[str, int | None]] = []
-        self.live_created = 0
+        self.live_created = self.live_changed = 0
         self._stop = threading.Event()
         self._live_rng = random.Random(seed ^ 0x11FE)
         self._conns: set[socket.socket] = set()
@@ -133,7 +142,7 @@ class Simulator:
         )
         t.start()
         self._threads.append(t)
-        if self.live_rate > 0:
+        if self.live_rate > 0 or self.live_updates > 0:
             lt = threading.Thread(target=self._live, name="simulator-live", daemon=True)
             lt.start()
             self._threads.append(lt)
@@ -264,17 +273,25 @@ class Simulator:
             alerted = to_ms(alerted_at) if alerted_at is not None else (created - 30_000) // 1000 * 1000
             return dict(data.append((created, alerted), doc, ov))
 
+    def set_state(self, ids: list[int], state: str) -> list[dict]:
+        """Moves alerts to `state`, as `PUT .../alerts/?id=…` does (see lifecycle.py); ChangeError if refused."""
+        return self.lifecycle.set_state(ids, state)
+
     def _live(self) -> None:
         t0 = time.monotonic()
-        tick = min(0.1, 1.0 / self.live_rate)
+        tick = min(0.1, 1.0 / max(self.live_rate, self.live_updates))
         while not self._stop.wait(tick):
+            changes = int((time.monotonic() - t0) * self.live_updates) - self.live_changed
+            for _ in range(min(max(0, changes), max(1, int(self.live_updates)))):
+                self.live_changed += 1
+                self.lifecycle.live_step()
             due = int((time.monotonic() - t0) * self.live_rate) - self.live_created
             if self.live_total is not None:
                 due = min(due, self.live_total - self.live_created)
             due = min(due, max(1, int(self.live_rate)))  # after a pause, catch up over a few seconds
             for _ in range(max(0, due)):
                 self._live_one()
-            if self.live_total is not None and self.live_created >= self.live_total:
+            if self.live_total is not None and self.live_created >= self.live_total and not self.live_updates:
                 return
 
     def _live_one(self) -> None:
@@ -317,6 +334,10 @@ class Simulator:
         raw_path, _, query = req.path.partition("?")
         path = unquote(raw_path)
         endpoint, ident = self._route(path)
+        body = b""
+        if req.command == "PUT":  # state changes (lifecycle.py); the body is read even when refused
+            body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+            target, endpoint = endpoint, "update" if endpoint in ("alert", "alerts") else "unknown"
         self.stats[endpoint] += 1
         if endpoint == "alerts":
             self.polls.append((time.monotonic(), req.headers.get("User-Agent", "")))
@@ -338,6 +359,8 @@ class Simulator:
             return req.reply(
                 403, {"text": "Forbidden", "errors": [{"code": "Forbidden", "description": "insufficient permissions"}]}
             )
+        if endpoint == "update":
+            return self._change(req, target, ident, query, body)
         faulty = f.applies(endpoint)
         if faulty and f.latency > 0:
             self._stop.wait(f.latency)
@@ -362,6 +385,20 @@ class Simulator:
         if faulty and f.take("reset"):
             return req.reset(status, body)
         req.send_body(status, body)
+
+    def _change(self, req: Handler, target: str, ident: int | None, query: str, body: bytes) -> None:
+        try:
+            state = parse_state(body)
+            try:
+                ids = [ident] if ident is not None else [int(v) for k, v in parse_qsl(query) if k == "id"]
+            except ValueError:
+                raise ChangeError(400, "alert ids must be integers: ?id=1&id=2") from None
+            alerts = self.lifecycle.set_state(ids, state)
+        except ChangeError as e:
+            code = "NotFound" if e.status == 404 else "BadRequest"
+            return req.reply(e.status, {"text": code, "errors": [{"code": code, "description": str(e)}]})
+        out = alerts[0] if target == "alert" else alerts
+        req.reply(200, out if self.bare else {"data": out})
 
     def _answer(self, endpoint: str, ident: int | None, query: str) -> tuple[int, Any, list | None]:
         """→ (status, payload, page items for list replies)."""
@@ -396,8 +433,8 @@ class Simulator:
                 alert = self.expanded(alert)
             return 200, alert if self.bare else {"data": alert}, None
         if endpoint == "intels":
-            docs = self._list_intels(params)
-            return 200, docs if self.bare else {"data": docs[0], "meta": docs[1]}, None
+            docs, meta = list_intels(data, params)
+            return 200, docs if self.bare else {"data": docs, "meta": meta}, None
         doc = data.doc_by_id.get(ident)
         if doc is None:
             return (
@@ -405,50 +442,8 @@ class Simulator:
                 {"text": "Not Found", "errors": [{"code": "NotFound", "description": f"intel {ident} not found"}]},
                 None,
             )
-        if endpoint == "intel":
-            body = doc.body(data.n_base)
-        else:
-            body = [
-                {
-                    "id": i,
-                    "name": n,
-                    "description": f"{n} activity",
-                    "indicatorCount": 0,
-                    "signalCount": 3 + i,
-                    "createdAt": iso_ms(data.start_ms - 90 * 86_400_000 + i * 1000),
-                    "updatedAt": iso_ms(data.start_ms - 60 * 86_400_000 + i * 1000),
-                }
-                for i, n in LABELS
-                if i in doc.labels
-            ]
+        body = doc.body(data.n_base) if endpoint == "intel" else intel_labels(data, doc)
         return 200, body if self.bare else {"data": body}, None
-
-    def _list_intels(self, params: list[tuple[str, str]]):
-        limit = int_param(params, "limit", 50, 0, MAX_LIMIT)
-        offset = int_param(params, "offset", 0, 0, None)
-        want: dict[str, list[str]] = {}
-        for k, v in params:
-            want.setdefault(k, []).append(v)
-        out = []
-        for d in self.data.docs:
-            body = d.body(self.data.n_base)
-            if "name" in want and not any(v.lower() in d.name.lower() for v in want["name"]):
-                continue
-            if "description" in want and not any(v.lower() in body["description"].lower() for v in want["description"]):
-                continue
-            if "type" in want and d.kind not in want["type"]:
-                continue
-            if "labelId" in want and not any(v.isdigit() and int(v) in d.labels for v in want["labelId"]):
-                continue
-            if "mitreTechniqueId" in want and not any(
-                v.lower() in t.lower() for v in want["mitreTechniqueId"] for t in d.technique_ids
-            ):
-                continue
-            out.append(body)
-        page = out[offset : offset + limit]
-        if self.bare:
-            return page
-        return page, {"totalCount": len(self.data.docs), "filteredCount": len(out)}
 
     def _list_alerts(self, params: list[tuple[str, str]]) -> tuple[list, int, int]:
         data = self.data
@@ -494,9 +489,13 @@ class Simulator:
             return (t_from is None or a >= t_from) and (t_until is None or a < t_until)
 
         natural = natural_order(keys)
-        if natural is not None and not filters and not timed:
+        by_update = updated_order(keys) if not filters and not timed else None
+        chosen: Sequence[int]
+        if by_update is not None:
             count = n_total - p0
-            chosen: Sequence[int]
+            chosen = self.lifecycle.page(by_update == "desc", offset, limit)
+        elif natural is not None and not filters and not timed:
+            count = n_total - p0
             if natural == "asc":
                 chosen = range(p0 + offset, min(p0 + offset + limit, n_total))
             else:

@@ -1,7 +1,8 @@
 """Checkpoint stores: where a pipeline's durable position lives between runs.
 
 The checkpoint is a JSON object from the pipeline (a source Position: {"created_at", "id",
-"offset"}); the store adds `saved_at`. The stores themselves treat it as opaque; open_store()
+"offset"}, with update tracking also `updates`, the watermark of connector/stream/updates.py); the
+store adds `saved_at`. The stores themselves treat it as opaque; open_store()
 wraps them in a PositionStore whose load() rejects a checkpoint with a missing or wrong field.
 Two backends:
 - file: one JSON file per pipeline in `state.path`, replaced atomically (temp file in the same
@@ -42,6 +43,7 @@ from kafka.record.memory_records import MemoryRecords
 from connector.config import ConfigError, KafkaSection
 from connector.kafka import SinkError, client_settings, close_producer, describe_servers, make_producer
 from connector.stream.source import Position
+from connector.stream.updates import Watermark
 from connector.timeutil import format_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -415,6 +417,8 @@ class PositionStore:
         if data is not None:
             try:
                 Position.from_checkpoint(data)
+                if "updates" in data:
+                    Watermark.from_checkpoint(data["updates"])
             except ValueError as e:
                 raise CheckpointError(
                     f"the checkpoint in {self.location} is invalid: {e}; fix it, or delete it to start "

@@ -5,8 +5,9 @@ normalizes and publishes the previous page, so the stages overlap. Memory stays 
 QUEUE_PAGES pages wait, and the sink blocks once `kafka.max_unacked` records are unacknowledged,
 which in turn stops the source (back pressure).
 
-Delivery: every record (events and DLQ records alike) enters an AckWindow in read order; the
-checkpoint moves only to the last record of the contiguous acknowledged prefix. When Kafka fails
+Delivery: every record (events and DLQ records alike, and the update watermark's markers, which
+have no Kafka record: stream/updates.py) enters an AckWindow in read order; the checkpoint moves
+only to the last record of the contiguous acknowledged prefix. When Kafka fails
 to confirm a record, the session ends and a new one reads again from the durable checkpoint
 (at-least-once: records after the checkpoint may repeat, none are lost).
 
@@ -67,6 +68,7 @@ from connector.stream.source import Position
 from connector.stream.stages import build_source, build_stages
 from connector.stream.terms import Terms
 from connector.stream.transactions import Transactions
+from connector.stream.updates import MARK
 from connector.tanium import TaniumClient, TaniumError
 from connector.timeutil import parse_start, parse_ts
 
@@ -254,7 +256,7 @@ class StreamPipeline(Transactions, Terms):
     # ---- processing -------------------------------------------------------------------------
     def _records(self, page: list) -> Iterator[Record]:
         """The Kafka records of a page, in read order (see connector/stream/records.py)."""
-        self.summary.fetched += len(page)
+        self.summary.fetched += len(page) - (page[-1][0] is MARK)  # a watermark marker is no alert
         return self.records.records(page)
 
     def _process(self, s: Session, page: list) -> None:
@@ -265,6 +267,9 @@ class StreamPipeline(Transactions, Terms):
         for alert, pos, topic, key, value, headers, kind, final, created in self._records(page):
             if s.failed.is_set():
                 return  # the session ends; what follows is read again
+            if kind == "mark":  # the update watermark (stream/updates.py): confirmed at once, in order
+                s.window.done(s.window.add(pos), True)
+                continue
             record = s.identity(pos)
             careful = s.careful_until is not None and record[:2] <= s.careful_until
             seq = s.window.add(pos, final)

@@ -21,6 +21,7 @@ from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
 from connector.formats import Settings as FormatSettings
 from connector.stream.normalize import SCHEMA_VERSION, NormalizeError, serialize
 from connector.stream.source import Position
+from connector.stream.updates import MARK
 from connector.timeutil import utcnow
 
 RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
@@ -28,7 +29,8 @@ DLQ_RAW_MAX = 256 * 1024  # a dead-letter record keeps at most this much of the 
 
 
 class Record(NamedTuple):
-    """One Kafka record of an alert. `kind` is "published" (an event) or "dlq"; `final` marks the
+    """One Kafka record of an alert. `kind` is "published" (an event), "dlq", or "mark" (no Kafka
+    record: the update watermark passing the AckWindow, see stream/updates.py); `final` marks the
     alert's last record; `created` is the alert's createdAt on that record (freshness), else None."""
 
     alert: Any
@@ -80,9 +82,13 @@ class RecordMaker:
         if m:
             m.records_sent.labels(m.pipeline, "source").inc(len(page))
         for alert, pos in page:
+            if alert is MARK:  # a new update watermark (stream/updates.py): a window entry, no Kafka record
+                yield Record(alert, pos, "", None, b"", [], "mark", True, None)
+                continue
             try:
                 event = self.normalizer.normalize(alert)
-                docs = render_all(self.formats, alert, event, self.format_settings)
+                # an update event's position says which change it reports (stream/updates.py)
+                docs = render_all(self.formats, alert, event, self.format_settings, getattr(pos, "change", None))
                 values = [
                     self.fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
                     for fmt, doc in zip(self.formats, docs, strict=True)

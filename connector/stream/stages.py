@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from connector.stream.enrich import Enricher
 from connector.stream.normalize import Normalizer
 from connector.stream.source import AlertSource
+from connector.stream.updates import TrackedSource
 
 
 @dataclass
 class Stages:
     """Source, enricher (None when enrichment is off) and normalizer of one pipeline."""
 
-    source: AlertSource
+    source: AlertSource | TrackedSource
     enricher: Enricher | None
     normalizer: Normalizer
 
@@ -39,6 +40,8 @@ def build_stages(cfg, client, metrics=None) -> Stages:
     return Stages(build_source(cfg, client, metrics), enricher, normalizer)
 
 
-def build_source(cfg, client, metrics=None) -> AlertSource:
-    """A new source (cursor unset: call resume()). The pipeline builds one per session."""
-    return AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit, metrics)
+def build_source(cfg, client, metrics=None) -> AlertSource | TrackedSource:
+    """A new source (cursor unset: call resume()). The pipeline builds one per session. With
+    source.track_updates it also reads the alerts that changed (connector/stream/updates.py)."""
+    source = AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit, metrics)
+    return TrackedSource(source, client, cfg.tanium.page_size) if cfg.source.track_updates else source

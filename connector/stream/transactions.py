@@ -60,6 +60,8 @@ class Transactions:
             sink.begin()
             for _, pos, topic, key, value, headers, kind, _, created_at in self._records(page):
                 last = pos
+                if kind == "mark":  # the update watermark (stream/updates.py): in the checkpoint, not a record
+                    continue
                 counts[kind] += 1
                 if created_at:
                     created.append(created_at)

@@ -543,3 +543,55 @@ def test_command_line_rejects_bad_values():
         timeout=30,
     )
     assert out.returncode == 2 and "forever" in out.stderr and "Traceback" not in out.stderr
+
+
+def put(sim, path, state, params=None):
+    return requests.put(
+        sim.url + TR_PATH + path, params=params, json=state, headers={"session": sim.api_key}, timeout=10
+    )
+
+
+def test_state_changes_move_updated_at_and_the_updated_at_order():
+    """PUT alerts/{id} and the bulk PUT alerts/?id=… change state and updatedAt (one time for a bulk
+    change, later than every earlier updatedAt); -updatedAt,-id pages follow; bad requests change nothing."""
+    with Simulator(alerts=300, seed=4, end=END, history=3600) as s:
+        full = sorted(all_alerts(s), key=lambda a: (a["updatedAt"], a["id"]), reverse=True)
+        assert [a["id"] for a in alerts(s, {"sort": "-updatedAt,-id", "limit": 500})["data"]] == [a["id"] for a in full]
+        assert [a["id"] for a in alerts(s, {"sort": "-updatedAt", "offset": 7, "limit": 5})["data"]] == [
+            a["id"] for a in full[7:12]
+        ]
+        assert put(s, "/alerts/7", {"state": "resolved"}).json()["data"]["state"] == "resolved"
+        bulk = put(s, "/alerts/", {"state": "suppressed"}, [("id", 9), ("id", 8)]).json()["data"]
+        assert [(a["id"], a["state"]) for a in bulk] == [(9, "suppressed"), (8, "suppressed")]
+        assert bulk[0]["updatedAt"] == bulk[1]["updatedAt"] == bulk[0]["suppressedAt"] > full[0]["updatedAt"]
+        assert [a["id"] for a in alerts(s, {"sort": "-updatedAt,-id", "limit": 3})["data"]] == [9, 8, 7]
+        assert [a["id"] for a in alerts(s, {"sort": "updatedAt", "offset": 297})["data"]] == [7, 8, 9]
+        assert {8, 9} <= {a["id"] for a in alerts(s, {"state": "suppressed", "limit": 500})["data"]}
+        for path, body, params, status, says in (
+            ("/alerts/7", {"state": "closed"}, None, 400, "unresolved, inprogress, resolved, suppressed"),
+            ("/alerts/7", [1], None, 400, "JSON object"),
+            ("/alerts/", {"state": "resolved"}, None, 400, "no alert ids"),
+            ("/alerts/", {"state": "resolved"}, [("id", "x")], 400, "integers"),
+            ("/alerts/", {"state": "resolved"}, [("id", 5), ("id", 9999)], 404, "alert 9999 not found"),
+        ):
+            r = put(s, path, body, params)
+            assert (r.status_code, says in r.json()["errors"][0]["description"]) == (status, True), r.text
+        assert s.get_alert(5)["state"] == full[[a["id"] for a in full].index(5)]["state"]  # the 404 changed nothing
+        assert [(c[0], c[2]) for c in s.lifecycle.changes] == [(7, "resolved"), (9, "suppressed"), (8, "suppressed")]
+        assert s.stats["update"] == 7
+
+
+def test_live_updates_move_recent_alerts_one_step_on():
+    """Live mode's state changes: unresolved → inprogress → resolved or suppressed, never back."""
+    with Simulator(alerts=100, seed=4, history=3600, live_updates=100) as s:
+        deadline = time.monotonic() + 20
+        while len(s.lifecycle.changes) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        changes = list(s.lifecycle.changes)
+    assert len(changes) >= 40
+    before = {"inprogress": "unresolved", "resolved": "inprogress", "suppressed": "inprogress"}
+    last: dict[int, str] = {}
+    for aid, _, to, _ in changes:
+        assert last.get(aid, before[to]) == before[to], f"alert {aid}: {last.get(aid)} → {to}"
+        last[aid] = to
+    assert {to for _, _, to, _ in changes} >= {"inprogress", "resolved"}
