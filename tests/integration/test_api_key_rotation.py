@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import Cli, SecretDir, event_ids, metric, read_topic, scrape, stream_sections, wait_until, write_pipeline
+from helpers import Cli, SecretDir, ids_of, metric, read_topic, scrape, stream_sections, wait_until, write_pipeline
 
 from connector.simulator import Simulator
 from connector.tools.embedded import free_port
@@ -79,7 +79,7 @@ def test_rotation_and_revocation_without_a_restart(broker, topic_prefix, tmp_pat
             metrics_text = scrape(port)[1]
         finally:
             run.stop()
-        ids = event_ids(read_topic(broker.bootstrap, f"{topic_prefix}.events", expect=70))
+        ids = ids_of(read_topic(broker.bootstrap, f"{topic_prefix}.events", expect=70))
         assert sorted(ids) == list(range(1, sim.alert_count + 1)) and sim.alert_count == 70  # all, none twice
 
     logs = run.logs()
