@@ -35,6 +35,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -432,8 +433,6 @@ def run_fleet_bench(args) -> int:
         "hardware": hardware(),
     }
     try:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="tanium-bench-fleet-") as tmp:
             work = Path(tmp)
             with EmbeddedBroker(log=str(work / "broker.log")) as broker:
