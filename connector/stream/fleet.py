@@ -17,7 +17,10 @@ is 1) and the others keep running — unless it belongs to a fleet: then the wor
 it would hold the pipeline in the group and no other worker would run it.
 
 Not shared yet: a Kafka producer per pipeline (not one per process), and threads per pipeline
-(a source thread and a processing thread each), which suits tens of pipelines, not hundreds.
+(processing, source, the producer's I/O thread and the IntelDoc lookup workers). Idle, a pipeline
+costs a worker about 1.2 MiB and 0.016 % of a core (`bench --fleet`: 200 idle pipelines in 300 MiB);
+busy, their threads contend for one GIL and the total falls well below one pipeline's beyond about
+ten busy pipelines (docs/performance.md "Fleet").
 """
 
 from __future__ import annotations

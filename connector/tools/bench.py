@@ -40,6 +40,7 @@ from pathlib import Path
 
 import orjson
 
+from connector.tools import bench_fleet
 from connector.tools.bench_measure import (
     FRESHNESS_RATE,
     measure_freshness,
@@ -179,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "p50/p99 freshness, createdAt to Kafka acknowledgement (default %(default)s; 0 = skip)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench_fleet.add_arguments(parser)
 
 
 # ---- setup in the parent ---------------------------------------------------------------------------
@@ -317,6 +319,8 @@ def run_bench(args) -> int:
     from connector.tools.embedded import EmbeddedBroker
 
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    if args.fleet:
+        return bench_fleet.run_fleet_bench(args)
     have_confluent = importlib.util.find_spec("confluent_kafka") is not None
     if args.client == "both" and not have_confluent:
         print(

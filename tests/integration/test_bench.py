@@ -140,6 +140,43 @@ def test_rss_scale_reports_both_sizes_and_their_ratio():
     assert rs["ratio"] == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"])
 
 
+def test_bench_fleet_reports_the_cost_per_idle_pipeline_and_the_busy_ratio():
+    r = bench(
+        *("--fleet", "--fleet-sizes", "1,3", "--fleet-window", "2", "--fleet-busy", "2"),
+        *("--alerts", "300", "--intel-docs", "4", "--latency-ms", "0", "--json"),
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["config"]["sizes"] == [1, 3] and rep["config"]["idle_poll_interval_s"] == 30
+    sizes = rep["idle"]["sizes"]
+    assert set(sizes) == {"1", "3"}
+    for n, s in sizes.items():
+        assert s["pipelines"] == int(n)
+        assert positive(s["rss_mib"]) and positive(s["start_s"]) and positive(s["shutdown_s"]), s
+        assert s["cpu_seconds"] >= 0 and s["window_s"] >= 2
+        assert s["cpu_core_percent"] == pytest.approx(s["cpu_seconds"] / s["window_s"] * 100)
+    assert sizes["3"]["threads"] > sizes["1"]["threads"]  # each pipeline runs threads of its own
+    added = rep["idle"]["per_added_pipeline"]
+    assert set(added) == {"3"}
+    assert added["3"]["rss_mib"] == pytest.approx((sizes["3"]["rss_mib"] - sizes["1"]["rss_mib"]) / 2)
+    assert added["3"]["cpu_core_percent"] == pytest.approx(
+        (sizes["3"]["cpu_core_percent"] - sizes["1"]["cpu_core_percent"]) / 2
+    )
+    t = rep["targets"]
+    assert t["idle_rss_per_pipeline_mib"]["value"] == added["3"]["rss_mib"]
+    assert t["idle_cpu_per_pipeline_core_percent"]["value"] == added["3"]["cpu_core_percent"]
+    b = rep["busy"]
+    assert b["pipelines"] == 2 and b["events"] > 0 and b["per_pipeline_min"] > 0
+    assert b["events_per_s"] == pytest.approx(b["events"] / b["window_s"])
+    assert b["per_pipeline_max"] < b["alerts_each"]  # busy through the whole window
+    single = b["single"]
+    assert single["ceiling_events_per_s"] == min(single["sink_events_per_s"], single["source_events_per_s"])
+    assert positive(single["pipeline_events_per_s"])
+    assert b["ratio"] == pytest.approx(b["events_per_s"] / single["ceiling_events_per_s"])
+    assert t["busy_ratio"]["value"] == b["ratio"]
+    assert 0 < b["healthz_median_s"] <= b["healthz_max_s"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -150,6 +187,7 @@ def test_rss_scale_reports_both_sizes_and_their_ratio():
         (["--validation-actions", "-1"], "give 0 or more"),
         (["--freshness-seconds", "-1"], "give 0 or more"),
         (["--switch-interval", "0"], "outside 0"),
+        (["--fleet", "--fleet-sizes", "50"], "at least two different pipeline counts"),
     ],
 )
 def test_bad_options_are_clear_errors(args, message):
