@@ -4,6 +4,11 @@ Every family carries a `pipeline` label (one value per process in practice) so o
 dashboard serves many pipelines. Other labels are small fixed sets (stage, endpoint, status
 class, reason, result): never alert ids or hostnames. Each `Metrics` object owns its registry so
 several pipelines (and tests) can live in one process.
+
+A component built without a metrics listener still gets a Metrics: `NO_METRICS` (or any
+`Metrics(..., record=False)`), whose families hand out one child that records nothing. So no
+stage tests for metrics on its hot path, and an unrecorded increment costs a no-op call (about
+20 ns) instead of a Prometheus child's locked update (about 250 ns).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,23 +48,45 @@ FRESHNESS_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2
 FRESHNESS_BUCKETS += (45, 60, 90, 120, 300, 600, 1800, 3600, 21600, 86400)
 
 
+class _Unrecorded:
+    """A metric family and its children at once, recording nothing (see NO_METRICS)."""
+
+    def labels(self, *_values) -> _Unrecorded:
+        return self
+
+    def inc(self, _amount: float = 1) -> None:
+        pass
+
+    def set(self, _value: float) -> None:
+        pass
+
+    def observe(self, _value: float) -> None:
+        pass
+
+
+_UNRECORDED = _Unrecorded()
+
+
 class Metrics:
-    def __init__(self, pipeline: str, registry: CollectorRegistry | None = None):
+    """Every metric family of the connector. `record=False` gives families that record nothing
+    (and an empty registry): what a component without a metrics listener is handed."""
+
+    def __init__(self, pipeline: str, registry: CollectorRegistry | None = None, *, record: bool = True):
         self.pipeline = pipeline
         self.registry = r = registry or CollectorRegistry()
-        if registry is None:
+        if registry is None and record:
             ProcessCollector(registry=r)
             GCCollector(registry=r)
         lp = ["pipeline"]
 
-        def counter(name, doc, labels=()):
-            return Counter(P + name, doc, lp + list(labels), registry=r)
+        def counter(name, doc, labels=()) -> Any:
+            return Counter(P + name, doc, lp + list(labels), registry=r) if record else _UNRECORDED
 
-        def gauge(name, doc, labels=()):
-            return Gauge(P + name, doc, lp + list(labels), registry=r)
+        def gauge(name, doc, labels=()) -> Any:
+            return Gauge(P + name, doc, lp + list(labels), registry=r) if record else _UNRECORDED
 
-        def hist(name, doc, labels=()):
-            return Histogram(P + name, doc, lp + list(labels), buckets=LATENCY_BUCKETS, registry=r)
+        def hist(name, doc, labels=(), buckets=LATENCY_BUCKETS) -> Any:
+            return Histogram(P + name, doc, lp + list(labels), buckets=buckets, registry=r) if record else _UNRECORDED
 
         # Overview
         self.build_info = gauge("build_info", "Build information (always 1)", ["version"])
@@ -95,12 +123,10 @@ class Metrics:
             "checkpoint_timestamp_seconds", "createdAt of the last alert whose delivery is committed in the checkpoint"
         )
         self.checkpoint_commits = counter("checkpoint_commits_total", "Checkpoint writes")
-        self.freshness = Histogram(
-            P + "freshness_seconds",
+        self.freshness = hist(
+            "freshness_seconds",
             "Seconds from an alert's createdAt (Tanium) to Kafka's acknowledgement of its event",
-            lp,
             buckets=FRESHNESS_BUCKETS,
-            registry=r,
         )
         self.checkpoint_errors = counter(
             "checkpoint_errors_total", "Checkpoint saves that failed (retried with backoff; the checkpoint lags)"
@@ -116,12 +142,10 @@ class Metrics:
         # Validation
         self.actions_in_flight = gauge("validation_actions_in_flight", "Job actions with windows still open")
         self.verdicts = counter("validation_verdicts_total", "Verdicts published by result", ["result"])
-        self.detection_latency = Histogram(
-            P + "validation_detection_latency_seconds",
+        self.detection_latency = hist(
+            "validation_detection_latency_seconds",
             "First detection time minus job action start",
-            lp,
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
-            registry=r,
         )
         self.validation_queries = counter("validation_queries_total", "Alert queries run for validation windows")
         # HA (set only when ha.enabled)
@@ -180,6 +204,8 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+NO_METRICS = Metrics("", record=False)  # the default of every component's `metrics`
 
 Check = Callable[[], tuple[bool, str]]
 

@@ -41,6 +41,7 @@ from kafka.errors import KafkaError, RebalanceInProgressError, TopicAlreadyExist
 
 from connector.config import KafkaSection
 from connector.kafka import client_settings, describe_servers
+from connector.metrics import NO_METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,15 @@ class LeaderElection:
         *,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         on_change: Callable[[bool], None] | None = None,
     ):
         self.kafka, self.topic, self.group = kafka, topic, group
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.on_change = on_change
-        self.gauge = metrics.ha_leader.labels(metrics.pipeline) if metrics else None
-        if self.gauge is not None:
-            self.gauge.set(0)
+        self.gauge = metrics.ha_leader.labels(metrics.pipeline)
+        self.gauge.set(0)
         self.lease = Lease(session_timeout_ms, rebalance_timeout_ms(session_timeout_ms), heartbeat_interval_ms)
         self._leader = threading.Event()
         self._closing = threading.Event()
@@ -303,8 +303,7 @@ class LeaderElection:
             else:
                 self._leader.clear()
         log.info("HA: this process is %s for group %s", "the LEADER (polling)" if leader else "standing by", self.group)
-        if self.gauge is not None:
-            self.gauge.set(1 if leader else 0)
+        self.gauge.set(1 if leader else 0)
         if self.on_change is not None:
             try:
                 self.on_change(leader)

@@ -58,6 +58,7 @@ from datetime import datetime
 
 from connector.config import ConfigError
 from connector.kafka import ProducerFenced
+from connector.metrics import NO_METRICS, Metrics
 from connector.stream.checkpoint import CheckpointError, open_store
 from connector.stream.leader import LeaderElection, group_id, leader_topic
 from connector.stream.records import Record, RecordMaker
@@ -98,7 +99,7 @@ class StreamPipeline(Transactions, Terms):
         self,
         cfg,
         *,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         dry_run: bool = False,
         once: bool = False,
         since: str | None = None,
@@ -109,8 +110,7 @@ class StreamPipeline(Transactions, Terms):
     ):
         self.cfg = cfg
         self.metrics = metrics
-        if metrics:
-            metrics.init_from_config(cfg)
+        metrics.init_from_config(cfg)
         self.dry_run, self.once = dry_run, once
         self.stop_event = threading.Event()
         self.summary = Summary()
@@ -211,8 +211,7 @@ class StreamPipeline(Transactions, Terms):
 
     def _report_ready(self) -> None:
         ready = self.readiness()[0]  # also lets the sink notice a producer that went broken
-        if self.metrics:
-            self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
+        self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
 
     # ---- source thread ----------------------------------------------------------------------
     def _poll(self, s: Session) -> None:
@@ -237,8 +236,7 @@ class StreamPipeline(Transactions, Terms):
                         return
                 self.tanium_ok = True
                 backoff = 1.0
-                if self.metrics:
-                    self.metrics.last_success.labels(self.metrics.pipeline).set(time.time())
+                self.metrics.last_success.labels(self.metrics.pipeline).set(time.time())
                 if s.source.hit_limit:
                     continue
                 if self.once:
@@ -323,7 +321,7 @@ class StreamPipeline(Transactions, Terms):
 
     def _freshness(self, created_at: str | None) -> None:
         """Observes an event's freshness: seconds from its alert's createdAt to now (its ack)."""
-        if self.metrics is None or not created_at:
+        if not created_at:
             return
         try:  # Tanium's form; parse_ts takes any RFC 3339 time but costs 8x on this hot path
             when = datetime.fromisoformat(created_at)
@@ -354,8 +352,7 @@ class StreamPipeline(Transactions, Terms):
             wait = self._save_backoff.next()
             self._save_after = time.monotonic() + wait
             self.save_error = str(e)
-            if self.metrics:
-                self.metrics.checkpoint_errors.labels(self.metrics.pipeline).inc()
+            self.metrics.checkpoint_errors.labels(self.metrics.pipeline).inc()
             log.error("%s; the checkpoint stays at %s, next try in %.0fs", e, self.committed, wait)
             return
         if self.save_error:
@@ -380,10 +377,9 @@ class StreamPipeline(Transactions, Terms):
         self.committed = checkpoint
         self.summary.checkpoint = checkpoint
         self.last_commit = time.monotonic()
-        if self.metrics:
-            self.metrics.checkpoint_commits.labels(self.metrics.pipeline).inc()
-            if pos.created_at:
-                self.metrics.checkpoint_ts.labels(self.metrics.pipeline).set(parse_ts(pos.created_at).timestamp())
+        self.metrics.checkpoint_commits.labels(self.metrics.pipeline).inc()
+        if pos.created_at:
+            self.metrics.checkpoint_ts.labels(self.metrics.pipeline).set(parse_ts(pos.created_at).timestamp())
 
     # ---- main loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -436,8 +432,7 @@ class StreamPipeline(Transactions, Terms):
         self._count_attempt(s)
         wait = self._rewind_backoff.cap if self.paused else self._rewind_backoff.next()
         self.summary.rewinds += 1
-        if self.metrics:
-            self.metrics.rewinds.labels(self.metrics.pipeline).inc()
+        self.metrics.rewinds.labels(self.metrics.pipeline).inc()
         log.warning("rewinding to checkpoint %s after a failed delivery; reading again in %.1fs", self.committed, wait)
         self._gauge("rewind_backoff", wait)
         self._wait(wait)
@@ -493,8 +488,7 @@ class StreamPipeline(Transactions, Terms):
             self.stop_event.wait(min(left, 0.5))
 
     def _gauge(self, name: str, value: float) -> None:
-        if self.metrics:
-            getattr(self.metrics, name).labels(self.metrics.pipeline).set(value)
+        getattr(self.metrics, name).labels(self.metrics.pipeline).set(value)
 
     def _session(self, s: Session) -> bool:
         """Runs session `s` until stopped, finished (--once), or a delivery fails (returns False)."""

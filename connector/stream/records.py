@@ -19,6 +19,7 @@ import orjson
 from connector import __version__
 from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
 from connector.formats import Settings as FormatSettings
+from connector.metrics import NO_METRICS, Metrics
 from connector.stream.normalize import SCHEMA_VERSION, NormalizeError, serialize
 from connector.stream.source import Position
 from connector.timeutil import utcnow
@@ -45,7 +46,7 @@ class Record(NamedTuple):
 class RecordMaker:
     """Enrich, normalize, render the formats and serialize: a page in, its records out."""
 
-    def __init__(self, cfg, enricher, normalizer, metrics=None):
+    def __init__(self, cfg, enricher, normalizer, metrics: Metrics = NO_METRICS):
         self.enricher, self.normalizer, self.metrics = enricher, normalizer, metrics
         self.pipeline = cfg.pipeline.name
         self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
@@ -77,8 +78,7 @@ class RecordMaker:
         m = self.metrics
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
-        if m:
-            m.records_sent.labels(m.pipeline, "source").inc(len(page))
+        m.records_sent.labels(m.pipeline, "source").inc(len(page))
         for alert, pos in page:
             try:
                 event = self.normalizer.normalize(alert)
@@ -125,8 +125,7 @@ class RecordMaker:
         return value
 
     def dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
-        if self.metrics:
-            self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
+        self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
         raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
         keep = DLQ_RAW_MAX
         while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)

@@ -31,6 +31,7 @@ from kafka.producer.transaction_manager import TransactionState
 
 from connector.config import KafkaSection
 from connector.kafka import ProducerFenced, SinkError, close_producer, describe_servers, is_fenced, make_producer
+from connector.metrics import NO_METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class KafkaSink:
     def __init__(
         self,
         kafka: KafkaSection,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         transactional_id: str | None = None,
         *,
         stall_after: float = 10.0,
@@ -80,12 +81,12 @@ class KafkaSink:
         self._last_fail: float | None = None
         self._busy_since = 0.0
         self._last_error = ""
-        if metrics:  # label lookups cost more than the increments: once here, not per record
-            p = metrics.pipeline
-            self._m_received = metrics.records_received.labels(p, "sink")
-            self._m_sent = metrics.records_sent.labels(p, "sink")
-            self._m_inflight = metrics.inflight.labels(p)
-            self._m_produce = metrics.produce_duration.labels(p)
+        # label lookups cost more than the increments: once here, not per record
+        p = metrics.pipeline
+        self._m_received = metrics.records_received.labels(p, "sink")
+        self._m_sent = metrics.records_sent.labels(p, "sink")
+        self._m_inflight = metrics.inflight.labels(p)
+        self._m_produce = metrics.produce_duration.labels(p)
         if kafka.client == "confluent":
             from connector.stream.confluent import ConfluentProducer
 
@@ -129,8 +130,7 @@ class KafkaSink:
         seconds passed without room, or the producer refused the record.
         """
         rec = _Record(topic, on_done)
-        if self.metrics:
-            self._m_received.inc()
+        self._m_received.inc()
         refused: Exception | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -223,22 +223,20 @@ class KafkaSink:
                 self._last_error = f"{type(exc).__name__}: {exc}"
             self._gauge()
             self._cond.notify_all()
-        if ok and self.metrics:
+        if ok:
             self._m_produce.observe(now - rec.t0)
         self._notify(rec, ok, exc)
 
     def _gauge(self) -> None:
         # under self._cond, so the gauge never shows an older count than the last change
-        if self.metrics:
-            self._m_inflight.set(len(self._pending))
+        self._m_inflight.set(len(self._pending))
 
     def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
         m = self.metrics
-        if m:
-            if ok:
-                self._m_sent.inc()
-            elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
-                m.delivery_failures.labels(m.pipeline, rec.topic).inc()
+        if ok:
+            self._m_sent.inc()
+        elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
+            m.delivery_failures.labels(m.pipeline, rec.topic).inc()
         try:
             rec.on_done(ok, exc)
         except Exception:
@@ -478,7 +476,7 @@ class DryRunSink:
     def __init__(
         self,
         stream: TextIO,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         dlq_topic: str | None = None,
         on_closed: Callable[[], None] | None = None,
     ):
@@ -499,15 +497,13 @@ class DryRunSink:
         timeout: float | None = None,
     ) -> bool:
         m = self.metrics
-        if m:
-            m.records_received.labels(m.pipeline, "sink").inc()
+        m.records_received.labels(m.pipeline, "sink").inc()
         line = value.decode("utf-8", "replace").replace("\n", " ")
         if topic == self.dlq_topic:
             log.warning("dry run: dead-letter record for %s: %s", topic, line)
         else:
             self._write(line + "\n")
-        if m:
-            m.records_sent.labels(m.pipeline, "sink").inc()
+        m.records_sent.labels(m.pipeline, "sink").inc()
         on_done(True, None)
         return True
 
