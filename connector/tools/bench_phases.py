@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from connector.tools.bench_profile import PhaseProfile
 from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 500
 PHASE_START_TIMEOUT = 60.0  # spawning a child and importing the connector
+_profile: PhaseProfile | None = None  # set in a phase process run with --profile
 
 
 # ---- measurements in child processes ---------------------------------------------------------------
@@ -38,9 +40,18 @@ def _peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def _begin() -> tuple[float, float]:
+    """The measured part of a phase starts: (wall, CPU) clock readings for _measured()."""
+    if _profile is not None:
+        _profile.begin()
+    return time.perf_counter(), time.process_time()
+
+
 def _measured(events: int, t0: float, c0: float, **extra) -> dict:
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    if _profile is not None:
+        _profile.end()
     return {
         "events": events,
         "seconds": wall,
@@ -69,7 +80,7 @@ def _phase_sink(raw: dict, pool: list[tuple[bytes, bytes]], count: int) -> dict:
     headers = _headers(cfg)
     producer.partitions_for(topic)  # metadata and topic creation stay outside the timing
     n = len(pool)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     send = producer.send
     futures = [send(topic, value=pool[i % n][1], key=pool[i % n][0], headers=headers) for i in range(count)]
     producer.flush()
@@ -95,7 +106,7 @@ def _sink_confluent(cfg, pool: list[tuple[bytes, bytes]], count: int) -> dict:
             failed[0] += 1
 
     n = len(pool)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     produce, poll = producer.produce, producer.poll
     for i in range(count):
         key, value = pool[i % n]
@@ -126,7 +137,7 @@ def _phase_source(raw: dict) -> dict:
     source.resume(None, parse_start(cfg.source.start_from))
     pairs: set = set()
     n = 0
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     while True:  # what the pipeline's source thread does with --once
         for page in source.cycle():
             n += len(page)
@@ -147,7 +158,7 @@ def _phase_pipeline(raw: dict) -> dict:
 
     cfg = parse_pipeline(raw)
     pipe = StreamPipeline(cfg, metrics=Metrics(cfg.pipeline.name), once=True)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     code = pipe.run()
     s = pipe.summary
     out = _measured(s.published + s.dlq, t0, c0)
@@ -219,9 +230,18 @@ _PHASES: dict[str, Callable[..., dict]] = {
 }
 
 
-def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
+def _child(
+    name: str,
+    args: tuple,
+    conn,
+    gc_threshold: int | None = None,
+    switch_ms: float | None = None,
+    profile: tuple[str, str] | None = None,
+) -> None:
     """One phase in this (spawned) process, with the interpreter settings `run` ships unless a
-    what-if option says otherwise; the result says which settings it ran with."""
+    what-if option says otherwise; the result says which settings it ran with. `profile`: (report
+    path, title): the measured part runs under cProfile (bench_profile.py) and the report is written."""
+    global _profile
     logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
     tune_interpreter(
@@ -229,20 +249,30 @@ def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch
         GC_THRESHOLD if gc_threshold is None else gc_threshold,
     )
     try:
+        if profile is not None:
+            _profile = PhaseProfile()
+            _profile.install()
         result = _PHASES[name](*args)
         result["interpreter"] = interpreter_settings()
+        if profile is not None:
+            assert _profile is not None
+            _profile.write(Path(profile[0]), profile[1], result["events"])
+            result["profile"] = profile[0]
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
         result = {"error": f"{type(e).__name__}: {e}"}
     conn.send(result)
     conn.close()
 
 
-def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (None, None)) -> dict:
+def run_phase(
+    name: str, args: tuple, timeout: float, what_if: tuple = (None, None), profile: tuple[str, str] | None = None
+) -> dict:
     """Runs one phase in a fresh spawned process and returns its figures (raises BenchError).
-    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships."""
+    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships; profile:
+    (report path, title) to profile the phase (see _child)."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(name, args, send, *what_if), name=f"bench-{name}", daemon=True)
+    proc = ctx.Process(target=_child, args=(name, args, send, *what_if, profile), name=f"bench-{name}", daemon=True)
     proc.start()
     send.close()
     try:

@@ -162,6 +162,14 @@ def print_report(report: dict, out) -> None:
             + "\n"
         )
     w("(shared machine: other processes compete for the same cores; compare ratios from one run)\n")
+    if c.get("profile"):
+        files = [
+            ph["profile"]
+            for r in report["runs"]
+            for ph in (r["source"], r["sink"], r["pipeline"], *(r["confluent"].values() if "confluent" in r else ()))
+            if isinstance(ph, dict) and "profile" in ph
+        ]
+        w(f"profiles (figures above are slowed by profiling): {', '.join(files)}\n")
 
 
 def print_rss_report(report: dict, out) -> None:

@@ -92,8 +92,11 @@ def test_bench_json_has_every_figure_and_they_agree():
     assert rep["targets"]["ratio"]["value"] == med["ratio"]
 
 
-def test_bench_table_names_every_figure():
+def test_bench_table_names_every_figure_and_profiles_each_phase(tmp_path):
+    profiles = tmp_path / "prof"
     r = bench(
+        "--profile",
+        str(profiles),
         "--alerts",
         "200",
         "--intel-docs",
@@ -127,6 +130,17 @@ def test_bench_table_names_every_figure():
     ):
         assert text in out, text
     assert "validation requests" not in out
+    # --profile: a report per phase of the run, named in the output, with per-event figures
+    files = [profiles / f"{name}.txt" for name in ("source", "sink-kafka-python", "pipeline-kafka-python")]
+    assert f"profiles (figures above are slowed by profiling): {', '.join(map(str, files))}" in out
+    for f in files:
+        text = f.read_text()
+        assert text.startswith("bench --profile: ") and "200 events; measured part " in text, f
+        for heading in ("busy time per thread", "by cumulative time", "by own time", "blocking calls by own time"):
+            assert heading in text, (f, heading)
+        assert f.with_suffix(".pstats").stat().st_size > 0
+    pipeline = (profiles / "pipeline-kafka-python.txt").read_text()
+    assert "records (connector/stream/records.py:" in pipeline  # the pipeline's own stages are in it
 
 
 def test_rss_scale_reports_both_sizes_and_their_ratio():
@@ -150,6 +164,7 @@ def test_rss_scale_reports_both_sizes_and_their_ratio():
         (["--validation-actions", "-1"], "give 0 or more"),
         (["--freshness-seconds", "-1"], "give 0 or more"),
         (["--switch-interval", "0"], "outside 0"),
+        (["--profile", "/proc/no-such-dir/profiles", "--alerts", "10"], "cannot create the directory"),
     ],
 )
 def test_bad_options_are_clear_errors(args, message):
