@@ -63,6 +63,9 @@ class _Unrecorded:
     def observe(self, _value: float) -> None:
         pass
 
+    def set_function(self, _f: Callable[[], float]) -> None:
+        pass
+
 
 _UNRECORDED = _Unrecorded()
 

@@ -52,9 +52,9 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 from connector.config import ConfigError
 from connector.kafka import ProducerFenced
@@ -111,6 +111,7 @@ class StreamPipeline(Transactions, Terms):
         self.cfg = cfg
         self.metrics = metrics
         metrics.init_from_config(cfg)
+        self._m_freshness = metrics.freshness.labels(metrics.pipeline)  # observed per event: looked up once
         self.dry_run, self.once = dry_run, once
         self.stop_event = threading.Event()
         self.summary = Summary()
@@ -256,7 +257,7 @@ class StreamPipeline(Transactions, Terms):
                 backoff = min(backoff * 2, 300)
 
     # ---- processing -------------------------------------------------------------------------
-    def _records(self, page: list) -> Iterator[Record]:
+    def _records(self, page: list) -> list[Record]:
         """The Kafka records of a page, in read order (see connector/stream/records.py)."""
         self.summary.fetched += len(page)
         return self.records.records(page)
@@ -265,22 +266,28 @@ class StreamPipeline(Transactions, Terms):
         """Hands the page's records to Kafka under session `s`, until a delivery fails. Records up
         to the session's careful_until go one at a time, each waiting for its answer, so that a
         refusal names the very record."""
+        records = self._records(page)
+        if not records:
+            return
+        # the page's records enter the window together, in read order (a failure ends the session
+        # before the rest are sent: they stay behind the failed record, which the prefix never passes)
+        first = s.window.add_page([r.position for r in records], [r.final for r in records])
+        delivery = _Delivery(self, s, first, records)
         r, most = self.retry, self.cfg.pipeline.max_delivery_attempts
-        for alert, pos, topic, key, value, headers, kind, final, created in self._records(page):
+        for i, (alert, pos, topic, key, value, headers, kind, _, _) in enumerate(records):
             if s.failed.is_set():
                 return  # the session ends; what follows is read again
-            record = s.identity(pos)
+            record = delivery.idents[i] = s.identity(pos)
             careful = s.careful_until is not None and record[:2] <= s.careful_until
-            seq = s.window.add(pos, final)
             if record == r.record:
-                s.retry_seq, r.what = seq, describe(alert, pos)
+                s.retry_seq, r.what = first + i, describe(alert, pos)
                 if r.attempts >= most and kind == "published":
                     reason = f"kafka: the topic {topic} refused the event {r.attempts} times: {r.error}"
-                    topic, key, kind = self.records.dlq_topic, None, "dlq"
+                    topic, key, delivery.kinds[i] = self.records.dlq_topic, None, "dlq"
                     value, headers = self.records.dlq_record(alert, reason)
                     log.error("%s goes to the dead-letter topic %s: %s", r.what, topic, reason)
-            answered = threading.Event() if careful else None
-            self.sink.send(topic, key, value, headers, self._on_done(s, seq, kind, record, answered, created))
+            answered = delivery.answered[i] = threading.Event() if careful else None
+            self.sink.send(topic, key, value, headers, partial(delivery.done, i))
             if answered is not None:
                 self._await(answered)
 
@@ -291,34 +298,6 @@ class StreamPipeline(Transactions, Terms):
         while not answered.wait(0.5) and time.monotonic() < limit and not self.stop_event.is_set():
             pass
 
-    def _on_done(
-        self, s: Session, seq: int, kind: str, record: tuple, answered: threading.Event | None, created_at: str | None
-    ):
-        """The delivery callback of one record: it reports to the session that sent the record,
-        however late it arrives (see "Sessions")."""
-        window = s.window
-
-        def done(ok: bool, exc: Exception | None = None) -> None:
-            first = False
-            if not ok:  # first, so that nothing below can keep the failure from ending the session
-                first = s.fail(Failure(seq, record, kind, error_text(exc), refused(exc)))
-            window.done(seq, ok)
-            if ok:
-                if kind == "dlq":
-                    self.summary.dlq += 1
-                else:
-                    self._freshness(created_at)
-                    self.summary.published += 1
-            else:
-                self.summary.delivery_failures += 1
-                # one line per session: an outage fails every record in flight
-                if first and not isinstance(exc, SinkStopped):
-                    log.error("Kafka did not confirm a record (%s): %s; the session ends", kind, exc)
-            if answered is not None:
-                answered.set()
-
-        return done
-
     def _freshness(self, created_at: str | None) -> None:
         """Observes an event's freshness: seconds from its alert's createdAt to now (its ack)."""
         if not created_at:
@@ -328,7 +307,7 @@ class StreamPipeline(Transactions, Terms):
         except ValueError:
             return
         if when.tzinfo is not None:
-            self.metrics.freshness.labels(self.metrics.pipeline).observe(time.time() - when.timestamp())
+            self._m_freshness.observe(time.time() - when.timestamp())
 
     def _commit(self, s: Session, timeout: float | None = None) -> None:
         """Saves the checkpoint of session `s`'s acknowledged prefix. A failed save is retried
@@ -572,3 +551,39 @@ class StreamPipeline(Transactions, Terms):
     def _stop_sink(self) -> None:
         if self.sink is not None:
             self.sink.stop()
+
+
+class _Delivery:
+    """The delivery callbacks of one page's records sent in one session: one object per page, the
+    callback of record i is done(i, ...). It reports to the session that sent the records, however
+    late it arrives (see "Sessions")."""
+
+    __slots__ = ("pipe", "s", "first", "kinds", "created", "idents", "answered")
+
+    def __init__(self, pipe: StreamPipeline, s: Session, first: int, records: list[Record]):
+        self.pipe, self.s, self.first = pipe, s, first
+        self.kinds = [r.kind for r in records]  # a record can turn into a DLQ record as it is sent
+        self.created = [r.created for r in records]
+        self.idents: list[tuple] = [()] * len(records)  # set as each record is sent
+        self.answered: list[threading.Event | None] = [None] * len(records)
+
+    def done(self, i: int, ok: bool, exc: Exception | None = None) -> None:
+        s, pipe, seq, kind = self.s, self.pipe, self.first + i, self.kinds[i]
+        first = False
+        if not ok:  # first, so that nothing below can keep the failure from ending the session
+            first = s.fail(Failure(seq, self.idents[i], kind, error_text(exc), refused(exc)))
+        s.window.done(seq, ok)
+        if ok:
+            if kind == "dlq":
+                pipe.summary.dlq += 1
+            else:
+                pipe._freshness(self.created[i])
+                pipe.summary.published += 1
+        else:
+            pipe.summary.delivery_failures += 1
+            # one line per session: an outage fails every record in flight
+            if first and not isinstance(exc, SinkStopped):
+                log.error("Kafka did not confirm a record (%s): %s; the session ends", kind, exc)
+        answered = self.answered[i]
+        if answered is not None:
+            answered.set()

@@ -11,7 +11,6 @@ of the raw alert as fits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import orjson
@@ -48,6 +47,8 @@ class RecordMaker:
 
     def __init__(self, cfg, enricher, normalizer, metrics: Metrics = NO_METRICS):
         self.enricher, self.normalizer, self.metrics = enricher, normalizer, metrics
+        self._m_source_sent = metrics.records_sent.labels(metrics.pipeline, "source")
+        self._m_dlq: dict[str, Any] = {}  # DLQ reason code -> its counter child
         self.pipeline = cfg.pipeline.name
         self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
         self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
@@ -70,38 +71,53 @@ class RecordMaker:
                 [("format", fmt.encode()), ("schema_version", version), *self.headers[1:]],
             )
 
-    def records(self, page: list) -> Iterator[Record]:
-        """(alert, position, topic, key, value, headers, kind, final, created) per record of the page, in
-        read order: one per output format of each alert, or one DLQ record; kind is "published" or
-        "dlq"; `final` marks an alert's last record (the checkpoint may pass the alert only there);
-        `created` is the alert's createdAt on that record (for the freshness histogram), else None."""
-        m = self.metrics
+    def records(self, page: list) -> list[Record]:
+        """The records of the page in read order, made in one pass over it: one per output format of
+        each alert, or one DLQ record; kind is "published" or "dlq"; `final` marks an alert's last
+        record (the checkpoint may pass the alert only there); `created` is the alert's createdAt on
+        that record (for the freshness histogram), else None. Metric children are looked up once."""
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
-        m.records_sent.labels(m.pipeline, "source").inc(len(page))
-        for alert, pos in page:
+        self._m_source_sent.inc(len(page))
+        events = self.normalizer.normalize_page([a for a, _ in page])
+        out: list[Record] = []
+        add = out.append
+        formats, outputs, fit = self.formats, self.outputs, self.fit
+        only_normalized = formats == ["normalized"]
+        topic, headers = outputs["normalized"]
+        for (alert, pos), event in zip(page, events, strict=True):
             try:
-                event = self.normalizer.normalize(alert)
-                docs = render_all(self.formats, alert, event, self.format_settings)
-                values = [
-                    self.fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
-                    for fmt, doc in zip(self.formats, docs, strict=True)
-                ]
+                if isinstance(event, NormalizeError):
+                    raise event
+                if only_normalized:  # the default: no other document to render
+                    values = [fit(event, serialize(event))]
+                else:
+                    docs = render_all(formats, alert, event, self.format_settings)
+                    values = [
+                        fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
+                        for fmt, doc in zip(formats, docs, strict=True)
+                    ]
             except NormalizeError as e:
-                yield Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, e.reason), "dlq", True, None)
+                add(Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, e.reason), "dlq", True, None))
                 continue
             key = str(event.get("uid") or "").encode() or None
+            created = alert.get("createdAt")
+            if created.__class__ is not str:
+                created = None
+            if only_normalized:
+                add(Record(alert, pos, topic, key, values[0], headers, "published", True, created))
+                continue
             guid = alert.get("guid")
             guid_key = guid.encode() if isinstance(guid, str) and guid else key
             # every record of the alert carries its position, and only the last one is final: the
             # checkpoint passes the alert once all its formats are acknowledged
             last = len(values) - 1
-            created = alert.get("createdAt") if isinstance(alert.get("createdAt"), str) else None
-            for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
-                topic, headers = self.outputs[fmt]
+            for i, (fmt, value) in enumerate(zip(formats, values, strict=True)):
+                ftopic, fheaders = outputs[fmt]
                 final = i == last
                 fkey = key if fmt == "normalized" else guid_key
-                yield Record(alert, pos, topic, fkey, value, headers, "published", final, created if final else None)
+                add(Record(alert, pos, ftopic, fkey, value, fheaders, "published", final, created if final else None))
+        return out
 
     def fit(self, event: dict, value: bytes) -> bytes:
         """Kafka refuses records over max_request_size, and a refused record would be re-read
@@ -125,7 +141,11 @@ class RecordMaker:
         return value
 
     def dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
-        self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
+        code = reason.split(":")[0][:40]
+        child = self._m_dlq.get(code)
+        if child is None:
+            child = self._m_dlq[code] = self.metrics.dlq_records.labels(self.metrics.pipeline, code)
+        child.inc()
         raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
         keep = DLQ_RAW_MAX
         while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TextIO
 
@@ -43,10 +42,21 @@ class SinkStopped(Exception):
 
 
 class _Record:
-    __slots__ = ("topic", "on_done", "t0")
+    """A record handed to the producer; its bound methods are kafka-python's callback and errback."""
 
-    def __init__(self, topic: str, on_done: OnDone):
-        self.topic, self.on_done, self.t0 = topic, on_done, 0.0
+    __slots__ = ("sink", "seq", "topic", "on_done", "t0")
+
+    def __init__(self, sink: KafkaSink, topic: str, on_done: OnDone):
+        self.sink, self.seq, self.topic, self.on_done, self.t0 = sink, -1, topic, on_done, 0.0
+
+    def acked(self, _metadata) -> None:
+        self.sink._complete(self.seq, True, None)
+
+    def failed(self, exc: Exception) -> None:
+        self.sink._complete(self.seq, False, exc)
+
+    def outcome(self, ok: bool, exc: Exception | None) -> None:  # ConfluentProducer's report
+        self.sink._complete(self.seq, ok, exc)
 
 
 class KafkaSink:
@@ -85,7 +95,8 @@ class KafkaSink:
         p = metrics.pipeline
         self._m_received = metrics.records_received.labels(p, "sink")
         self._m_sent = metrics.records_sent.labels(p, "sink")
-        self._m_inflight = metrics.inflight.labels(p)
+        # read when scraped: no gauge update per record
+        metrics.inflight.labels(p).set_function(lambda: len(self._pending))
         self._m_produce = metrics.produce_duration.labels(p)
         if kafka.client == "confluent":
             from connector.stream.confluent import ConfluentProducer
@@ -129,7 +140,7 @@ class KafkaSink:
         did not (on_done(False, exc) has already been called): the sink is stopping, `timeout`
         seconds passed without room, or the producer refused the record.
         """
-        rec = _Record(topic, on_done)
+        rec = _Record(self, topic, on_done)
         self._m_received.inc()
         refused: Exception | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -148,33 +159,32 @@ class KafkaSink:
             elif len(self._pending) >= self._max:
                 refused = KafkaTimeoutError(f"no room among {self._max} un-acknowledged records within {timeout}s")
             else:
-                seq = self._seq
+                seq = rec.seq = self._seq
                 self._seq += 1
                 rec.t0 = time.monotonic()
                 if not self._pending:
                     self._busy_since = rec.t0
                 self._pending[seq] = rec
-                self._gauge()
         if refused is not None:
             self._notify(rec, False, refused)
             return False
         try:
-            self._produce(topic, key, value, headers, seq)
+            self._produce(topic, key, value, headers, rec)
         except Exception as e:  # noqa: BLE001 (metadata timeout, record too large, closed producer, bad types)
             log.warning("Kafka refused a record for topic %s: %s", topic, e)
             self._complete(seq, False, e)
             return False
         return True
 
-    def _produce_kafka_python(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+    def _produce_kafka_python(self, topic: str, key, value: bytes, headers, rec: _Record) -> None:
         if self._broken():
             self._renew()
         future = self._producer.send(topic, value=value, key=key, headers=headers)
-        future.add_callback(self._acked, seq)
-        future.add_errback(self._failed, seq)
+        future.add_callback(rec.acked)
+        future.add_errback(rec.failed)
 
-    def _produce_confluent(self, topic: str, key, value: bytes, headers, seq: int) -> None:
-        self._producer.produce(topic, key, value, headers, lambda ok, exc: self._complete(seq, ok, exc))
+    def _produce_confluent(self, topic: str, key, value: bytes, headers, rec: _Record) -> None:
+        self._producer.produce(topic, key, value, headers, rec.outcome)
 
     def _broken(self) -> str | None:
         """Why the (kafka-python, non-transactional) producer can deliver nothing any more, or None.
@@ -203,12 +213,6 @@ class KafkaSink:
         log.warning("Kafka producer replaced: the old one %s; its undelivered records are reported failed", why)
         close_producer(old, 0)
 
-    def _acked(self, seq: int, _metadata) -> None:
-        self._complete(seq, True, None)
-
-    def _failed(self, seq: int, exc: Exception) -> None:
-        self._complete(seq, False, exc)
-
     def _complete(self, seq: int, ok: bool, exc: Exception | None) -> None:
         with self._cond:
             rec = self._pending.pop(seq, None)
@@ -221,15 +225,11 @@ class KafkaSink:
                 self._last_fail = now
                 self._failed_since_flush += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-            self._gauge()
-            self._cond.notify_all()
+            if self._blocked or not self._pending:  # a send() waiting for room, or a flush()
+                self._cond.notify_all()
         if ok:
             self._m_produce.observe(now - rec.t0)
         self._notify(rec, ok, exc)
-
-    def _gauge(self) -> None:
-        # under self._cond, so the gauge never shows an older count than the last change
-        self._m_inflight.set(len(self._pending))
 
     def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
         m = self.metrics
@@ -402,45 +402,71 @@ class KafkaSink:
 class AckWindow:
     """Confirmation window: which position the checkpoint may advance to.
 
-    `add(position, final)` in send order returns a sequence number; `done(seq, ok)` in any order;
-    `committable()` is the position of the last final record of the contiguous prefix of successful
-    acknowledgements (an alert published in several formats is several records of one position,
-    and only its last is final: the checkpoint passes the alert once all of them are confirmed).
-    A failed record stays at the head for good: the checkpoint never passes it (the pipeline
-    re-reads from the checkpoint with a new window). Sequence numbers start at 0 in every window,
-    so an outcome must reach the window its record was added to: the pipeline binds each record's
-    callback to its session's window.
+    `add(position, final)` (or `add_page` for several) in send order returns a sequence number;
+    `done(seq, ok)` in any order; `committable()` is the position of the last final record of the
+    contiguous prefix of successful acknowledgements (an alert published in several formats is
+    several records of one position, and only its last is final: the checkpoint passes the alert
+    once all of them are confirmed). A failed record stays at the head for good: the checkpoint never
+    passes it (the pipeline re-reads from the checkpoint with a new window). Sequence numbers start at
+    0 in every window, so an outcome must reach the window its record was added to: the pipeline binds
+    each record's callback to its session's window.
+
+    Records not yet passed are three parallel lists indexed by seq - base (no object or dict entry
+    per record); the passed front is cut off once it is the larger half.
     """
+
+    COMPACT_AT = 4096  # passed records kept before the lists are cut
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._seq = 0
-        self._order: deque[int] = deque()  # seqs not yet passed, in send order
-        self._entries: dict[int, list] = {}  # seq -> [position, state, final]; state None|True|False
+        self._base = 0  # seq of the lists' first entry
+        self._head = 0  # index of the first record not passed
+        self._positions: list = []
+        self._finals: list[bool] = []
+        self._states: list[bool | None] = []  # None: waiting, True: acknowledged, False: failed
         self._committable: Hashable | None = None
         self._failures = 0
 
     def add(self, position, final: bool = True) -> int:
         with self._lock:
-            seq = self._seq
-            self._seq += 1
-            self._order.append(seq)
-            self._entries[seq] = [position, None, final]
-            return seq
+            self._positions.append(position)
+            self._finals.append(final)
+            self._states.append(None)
+            return self._base + len(self._states) - 1
+
+    def add_page(self, positions: Sequence, finals: Sequence[bool]) -> int:
+        """add() of each (position, final) in order; returns the first one's sequence number (the
+        others follow it)."""
+        with self._lock:
+            first = self._base + len(self._states)
+            self._positions += positions
+            self._finals += finals
+            self._states += [None] * len(positions)
+            return first
 
     def done(self, seq: int, ok: bool) -> None:
         with self._lock:
-            entry = self._entries.get(seq)
-            if entry is None or entry[1] is not None:
+            i, states = seq - self._base, self._states
+            if not self._head <= i < len(states) or states[i] is not None:
                 raise ValueError(f"AckWindow.done: sequence {seq} is unknown or already done")
-            entry[1] = bool(ok)
+            states[i] = bool(ok)
             if not ok:
                 self._failures += 1
-            # each seq leaves the deque once, so this is O(1) amortized
-            while self._order and self._entries[self._order[0]][1] is True:
-                position, _, final = self._entries.pop(self._order.popleft())
-                if final:
-                    self._committable = position
+                return
+            if i != self._head:
+                return  # behind a gap: the prefix does not move
+            end, last_final, finals = len(states), -1, self._finals
+            while i < end and states[i] is True:
+                if finals[i]:
+                    last_final = i
+                i += 1
+            if last_final >= 0:
+                self._committable = self._positions[last_final]
+            self._head = i
+            if i >= self.COMPACT_AT and 2 * i >= end:
+                del self._positions[:i], self._finals[:i], self._states[:i]
+                self._base += i
+                self._head = 0
 
     def committable(self):
         """Position of the last record of the acknowledged prefix, or None if there is none."""
@@ -450,7 +476,7 @@ class AckWindow:
     def confirmed(self, seq: int) -> bool:
         """True once record `seq` is in the acknowledged prefix."""
         with self._lock:
-            return seq < (self._order[0] if self._order else self._seq)
+            return seq < self._base + self._head
 
     @property
     def failed(self) -> bool:
@@ -462,7 +488,7 @@ class AckWindow:
     def pending(self) -> int:
         """Records not yet passed by the prefix (waiting, failed, or acked behind a gap)."""
         with self._lock:
-            return len(self._order)
+            return len(self._states) - self._head
 
 
 class DryRunSink:
