@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from connector.tuning import GC_THRESHOLD
+
 CLI = [sys.executable, "-m", "connector.cli"]
 
 
@@ -53,7 +55,7 @@ def test_bench_json_has_every_figure_and_they_agree():
             assert positive(ph[key]), (phase, key, ph[key])
         assert ph["events_per_s"] == pytest.approx(ph["events"] / ph["seconds"])
         assert med[phase]["events_per_s"] == ph["events_per_s"]  # one run: the median is the run
-        assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == 10_000, phase
+        assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == GC_THRESHOLD, phase
     p = run["pipeline"]
     assert p["published"] == 300 and p["dlq"] == 0 and p["errors"] == []
     # the ratio is the one computed from the printed events/s
@@ -125,7 +127,7 @@ def test_bench_table_names_every_figure_and_profiles_each_phase(tmp_path):
         "hardware: ",
         "kafka-python 3",
         "Python 3",
-        "interpreter: switch interval 0.5 ms, GC threshold 10000 (gc.freeze) - as `run` ships",
+        f"interpreter: switch interval 0.5 ms, GC threshold {GC_THRESHOLD} (gc.freeze) - as `run` ships",
         "alert freshness            createdAt to Kafka ack, 50 alerts/s for 2s, poll interval 1 s: p50 ",
     ):
         assert text in out, text
