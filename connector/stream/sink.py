@@ -214,21 +214,26 @@ class KafkaSink:
         close_producer(old, 0)
 
     def _complete(self, seq: int, ok: bool, exc: Exception | None) -> None:
-        with self._cond:
-            rec = self._pending.pop(seq, None)
-            if rec is None:  # already failed by close()
-                return
-            now = time.monotonic()
-            if ok:
-                self._last_ack = now
-            else:
+        # dict.pop is atomic: of kafka's callback and close()'s give-up, the one that pops the record
+        # reports it, so exactly once. A success takes the lock only to wake a waiter: a send()
+        # waiting for room counted itself in _blocked (under the lock, before it looked for room),
+        # and a flush() waits for _pending to empty.
+        rec = self._pending.pop(seq, None)
+        if rec is None:  # already failed by close()
+            return
+        now = time.monotonic()
+        if ok:
+            self._last_ack = now
+            if self._blocked or not self._pending:
+                with self._cond:
+                    self._cond.notify_all()
+            self._m_produce.observe(now - rec.t0)
+        else:
+            with self._cond:
                 self._last_fail = now
                 self._failed_since_flush += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-            if self._blocked or not self._pending:  # a send() waiting for room, or a flush()
                 self._cond.notify_all()
-        if ok:
-            self._m_produce.observe(now - rec.t0)
         self._notify(rec, ok, exc)
 
     def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
