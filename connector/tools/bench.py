@@ -340,6 +340,9 @@ def _median_run(runs: list[dict]) -> dict:
         for phase in phases:
             keys = [k for k, v in items[0][phase].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             med[phase] = {k: statistics.median(r[phase][k] for r in items) for k in keys}
+            threads = [r[phase].get("threads_cpu_per_1k", {}) for r in items]
+            common = [name for name in threads[0] if all(name in t for t in threads)]
+            med[phase]["threads_cpu_per_1k"] = {name: statistics.median(t[name] for t in threads) for name in common}
         return med
 
     med = median_of(runs, ("sink", "source", "pipeline"))

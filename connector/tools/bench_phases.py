@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from connector.tools.bench_profile import PhaseProfile
+from connector.tools.bench_profile import PhaseProfile, thread_group
 from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,82 @@ def _peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+class ThreadCPU:
+    """CPU seconds of each thread of this process over the measured part, by thread name without its
+    number (a pool's threads count together): the kernel's count for each thread (Linux /proc), read
+    every SAMPLE seconds by a sampler thread, so a thread that ends between two readings loses at
+    most that much. Empty where /proc is not there."""
+
+    SAMPLE = 0.02
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._base: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._sampler = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._base = {tid: cpu for tid, (_, cpu) in self._read().items()}
+        self._sampler.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._sampler.join()
+        out: dict[str, float] = {}
+        for tid, (name, cpu) in self._last.items():
+            group = thread_group(name)
+            out[group] = out.get(group, 0.0) + cpu - self._base.get(tid, 0.0)
+        return out
+
+    def _run(self) -> None:
+        while True:
+            self._last.update(self._read())
+            if self._stop.wait(self.SAMPLE):
+                self._last.update(self._read())
+                return
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        """{thread id: (name, CPU seconds)} of every thread, Python's or a library's own (librdkafka's,
+        named by the kernel)."""
+        names = {t.native_id: t.name for t in threading.enumerate() if t is not self._sampler}
+        out: dict[int, tuple[str, float]] = {}
+        try:
+            tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+        except OSError:
+            return out
+        for tid in tids:
+            if tid == self._sampler.native_id:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
+                    cpu = int(f.read().split()[0]) / 1e9  # on-CPU nanoseconds, the first figure
+                name = names.get(tid)
+                if name is None:
+                    with open(f"/proc/self/task/{tid}/comm", encoding="utf-8") as f:
+                        name = f.read().strip()
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            out[tid] = (name, cpu)
+        return out
+
+
+_threads: ThreadCPU | None = None  # the running phase's
+
+
 def _begin() -> tuple[float, float]:
     """The measured part of a phase starts: (wall, CPU) clock readings for _measured()."""
+    global _threads
     if _profile is not None:
         _profile.begin()
-    return time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), time.process_time()
+    _threads = ThreadCPU()  # read inside the process's CPU reading, so the threads add up to no more
+    _threads.start()
+    return t0, c0
 
 
 def _measured(events: int, t0: float, c0: float, **extra) -> dict:
     wall = time.perf_counter() - t0
+    threads = _threads.stop() if _threads is not None else {}
     cpu = time.process_time() - c0
     if _profile is not None:
         _profile.end()
@@ -58,6 +127,8 @@ def _measured(events: int, t0: float, c0: float, **extra) -> dict:
         "events_per_s": events / wall if wall > 0 else 0.0,
         "cpu_seconds": cpu,
         "cpu_per_1k": cpu / events * 1000 if events else 0.0,
+        # where the CPU went, by thread (the sampler's own share is in cpu_per_1k, not here)
+        "threads_cpu_per_1k": {name: s / events * 1000 for name, s in threads.items()} if events else {},
         "peak_rss_mib": _peak_rss_mib(),
         **extra,
     }

@@ -47,7 +47,7 @@ class PhaseProfile:
     def _enable(self, name: str) -> None:
         prof = cProfile.Profile()
         with self._lock:
-            self._profiles.append((_THREAD_NO.sub("", name) or name, prof))
+            self._profiles.append((thread_group(name), prof))
         prof.enable()
 
     def begin(self) -> None:
@@ -120,6 +120,11 @@ _WAITS = (
     "time.sleep",
     "posix.fsync",
 )
+
+
+def thread_group(name: str) -> str:
+    """A thread's name without its number, so a pool's threads count together ("enrich_3" → "enrich")."""
+    return _THREAD_NO.sub("", name) or name
 
 
 def _by(column: int) -> Callable[[tuple], float]:

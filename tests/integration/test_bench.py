@@ -56,6 +56,10 @@ def test_bench_json_has_every_figure_and_they_agree():
         assert ph["events_per_s"] == pytest.approx(ph["events"] / ph["seconds"])
         assert med[phase]["events_per_s"] == ph["events_per_s"]  # one run: the median is the run
         assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == GC_THRESHOLD, phase
+        # CPU by thread: the phase's own threads, adding up to no more than the process's CPU
+        threads = ph["threads_cpu_per_1k"]
+        assert threads["MainThread"] > 0 and 0 < sum(threads.values()) <= ph["cpu_per_1k"] * 1.1, (phase, threads)
+    assert {"MainThread", "source"} <= set(run["pipeline"]["threads_cpu_per_1k"])
     p = run["pipeline"]
     assert p["published"] == 300 and p["dlq"] == 0 and p["errors"] == []
     # the ratio is the one computed from the printed events/s
@@ -124,6 +128,7 @@ def test_bench_table_names_every_figure_and_profiles_each_phase(tmp_path):
         "CPU s/1k ev",
         "peak RSS MiB",
         "Tanium req/1k ev",
+        "CPU s/1k ev by thread (the kernel's count per thread):",
         "hardware: ",
         "kafka-python 3",
         "Python 3",
