@@ -110,8 +110,9 @@ def _begin() -> tuple[float, float]:
     if _profile is not None:
         _profile.begin()
     t0, c0 = time.perf_counter(), time.process_time()
-    _threads = ThreadCPU()  # read inside the process's CPU reading, so the threads add up to no more
-    _threads.start()
+    if _profile is None:  # a profiled run's threads are slowed down (the sampler's own reads too)
+        _threads = ThreadCPU()  # read inside the process's CPU reading, so the threads add up to no more
+        _threads.start()
     return t0, c0
 
 

@@ -116,6 +116,8 @@ _WAITS = (
     "'recv_into' of '_socket.",
     "'recv' of '_socket.",
     "'poll' of 'select.",
+    "'poll' of 'cimpl.",  # librdkafka waits for delivery reports (the reports' own code is listed apart)
+    "'flush' of 'cimpl.",
     "'select' of 'select.",
     "time.sleep",
     "posix.fsync",

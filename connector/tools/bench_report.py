@@ -110,10 +110,11 @@ def print_report(report: dict, out) -> None:
     for ph, label in rows:
         req = f"{ph['tanium_requests_per_1k']:.2f}" if "tanium_requests_per_1k" in ph else "-"
         w(f"{label:<28}{ph['events_per_s']:>10.0f}{ph['cpu_per_1k']:>13.3f}{ph['peak_rss_mib']:>14.1f}{req:>18}\n")
-    w("\nCPU s/1k ev by thread (the kernel's count per thread):\n")
-    for ph, label in rows:
-        threads = sorted(ph.get("threads_cpu_per_1k", {}).items(), key=lambda kv: -kv[1])
-        w(f"  {label:<28}" + ", ".join(f"{name} {v:.3f}" for name, v in threads if v >= 0.0005) + "\n")
+    if any(ph.get("threads_cpu_per_1k") for ph, _ in rows):  # not measured in a profiled run
+        w("\nCPU s/1k ev by thread (the kernel's count per thread):\n")
+        for ph, label in rows:
+            threads = sorted(ph.get("threads_cpu_per_1k", {}).items(), key=lambda kv: -kv[1])
+            w(f"  {label:<28}" + ", ".join(f"{name} {v:.3f}" for name, v in threads if v >= 0.0005) + "\n")
     t = report["targets"]
     ok = {True: "met", False: "NOT MET"}
     w(f"\npipeline / min(ceilings)   {m['ratio']:.3f} kafka-python (target >= 0.85: {ok[t['ratio']['met']]})")
