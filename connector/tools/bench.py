@@ -61,6 +61,7 @@ from connector.tools.bench_phases import (
 )
 from connector.tools.bench_report import (
     hardware,
+    load_average,
     print_report,
     print_rss_report,
     targets,
@@ -409,6 +410,7 @@ def run_bench(args) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
+    hw["load_avg_1m_end"] = load_average()
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif args.rss_scale:

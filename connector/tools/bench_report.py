@@ -29,10 +29,6 @@ def hardware() -> dict:
         native = kafka_util.calc_crc32c.__defaults__[0] is crc32c.crc32c
     except (ImportError, AttributeError, TypeError):
         native = False
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -41,12 +37,22 @@ def hardware() -> dict:
         "kafka_python": metadata.version("kafka-python"),
         "crc32c": "C (crc32c package)" if native else "pure Python",
         "orjson": metadata.version("orjson"),
-        "load_avg_1m": load,
+        "load_avg_1m": load_average(),
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def hardware_line(hw: dict) -> str:
     load = f", load average {hw['load_avg_1m']:.2f} at start" if hw.get("load_avg_1m") is not None else ""
+    if hw.get("load_avg_1m_end") is not None:  # the machine may be shared: how busy it was meanwhile
+        load += f", {hw['load_avg_1m_end']:.2f} at the end"
     return (
         f"{hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, Python {hw['python']}, "
         f"kafka-python {hw['kafka_python']} (CRC32C: {hw['crc32c']}), orjson {hw['orjson']}{load}"
