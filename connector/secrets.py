@@ -26,6 +26,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from connector.metrics import NO_METRICS, Metrics
+
 log = logging.getLogger(__name__)
 
 _new_key_callbacks: list[Callable[[str], None]] = []
@@ -40,7 +42,7 @@ def on_new_key(callback: Callable[[str], None]) -> None:
 class ApiKey:
     """One pipeline's API key: `value` from the configuration, followed by the file at `path` if any."""
 
-    def __init__(self, value: str, path: str | None = None, metrics=None):
+    def __init__(self, value: str, path: str | None = None, metrics: Metrics = NO_METRICS):
         self.path = path
         self._value = value
         self._known = [value]  # every key held: messages are scrubbed of old ones too
@@ -79,9 +81,8 @@ class ApiKey:
         with self._lock:  # the gauge under the lock: a concurrent accepted() cannot leave it stale
             self._rejected += 1
             first = self._rejected == 1
-            if self._m:
-                self._m.auth_failures.labels(self._m.pipeline).inc()
-                self._m.unauthorized.labels(self._m.pipeline).set(1)
+            self._m.auth_failures.labels(self._m.pipeline).inc()
+            self._m.unauthorized.labels(self._m.pipeline).set(1)
         if first:
             where = f"after re-reading tanium.api_key_file {self.path!r}" if self.path else "(tanium.api_key)"
             log.error("%s Tanium rejects the key %s; logged once until it accepts one again.", message, where)
@@ -92,8 +93,7 @@ class ApiKey:
             return
         with self._lock:
             streak, self._rejected = self._rejected, 0
-            if self._m:
-                self._m.unauthorized.labels(self._m.pipeline).set(0)
+            self._m.unauthorized.labels(self._m.pipeline).set(0)
         if streak:
             log.info("Tanium accepts the API token again (after %d requests answered 401)", streak)
 
@@ -131,8 +131,7 @@ class ApiKey:
         self._stamp = stamp  # last: a request that sees the new stamp without the lock finds the new key
 
     def _count(self, result: str) -> None:
-        if self._m:
-            self._m.api_key_reloads.labels(self._m.pipeline, result).inc()
+        self._m.api_key_reloads.labels(self._m.pipeline, result).inc()
 
 
 def _stamp(path: str) -> tuple | None:

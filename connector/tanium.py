@@ -30,7 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from connector import __version__
 from connector.config import TaniumSection
-from connector.metrics import WORKER
+from connector.metrics import NO_METRICS, WORKER, Metrics
 from connector.secrets import ApiKey
 from connector.tanium_http import classify, retry_after, root_reason
 from connector.text import json_type, mask_userinfo, shorten
@@ -110,7 +110,14 @@ class AlertPage:
 class TaniumClient:
     """One client per pipeline; safe to share between threads (one HTTP session per thread)."""
 
-    def __init__(self, settings: TaniumSection, metrics=None, *, backoff_base: float = 0.5, backoff_cap: float = 30.0):
+    def __init__(
+        self,
+        settings: TaniumSection,
+        metrics: Metrics = NO_METRICS,
+        *,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+    ):
         if settings.api_key is None or not settings.api_key.get_secret_value():
             raise ValueError("tanium.api_key is empty")
         self.settings = settings
@@ -184,8 +191,7 @@ class TaniumClient:
         for alert in items:
             if isinstance(alert, dict):
                 decode_details(alert)
-        if self.metrics:
-            self.metrics.pages.labels(self.metrics.pipeline).inc()
+        self.metrics.pages.labels(self.metrics.pipeline).inc()
         total = filtered = None
         if isinstance(meta, dict):
             total = meta.get("totalCount") if isinstance(meta.get("totalCount"), int) else None
@@ -268,8 +274,7 @@ class TaniumClient:
                 # alert page; read here, so a reset mid-body is retried like any network error
                 body = b"".join(resp.iter_content(chunk_size=None))
             except _OtherHostRedirect as e:
-                if m:
-                    m.requests.labels(m.pipeline, endpoint, "3xx").inc()
+                m.requests.labels(m.pipeline, endpoint, "3xx").inc()
                 raise TaniumResponseError(
                     self._scrub(
                         f"Tanium at {self._where} redirected GET {path} to another host ({e.target}); the connector "
@@ -282,9 +287,8 @@ class TaniumClient:
             except requests.RequestException as e:
                 elapsed = time.monotonic() - t0
                 kind, retryable = classify(e)
-                if m:
-                    m.requests.labels(m.pipeline, endpoint, "error").inc()
-                    m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
+                m.requests.labels(m.pipeline, endpoint, "error").inc()
+                m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
                 log.debug(
                     "tanium GET %s failed after %.0f ms (attempt %d/%d): %s",
                     self._scrub(shown),
@@ -299,10 +303,9 @@ class TaniumClient:
                 raise self._connection_error(kind, e, attempt) from None
             elapsed = time.monotonic() - t0
             code = resp.status_code
-            if m:
-                # 429 has its own class: the dashboard and alerts watch the 429/5xx share
-                m.requests.labels(m.pipeline, endpoint, "429" if code == 429 else f"{code // 100}xx").inc()
-                m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
+            # 429 has its own class: the dashboard and alerts watch the 429/5xx share
+            m.requests.labels(m.pipeline, endpoint, "429" if code == 429 else f"{code // 100}xx").inc()
+            m.request_duration.labels(m.pipeline, endpoint).observe(elapsed)
             log.debug(
                 "tanium GET %s -> %d in %.0f ms (attempt %d/%d)",
                 self._scrub(shown),
@@ -337,10 +340,9 @@ class TaniumClient:
 
     def _wait(self, reason: str, seconds: float, attempt: int) -> None:
         m = self.metrics
-        if m:
-            m.retries.labels(m.pipeline, reason).inc()
-            if reason == "429":
-                m.rate_limited.labels(m.pipeline).inc(seconds)
+        m.retries.labels(m.pipeline, reason).inc()
+        if reason == "429":
+            m.rate_limited.labels(m.pipeline).inc(seconds)
         log.debug("tanium retry %d (%s) in %.2f s", attempt, reason, seconds)
         if self._closed.wait(seconds):
             raise TaniumError("the Tanium client was closed while waiting to retry")

@@ -30,6 +30,7 @@ from typing import Any
 
 from cachetools import TLRUCache
 
+from connector.metrics import NO_METRICS, Metrics
 from connector.tanium import decode_intel_doc
 
 _NOT_FOUND = object()  # cached value for a 404
@@ -49,7 +50,7 @@ class Enricher:
         ttl: float,
         negative_ttl: float,
         concurrency: int,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         timer: Callable[[], float] = time.monotonic,
         timeout: float | None = None,
     ):
@@ -64,18 +65,16 @@ class Enricher:
         self._lock = threading.Lock()
         self._inflight: dict[tuple, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="enrich")
-        self._m = metrics
         self._counts = {"lookups": 0, "hits": 0, "misses": 0, "negative_hits": 0, "requests": 0, "errors": 0}
-        if metrics:
-            p = metrics.pipeline
-            self._m_hit = metrics.cache_requests.labels(p, "hit")
-            self._m_miss = metrics.cache_requests.labels(p, "miss")
-            self._m_neg = metrics.cache_requests.labels(p, "negative_hit")
-            self._m_entries = metrics.cache_entries.labels(p)
-            self._m_lookup = metrics.lookup_duration.labels(p)
-            self._m_errors = metrics.enrich_errors.labels(p)
-            self._m_in = metrics.records_received.labels(p, "enrich")
-            self._m_out = metrics.records_sent.labels(p, "enrich")
+        p = metrics.pipeline
+        self._m_hit = metrics.cache_requests.labels(p, "hit")
+        self._m_miss = metrics.cache_requests.labels(p, "miss")
+        self._m_neg = metrics.cache_requests.labels(p, "negative_hit")
+        self._m_entries = metrics.cache_entries.labels(p)
+        self._m_lookup = metrics.lookup_duration.labels(p)
+        self._m_errors = metrics.enrich_errors.labels(p)
+        self._m_in = metrics.records_received.labels(p, "enrich")
+        self._m_out = metrics.records_sent.labels(p, "enrich")
 
     def _ttu(self, _key, value, now: float) -> float:
         return now + (self._neg_ttl if value is _NOT_FOUND else self._ttl)
@@ -169,16 +168,15 @@ class Enricher:
         if errors:
             with self._lock:
                 self._counts["errors"] += errors
-        if self._m:
-            self._m_hit.inc(hits)
-            self._m_miss.inc(misses)
-            self._m_neg.inc(neg)
-            if errors:
-                self._m_errors.inc(errors)
-            with self._lock:
-                self._m_entries.set(len(self._cache))
-            self._m_in.inc(len(alerts))
-            self._m_out.inc(len(alerts))
+        self._m_hit.inc(hits)
+        self._m_miss.inc(misses)
+        self._m_neg.inc(neg)
+        if errors:
+            self._m_errors.inc(errors)
+        with self._lock:
+            self._m_entries.set(len(self._cache))
+        self._m_in.inc(len(alerts))
+        self._m_out.inc(len(alerts))
         return alerts
 
     def _start(self, key: tuple) -> Future:
@@ -203,8 +201,7 @@ class Enricher:
                 self._inflight.pop(key, None)
             raise
         finally:
-            if self._m:
-                self._m_lookup.observe(time.perf_counter() - t0)
+            self._m_lookup.observe(time.perf_counter() - t0)
         if doc is not None:
             doc = decode_intel_doc(dict(doc))
         with self._lock:

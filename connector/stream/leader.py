@@ -44,7 +44,7 @@ from kafka.errors import KafkaError, RebalanceInProgressError, TopicAlreadyExist
 
 from connector.config import KafkaSection
 from connector.kafka import client_settings, describe_servers
-from connector.metrics import WORKER
+from connector.metrics import NO_METRICS, WORKER, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def fleet_topic(state_topic: str, pipeline: str) -> str:
     return f"{state_topic}.leader.{pipeline}"
 
 
-def group_member(cfg, metrics=None) -> GroupMember:
+def group_member(cfg, metrics: Metrics = NO_METRICS) -> GroupMember:
     """The group member for a fleet pipeline's `[fleet]` section (shared by a process's pipelines
     of the same fleet)."""
     f = cfg.fleet
@@ -203,7 +203,7 @@ class GroupMember:
         *,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         fleet: bool = False,
     ):
         self.kafka, self.group, self.fleet = kafka, group, fleet
@@ -384,8 +384,6 @@ class GroupMember:
         if rebalanced:
             self.rebalances += 1
         m = self.metrics
-        if m is None:
-            return
         held = sum(1 for e in self.elections.values() if e.lease.holds)
         m.fleet_pipelines.labels(self.group, WORKER).set(held)
         if rebalanced:
@@ -408,7 +406,7 @@ class LeaderElection:
         *,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         on_change: Callable[[bool], None] | None = None,
         member: GroupMember | None = None,
     ):
@@ -420,16 +418,14 @@ class LeaderElection:
             metrics=metrics,
         )
         self.topic, self.group = topic, self.member.group
-        self.pipeline = metrics.pipeline if metrics else topic
+        self.pipeline = metrics.pipeline or topic
         self.session_timeout_ms = self.member.session_timeout_ms
         self.heartbeat_interval_ms = self.member.heartbeat_interval_ms
         self.on_change = on_change
-        self.gauge = metrics.ha_leader.labels(metrics.pipeline) if metrics else None
-        if self.gauge is not None:
-            self.gauge.set(0)
-        self.owner = metrics.fleet_owner.labels(metrics.pipeline, WORKER) if metrics else None
-        if self.owner is not None:
-            self.owner.set(0)
+        self.gauge = metrics.ha_leader.labels(metrics.pipeline)
+        self.gauge.set(0)
+        self.owner = metrics.fleet_owner.labels(metrics.pipeline, WORKER)
+        self.owner.set(0)
         s, hb = self.session_timeout_ms, self.heartbeat_interval_ms
         self.lease = Lease(s, rebalance_timeout_ms(s), hb)
         self._leader = threading.Event()
@@ -511,10 +507,8 @@ class LeaderElection:
             self.topic,
             self.group,
         )
-        if self.gauge is not None:
-            self.gauge.set(1 if leader else 0)
-        if self.owner is not None:
-            self.owner.set(1 if leader else 0)
+        self.gauge.set(1 if leader else 0)
+        self.owner.set(1 if leader else 0)
         if self.on_change is not None:
             try:
                 self.on_change(leader)

@@ -53,12 +53,13 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 from connector.config import ConfigError
 from connector.kafka import ProducerFenced
+from connector.metrics import NO_METRICS, Metrics
 from connector.stream.checkpoint import CheckpointError, open_store
 from connector.stream.leader import GroupMember, election_for
 from connector.stream.records import Record, RecordMaker
@@ -100,7 +101,7 @@ class StreamPipeline(Transactions, Terms):
         self,
         cfg,
         *,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         dry_run: bool = False,
         once: bool = False,
         since: str | None = None,
@@ -112,8 +113,8 @@ class StreamPipeline(Transactions, Terms):
     ):
         self.cfg = cfg
         self.metrics = metrics
-        if metrics:
-            metrics.init_from_config(cfg)
+        metrics.init_from_config(cfg)
+        self._m_freshness = metrics.freshness.labels(metrics.pipeline)  # observed per event: looked up once
         self.dry_run, self.once = dry_run, once
         self.stop_event = threading.Event()
         self.summary = Summary()
@@ -207,8 +208,7 @@ class StreamPipeline(Transactions, Terms):
 
     def _report_ready(self) -> None:
         ready = self.readiness()[0]  # also lets the sink notice a producer that went broken
-        if self.metrics:
-            self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
+        self.metrics.ready.labels(self.metrics.pipeline).set(1 if ready else 0)
 
     # ---- source thread ----------------------------------------------------------------------
     def _poll(self, s: Session) -> None:
@@ -233,8 +233,7 @@ class StreamPipeline(Transactions, Terms):
                         return
                 self.tanium_ok = True
                 backoff = 1.0
-                if self.metrics:
-                    self.metrics.last_success.labels(self.metrics.pipeline).set(time.time())
+                self.metrics.last_success.labels(self.metrics.pipeline).set(time.time())
                 if s.source.hit_limit:
                     continue
                 if self.once:
@@ -254,7 +253,7 @@ class StreamPipeline(Transactions, Terms):
                 backoff = min(backoff * 2, 300)
 
     # ---- processing -------------------------------------------------------------------------
-    def _records(self, page: list) -> Iterator[Record]:
+    def _records(self, page: list) -> list[Record]:
         """The Kafka records of a page, in read order (see connector/stream/records.py)."""
         self.summary.fetched += len(page) - (page[-1][0] is MARK)  # a watermark marker is no alert
         return self.records.records(page)
@@ -263,25 +262,31 @@ class StreamPipeline(Transactions, Terms):
         """Hands the page's records to Kafka under session `s`, until a delivery fails. Records up
         to the session's careful_until go one at a time, each waiting for its answer, so that a
         refusal names the very record."""
+        records = self._records(page)
+        if not records:
+            return
+        # the page's records enter the window together, in read order (a failure ends the session
+        # before the rest are sent: they stay behind the failed record, which the prefix never passes)
+        first = s.window.add_page([r.position for r in records], [r.final for r in records])
+        delivery = _Delivery(self, s, first, records)
         r, most = self.retry, self.cfg.pipeline.max_delivery_attempts
-        for alert, pos, topic, key, value, headers, kind, final, created in self._records(page):
+        for i, (alert, pos, topic, key, value, headers, kind, _, _) in enumerate(records):
             if s.failed.is_set():
                 return  # the session ends; what follows is read again
             if kind == "mark":  # the update watermark (stream/updates.py): confirmed at once, in order
-                s.window.done(s.window.add(pos), True)
+                s.window.done(first + i, True)
                 continue
-            record = s.identity(pos)
+            record = delivery.idents[i] = s.identity(pos)
             careful = s.careful_until is not None and record[:2] <= s.careful_until
-            seq = s.window.add(pos, final)
             if record == r.record:
-                s.retry_seq, r.what = seq, describe(alert, pos)
+                s.retry_seq, r.what = first + i, describe(alert, pos)
                 if r.attempts >= most and kind == "published":
                     reason = f"kafka: the topic {topic} refused the event {r.attempts} times: {r.error}"
-                    topic, key, kind = self.records.dlq_topic, None, "dlq"
+                    topic, key, delivery.kinds[i] = self.records.dlq_topic, None, "dlq"
                     value, headers = self.records.dlq_record(alert, reason)
                     log.error("%s goes to the dead-letter topic %s: %s", r.what, topic, reason)
-            answered = threading.Event() if careful else None
-            self.sink.send(topic, key, value, headers, self._on_done(s, seq, kind, record, answered, created))
+            answered = delivery.answered[i] = threading.Event() if careful else None
+            self.sink.send(topic, key, value, headers, partial(delivery.done, i))
             if answered is not None:
                 self._await(answered)
 
@@ -292,44 +297,16 @@ class StreamPipeline(Transactions, Terms):
         while not answered.wait(0.5) and time.monotonic() < limit and not self.stop_event.is_set():
             pass
 
-    def _on_done(
-        self, s: Session, seq: int, kind: str, record: tuple, answered: threading.Event | None, created_at: str | None
-    ):
-        """The delivery callback of one record: it reports to the session that sent the record,
-        however late it arrives (see "Sessions")."""
-        window = s.window
-
-        def done(ok: bool, exc: Exception | None = None) -> None:
-            first = False
-            if not ok:  # first, so that nothing below can keep the failure from ending the session
-                first = s.fail(Failure(seq, record, kind, error_text(exc), refused(exc)))
-            window.done(seq, ok)
-            if ok:
-                if kind == "dlq":
-                    self.summary.dlq += 1
-                else:
-                    self._freshness(created_at)
-                    self.summary.published += 1
-            else:
-                self.summary.delivery_failures += 1
-                # one line per session: an outage fails every record in flight
-                if first and not isinstance(exc, SinkStopped):
-                    log.error("Kafka did not confirm a record (%s): %s; the session ends", kind, exc)
-            if answered is not None:
-                answered.set()
-
-        return done
-
     def _freshness(self, created_at: str | None) -> None:
         """Observes an event's freshness: seconds from its alert's createdAt to now (its ack)."""
-        if self.metrics is None or not created_at:
+        if not created_at:
             return
         try:  # Tanium's form; parse_ts takes any RFC 3339 time but costs 8x on this hot path
             when = datetime.fromisoformat(created_at)
         except ValueError:
             return
         if when.tzinfo is not None:
-            self.metrics.freshness.labels(self.metrics.pipeline).observe(time.time() - when.timestamp())
+            self._m_freshness.observe(time.time() - when.timestamp())
 
     def _commit(self, s: Session, timeout: float | None = None) -> None:
         """Saves the checkpoint of session `s`'s acknowledged prefix. A failed save is retried
@@ -353,8 +330,7 @@ class StreamPipeline(Transactions, Terms):
             wait = self._save_backoff.next()
             self._save_after = time.monotonic() + wait
             self.save_error = str(e)
-            if self.metrics:
-                self.metrics.checkpoint_errors.labels(self.metrics.pipeline).inc()
+            self.metrics.checkpoint_errors.labels(self.metrics.pipeline).inc()
             log.error("%s; the checkpoint stays at %s, next try in %.0fs", e, self.committed, wait)
             return
         if self.save_error:
@@ -379,10 +355,9 @@ class StreamPipeline(Transactions, Terms):
         self.committed = checkpoint
         self.summary.checkpoint = checkpoint
         self.last_commit = time.monotonic()
-        if self.metrics:
-            self.metrics.checkpoint_commits.labels(self.metrics.pipeline).inc()
-            if pos.created_at:
-                self.metrics.checkpoint_ts.labels(self.metrics.pipeline).set(parse_ts(pos.created_at).timestamp())
+        self.metrics.checkpoint_commits.labels(self.metrics.pipeline).inc()
+        if pos.created_at:
+            self.metrics.checkpoint_ts.labels(self.metrics.pipeline).set(parse_ts(pos.created_at).timestamp())
 
     # ---- main loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -435,8 +410,7 @@ class StreamPipeline(Transactions, Terms):
         self._count_attempt(s)
         wait = self._rewind_backoff.cap if self.paused else self._rewind_backoff.next()
         self.summary.rewinds += 1
-        if self.metrics:
-            self.metrics.rewinds.labels(self.metrics.pipeline).inc()
+        self.metrics.rewinds.labels(self.metrics.pipeline).inc()
         log.warning("rewinding to checkpoint %s after a failed delivery; reading again in %.1fs", self.committed, wait)
         self._gauge("rewind_backoff", wait)
         self._wait(wait)
@@ -492,8 +466,7 @@ class StreamPipeline(Transactions, Terms):
             self.stop_event.wait(min(left, 0.5))
 
     def _gauge(self, name: str, value: float) -> None:
-        if self.metrics:
-            getattr(self.metrics, name).labels(self.metrics.pipeline).set(value)
+        getattr(self.metrics, name).labels(self.metrics.pipeline).set(value)
 
     def _session(self, s: Session) -> bool:
         """Runs session `s` until stopped, finished (--once), or a delivery fails (returns False)."""
@@ -577,3 +550,39 @@ class StreamPipeline(Transactions, Terms):
     def _stop_sink(self) -> None:
         if self.sink is not None:
             self.sink.stop()
+
+
+class _Delivery:
+    """The delivery callbacks of one page's records sent in one session: one object per page, the
+    callback of record i is done(i, ...). It reports to the session that sent the records, however
+    late it arrives (see "Sessions")."""
+
+    __slots__ = ("pipe", "s", "first", "kinds", "created", "idents", "answered")
+
+    def __init__(self, pipe: StreamPipeline, s: Session, first: int, records: list[Record]):
+        self.pipe, self.s, self.first = pipe, s, first
+        self.kinds = [r.kind for r in records]  # a record can turn into a DLQ record as it is sent
+        self.created = [r.created for r in records]
+        self.idents: list[tuple] = [()] * len(records)  # set as each record is sent
+        self.answered: list[threading.Event | None] = [None] * len(records)
+
+    def done(self, i: int, ok: bool, exc: Exception | None = None) -> None:
+        s, pipe, seq, kind = self.s, self.pipe, self.first + i, self.kinds[i]
+        first = False
+        if not ok:  # first, so that nothing below can keep the failure from ending the session
+            first = s.fail(Failure(seq, self.idents[i], kind, error_text(exc), refused(exc)))
+        s.window.done(seq, ok)
+        if ok:
+            if kind == "dlq":
+                pipe.summary.dlq += 1
+            else:
+                pipe._freshness(self.created[i])
+                pipe.summary.published += 1
+        else:
+            pipe.summary.delivery_failures += 1
+            # one line per session: an outage fails every record in flight
+            if first and not isinstance(exc, SinkStopped):
+                log.error("Kafka did not confirm a record (%s): %s; the session ends", kind, exc)
+        answered = self.answered[i]
+        if answered is not None:
+            answered.set()

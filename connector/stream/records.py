@@ -11,7 +11,6 @@ of the raw alert as fits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import orjson
@@ -19,6 +18,7 @@ import orjson
 from connector import __version__
 from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
 from connector.formats import Settings as FormatSettings
+from connector.metrics import NO_METRICS, Metrics
 from connector.stream.normalize import SCHEMA_VERSION, NormalizeError, serialize
 from connector.stream.source import Position
 from connector.stream.updates import MARK
@@ -47,8 +47,10 @@ class Record(NamedTuple):
 class RecordMaker:
     """Enrich, normalize, render the formats and serialize: a page in, its records out."""
 
-    def __init__(self, cfg, enricher, normalizer, metrics=None):
+    def __init__(self, cfg, enricher, normalizer, metrics: Metrics = NO_METRICS):
         self.enricher, self.normalizer, self.metrics = enricher, normalizer, metrics
+        self._m_source_sent = metrics.records_sent.labels(metrics.pipeline, "source")
+        self._m_dlq: dict[str, Any] = {}  # DLQ reason code -> its counter child
         self.pipeline = cfg.pipeline.name
         self.topic = cfg.kafka.topic if cfg.kafka else "dry-run"
         self.dlq_topic = cfg.kafka.dlq_topic if cfg.kafka else "dry-run.dlq"
@@ -71,43 +73,60 @@ class RecordMaker:
                 [("format", fmt.encode()), ("schema_version", version), *self.headers[1:]],
             )
 
-    def records(self, page: list) -> Iterator[Record]:
-        """(alert, position, topic, key, value, headers, kind, final, created) per record of the page, in
-        read order: one per output format of each alert, or one DLQ record; kind is "published" or
-        "dlq"; `final` marks an alert's last record (the checkpoint may pass the alert only there);
-        `created` is the alert's createdAt on that record (for the freshness histogram), else None."""
-        m = self.metrics
+    def records(self, page: list) -> list[Record]:
+        """The records of the page in read order, made in one pass over it: one per output format of
+        each alert, or one DLQ record; kind is "published" or "dlq"; `final` marks an alert's last
+        record (the checkpoint may pass the alert only there); `created` is the alert's createdAt on
+        that record (for the freshness histogram), else None. Metric children are looked up once."""
         if self.enricher:
             self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
-        if m:
-            m.records_sent.labels(m.pipeline, "source").inc(len(page))
+        alerts = [a for a, _ in page if a is not MARK]
+        self._m_source_sent.inc(len(alerts))
+        events = iter(self.normalizer.normalize_page(alerts))
+        out: list[Record] = []
+        add = out.append
+        formats, outputs, fit = self.formats, self.outputs, self.fit
+        only_normalized = formats == ["normalized"]
+        topic, headers = outputs["normalized"]
         for alert, pos in page:
             if alert is MARK:  # a new update watermark (stream/updates.py): a window entry, no Kafka record
-                yield Record(alert, pos, "", None, b"", [], "mark", True, None)
+                add(Record(alert, pos, "", None, b"", [], "mark", True, None))
                 continue
+            event = next(events)
+            # an update event's position says which change it reports (stream/updates.py)
+            action = getattr(pos, "change", None)
             try:
-                event = self.normalizer.normalize(alert)
-                # an update event's position says which change it reports (stream/updates.py)
-                docs = render_all(self.formats, alert, event, self.format_settings, getattr(pos, "change", None))
-                values = [
-                    self.fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
-                    for fmt, doc in zip(self.formats, docs, strict=True)
-                ]
+                if isinstance(event, NormalizeError):
+                    raise event
+                docs = render_all(formats, alert, event, self.format_settings, action)
+                if only_normalized:  # the default: no other document to encode
+                    values = [fit(event, serialize(event))]
+                else:
+                    values = [
+                        fit(doc, serialize(doc)) if fmt == "normalized" else encode(fmt, doc, self.max_value)
+                        for fmt, doc in zip(formats, docs, strict=True)
+                    ]
             except NormalizeError as e:
-                yield Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, e.reason), "dlq", True, None)
+                add(Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, e.reason), "dlq", True, None))
                 continue
             key = str(event.get("uid") or "").encode() or None
+            created = alert.get("createdAt")
+            if created.__class__ is not str or action is not None:  # an update is not a new alert's freshness
+                created = None
+            if only_normalized:
+                add(Record(alert, pos, topic, key, values[0], headers, "published", True, created))
+                continue
             guid = alert.get("guid")
             guid_key = guid.encode() if isinstance(guid, str) and guid else key
             # every record of the alert carries its position, and only the last one is final: the
             # checkpoint passes the alert once all its formats are acknowledged
             last = len(values) - 1
-            created = alert.get("createdAt") if isinstance(alert.get("createdAt"), str) else None
-            for i, (fmt, value) in enumerate(zip(self.formats, values, strict=True)):
-                topic, headers = self.outputs[fmt]
+            for i, (fmt, value) in enumerate(zip(formats, values, strict=True)):
+                ftopic, fheaders = outputs[fmt]
                 final = i == last
                 fkey = key if fmt == "normalized" else guid_key
-                yield Record(alert, pos, topic, fkey, value, headers, "published", final, created if final else None)
+                add(Record(alert, pos, ftopic, fkey, value, fheaders, "published", final, created if final else None))
+        return out
 
     def fit(self, event: dict, value: bytes) -> bytes:
         """Kafka refuses records over max_request_size, and a refused record would be re-read
@@ -131,8 +150,11 @@ class RecordMaker:
         return value
 
     def dlq_record(self, alert, reason: str) -> tuple[bytes, list]:
-        if self.metrics:
-            self.metrics.dlq_records.labels(self.metrics.pipeline, reason.split(":")[0][:40]).inc()
+        code = reason.split(":")[0][:40]
+        child = self._m_dlq.get(code)
+        if child is None:
+            child = self._m_dlq[code] = self.metrics.dlq_records.labels(self.metrics.pipeline, code)
+        child.inc()
         raw = orjson.dumps(alert, option=orjson.OPT_NON_STR_KEYS, default=repr).decode()
         keep = DLQ_RAW_MAX
         while True:  # as much of raw as Kafka takes (a record over max_request_size is refused every time)

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TextIO
 
@@ -31,6 +30,7 @@ from kafka.producer.transaction_manager import TransactionState
 
 from connector.config import KafkaSection
 from connector.kafka import ProducerFenced, SinkError, close_producer, describe_servers, is_fenced, make_producer
+from connector.metrics import NO_METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,21 @@ class SinkStopped(Exception):
 
 
 class _Record:
-    __slots__ = ("topic", "on_done", "t0")
+    """A record handed to the producer; its bound methods are kafka-python's callback and errback."""
 
-    def __init__(self, topic: str, on_done: OnDone):
-        self.topic, self.on_done, self.t0 = topic, on_done, 0.0
+    __slots__ = ("sink", "seq", "topic", "on_done", "t0")
+
+    def __init__(self, sink: KafkaSink, topic: str, on_done: OnDone):
+        self.sink, self.seq, self.topic, self.on_done, self.t0 = sink, -1, topic, on_done, 0.0
+
+    def acked(self, _metadata) -> None:
+        self.sink._complete(self.seq, True, None)
+
+    def failed(self, exc: Exception) -> None:
+        self.sink._complete(self.seq, False, exc)
+
+    def outcome(self, ok: bool, exc: Exception | None) -> None:  # ConfluentProducer's report
+        self.sink._complete(self.seq, ok, exc)
 
 
 class KafkaSink:
@@ -59,7 +70,7 @@ class KafkaSink:
     def __init__(
         self,
         kafka: KafkaSection,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         transactional_id: str | None = None,
         *,
         stall_after: float = 10.0,
@@ -80,12 +91,13 @@ class KafkaSink:
         self._last_fail: float | None = None
         self._busy_since = 0.0
         self._last_error = ""
-        if metrics:  # label lookups cost more than the increments: once here, not per record
-            p = metrics.pipeline
-            self._m_received = metrics.records_received.labels(p, "sink")
-            self._m_sent = metrics.records_sent.labels(p, "sink")
-            self._m_inflight = metrics.inflight.labels(p)
-            self._m_produce = metrics.produce_duration.labels(p)
+        # label lookups cost more than the increments: once here, not per record
+        p = metrics.pipeline
+        self._m_received = metrics.records_received.labels(p, "sink")
+        self._m_sent = metrics.records_sent.labels(p, "sink")
+        # read when scraped: no gauge update per record
+        metrics.inflight.labels(p).set_function(lambda: len(self._pending))
+        self._m_produce = metrics.produce_duration.labels(p)
         if kafka.client == "confluent":
             from connector.stream.confluent import ConfluentProducer
 
@@ -128,9 +140,8 @@ class KafkaSink:
         did not (on_done(False, exc) has already been called): the sink is stopping, `timeout`
         seconds passed without room, or the producer refused the record.
         """
-        rec = _Record(topic, on_done)
-        if self.metrics:
-            self._m_received.inc()
+        rec = _Record(self, topic, on_done)
+        self._m_received.inc()
         refused: Exception | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -148,33 +159,32 @@ class KafkaSink:
             elif len(self._pending) >= self._max:
                 refused = KafkaTimeoutError(f"no room among {self._max} un-acknowledged records within {timeout}s")
             else:
-                seq = self._seq
+                seq = rec.seq = self._seq
                 self._seq += 1
                 rec.t0 = time.monotonic()
                 if not self._pending:
                     self._busy_since = rec.t0
                 self._pending[seq] = rec
-                self._gauge()
         if refused is not None:
             self._notify(rec, False, refused)
             return False
         try:
-            self._produce(topic, key, value, headers, seq)
+            self._produce(topic, key, value, headers, rec)
         except Exception as e:  # noqa: BLE001 (metadata timeout, record too large, closed producer, bad types)
             log.warning("Kafka refused a record for topic %s: %s", topic, e)
             self._complete(seq, False, e)
             return False
         return True
 
-    def _produce_kafka_python(self, topic: str, key, value: bytes, headers, seq: int) -> None:
+    def _produce_kafka_python(self, topic: str, key, value: bytes, headers, rec: _Record) -> None:
         if self._broken():
             self._renew()
         future = self._producer.send(topic, value=value, key=key, headers=headers)
-        future.add_callback(self._acked, seq)
-        future.add_errback(self._failed, seq)
+        future.add_callback(rec.acked)
+        future.add_errback(rec.failed)
 
-    def _produce_confluent(self, topic: str, key, value: bytes, headers, seq: int) -> None:
-        self._producer.produce(topic, key, value, headers, lambda ok, exc: self._complete(seq, ok, exc))
+    def _produce_confluent(self, topic: str, key, value: bytes, headers, rec: _Record) -> None:
+        self._producer.produce(topic, key, value, headers, rec.outcome)
 
     def _broken(self) -> str | None:
         """Why the (kafka-python, non-transactional) producer can deliver nothing any more, or None.
@@ -203,42 +213,35 @@ class KafkaSink:
         log.warning("Kafka producer replaced: the old one %s; its undelivered records are reported failed", why)
         close_producer(old, 0)
 
-    def _acked(self, seq: int, _metadata) -> None:
-        self._complete(seq, True, None)
-
-    def _failed(self, seq: int, exc: Exception) -> None:
-        self._complete(seq, False, exc)
-
     def _complete(self, seq: int, ok: bool, exc: Exception | None) -> None:
-        with self._cond:
-            rec = self._pending.pop(seq, None)
-            if rec is None:  # already failed by close()
-                return
-            now = time.monotonic()
-            if ok:
-                self._last_ack = now
-            else:
+        # dict.pop is atomic: of kafka's callback and close()'s give-up, the one that pops the record
+        # reports it, so exactly once. A success takes the lock only to wake a waiter: a send()
+        # waiting for room counted itself in _blocked (under the lock, before it looked for room),
+        # and a flush() waits for _pending to empty.
+        rec = self._pending.pop(seq, None)
+        if rec is None:  # already failed by close()
+            return
+        now = time.monotonic()
+        if ok:
+            self._last_ack = now
+            if self._blocked or not self._pending:
+                with self._cond:
+                    self._cond.notify_all()
+            self._m_produce.observe(now - rec.t0)
+        else:
+            with self._cond:
                 self._last_fail = now
                 self._failed_since_flush += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-            self._gauge()
-            self._cond.notify_all()
-        if ok and self.metrics:
-            self._m_produce.observe(now - rec.t0)
+                self._cond.notify_all()
         self._notify(rec, ok, exc)
-
-    def _gauge(self) -> None:
-        # under self._cond, so the gauge never shows an older count than the last change
-        if self.metrics:
-            self._m_inflight.set(len(self._pending))
 
     def _notify(self, rec: _Record, ok: bool, exc: Exception | None) -> None:
         m = self.metrics
-        if m:
-            if ok:
-                self._m_sent.inc()
-            elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
-                m.delivery_failures.labels(m.pipeline, rec.topic).inc()
+        if ok:
+            self._m_sent.inc()
+        elif not isinstance(exc, SinkStopped):  # giving up at shutdown is not a Kafka failure
+            m.delivery_failures.labels(m.pipeline, rec.topic).inc()
         try:
             rec.on_done(ok, exc)
         except Exception:
@@ -404,45 +407,71 @@ class KafkaSink:
 class AckWindow:
     """Confirmation window: which position the checkpoint may advance to.
 
-    `add(position, final)` in send order returns a sequence number; `done(seq, ok)` in any order;
-    `committable()` is the position of the last final record of the contiguous prefix of successful
-    acknowledgements (an alert published in several formats is several records of one position,
-    and only its last is final: the checkpoint passes the alert once all of them are confirmed).
-    A failed record stays at the head for good: the checkpoint never passes it (the pipeline
-    re-reads from the checkpoint with a new window). Sequence numbers start at 0 in every window,
-    so an outcome must reach the window its record was added to: the pipeline binds each record's
-    callback to its session's window.
+    `add(position, final)` (or `add_page` for several) in send order returns a sequence number;
+    `done(seq, ok)` in any order; `committable()` is the position of the last final record of the
+    contiguous prefix of successful acknowledgements (an alert published in several formats is
+    several records of one position, and only its last is final: the checkpoint passes the alert
+    once all of them are confirmed). A failed record stays at the head for good: the checkpoint never
+    passes it (the pipeline re-reads from the checkpoint with a new window). Sequence numbers start at
+    0 in every window, so an outcome must reach the window its record was added to: the pipeline binds
+    each record's callback to its session's window.
+
+    Records not yet passed are three parallel lists indexed by seq - base (no object or dict entry
+    per record); the passed front is cut off once it is the larger half.
     """
+
+    COMPACT_AT = 4096  # passed records kept before the lists are cut
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._seq = 0
-        self._order: deque[int] = deque()  # seqs not yet passed, in send order
-        self._entries: dict[int, list] = {}  # seq -> [position, state, final]; state None|True|False
+        self._base = 0  # seq of the lists' first entry
+        self._head = 0  # index of the first record not passed
+        self._positions: list = []
+        self._finals: list[bool] = []
+        self._states: list[bool | None] = []  # None: waiting, True: acknowledged, False: failed
         self._committable: Hashable | None = None
         self._failures = 0
 
     def add(self, position, final: bool = True) -> int:
         with self._lock:
-            seq = self._seq
-            self._seq += 1
-            self._order.append(seq)
-            self._entries[seq] = [position, None, final]
-            return seq
+            self._positions.append(position)
+            self._finals.append(final)
+            self._states.append(None)
+            return self._base + len(self._states) - 1
+
+    def add_page(self, positions: Sequence, finals: Sequence[bool]) -> int:
+        """add() of each (position, final) in order; returns the first one's sequence number (the
+        others follow it)."""
+        with self._lock:
+            first = self._base + len(self._states)
+            self._positions += positions
+            self._finals += finals
+            self._states += [None] * len(positions)
+            return first
 
     def done(self, seq: int, ok: bool) -> None:
         with self._lock:
-            entry = self._entries.get(seq)
-            if entry is None or entry[1] is not None:
+            i, states = seq - self._base, self._states
+            if not self._head <= i < len(states) or states[i] is not None:
                 raise ValueError(f"AckWindow.done: sequence {seq} is unknown or already done")
-            entry[1] = bool(ok)
+            states[i] = bool(ok)
             if not ok:
                 self._failures += 1
-            # each seq leaves the deque once, so this is O(1) amortized
-            while self._order and self._entries[self._order[0]][1] is True:
-                position, _, final = self._entries.pop(self._order.popleft())
-                if final:
-                    self._committable = position
+                return
+            if i != self._head:
+                return  # behind a gap: the prefix does not move
+            end, last_final, finals = len(states), -1, self._finals
+            while i < end and states[i] is True:
+                if finals[i]:
+                    last_final = i
+                i += 1
+            if last_final >= 0:
+                self._committable = self._positions[last_final]
+            self._head = i
+            if i >= self.COMPACT_AT and 2 * i >= end:
+                del self._positions[:i], self._finals[:i], self._states[:i]
+                self._base += i
+                self._head = 0
 
     def committable(self):
         """Position of the last record of the acknowledged prefix, or None if there is none."""
@@ -452,7 +481,7 @@ class AckWindow:
     def confirmed(self, seq: int) -> bool:
         """True once record `seq` is in the acknowledged prefix."""
         with self._lock:
-            return seq < (self._order[0] if self._order else self._seq)
+            return seq < self._base + self._head
 
     @property
     def failed(self) -> bool:
@@ -464,7 +493,7 @@ class AckWindow:
     def pending(self) -> int:
         """Records not yet passed by the prefix (waiting, failed, or acked behind a gap)."""
         with self._lock:
-            return len(self._order)
+            return len(self._states) - self._head
 
 
 class DryRunSink:
@@ -478,7 +507,7 @@ class DryRunSink:
     def __init__(
         self,
         stream: TextIO,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         dlq_topic: str | None = None,
         on_closed: Callable[[], None] | None = None,
     ):
@@ -499,15 +528,13 @@ class DryRunSink:
         timeout: float | None = None,
     ) -> bool:
         m = self.metrics
-        if m:
-            m.records_received.labels(m.pipeline, "sink").inc()
+        m.records_received.labels(m.pipeline, "sink").inc()
         line = value.decode("utf-8", "replace").replace("\n", " ")
         if topic == self.dlq_topic:
             log.warning("dry run: dead-letter record for %s: %s", topic, line)
         else:
             self._write(line + "\n")
-        if m:
-            m.records_sent.labels(m.pipeline, "sink").inc()
+        m.records_sent.labels(m.pipeline, "sink").inc()
         on_done(True, None)
         return True
 

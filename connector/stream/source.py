@@ -66,6 +66,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
+from connector.metrics import NO_METRICS, Metrics
 from connector.tanium import MAX_PAGE, TaniumResponseError
 from connector.timeutil import format_ts, parse_ts
 
@@ -142,11 +143,11 @@ def _count(page) -> int | None:
 
 
 class AlertSource:
-    def __init__(self, client, page_size: int, limit: int, metrics=None):
+    def __init__(self, client, page_size: int, limit: int, metrics: Metrics = NO_METRICS):
         self.client = client
         self.page_size = page_size
         self.limit = limit
-        self.metrics = metrics
+        self._m_received = metrics.records_received.labels(metrics.pipeline, "source")
         self.key: tuple[str, int] = ("", 0)  # cursor key: the last alert delivered, or (start_from, 0)
         self.from_start = True  # the key is (start_from, 0): no alert delivered yet
         self.offset: int | None = None  # records up to and including the cursor record; None: search
@@ -284,9 +285,8 @@ class AlertSource:
                     emitted += 1
                     if emitted >= self.limit:
                         break
-            if self.metrics and out:
-                self.metrics.records_received.labels(self.metrics.pipeline, "source").inc(len(out))
             if out:
+                self._m_received.inc(len(out))
                 yield out
             if emitted >= self.limit:
                 self.hit_limit = True

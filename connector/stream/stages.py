@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from connector.metrics import NO_METRICS, Metrics
 from connector.stream.enrich import Enricher
 from connector.stream.normalize import Normalizer
 from connector.stream.source import AlertSource
@@ -20,7 +21,7 @@ class Stages:
     normalizer: Normalizer
 
 
-def build_stages(cfg, client, metrics=None) -> Stages:
+def build_stages(cfg, client, metrics: Metrics = NO_METRICS) -> Stages:
     """The stages configured by `cfg` (a PipelineConfig), reading Tanium through `client`."""
     enricher = None
     if cfg.tanium.enrich_intel_docs:
@@ -40,7 +41,7 @@ def build_stages(cfg, client, metrics=None) -> Stages:
     return Stages(build_source(cfg, client, metrics), enricher, normalizer)
 
 
-def build_source(cfg, client, metrics=None) -> AlertSource | TrackedSource:
+def build_source(cfg, client, metrics: Metrics = NO_METRICS) -> AlertSource | TrackedSource:
     """A new source (cursor unset: call resume()). The pipeline builds one per session. With
     source.track_updates it also reads the alerts that changed (connector/stream/updates.py)."""
     source = AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit, metrics)

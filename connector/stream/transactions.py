@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka.errors import KafkaError
@@ -44,7 +44,7 @@ class Transactions:
     _freshness: Callable[[str | None], None]
     _committed: Callable[[dict, Any], None]
     _new_sink: Callable[[], KafkaSink]
-    _records: Callable[[list], Iterator]
+    _records: Callable[[list], Iterable]
 
     def _process_tx(self, page: list) -> None:
         """One transaction: the page's events and DLQ records plus the checkpoint of its last

@@ -25,6 +25,9 @@ with tanium.poll_interval = 1 s, and its tanium_connector_freshness_seconds hist
 Kafka acknowledgement) gives p50 and p99, estimated from the buckets as Prometheus'
 histogram_quantile does (the figure the dashboard shows); target p99 <= poll interval + 1 s.
 Each phase topic is deleted afterwards: the in-memory broker would otherwise hold every event.
+`--profile [DIR]` also writes a cProfile report of each phase's measured part to DIR (one file per
+phase and client, see bench_profile.py); a profiled run is slower, so its figures are not the ones
+to compare.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from connector.tools.bench_phases import (
 )
 from connector.tools.bench_report import (
     hardware,
+    load_average,
     print_report,
     print_rss_report,
     targets,
@@ -179,6 +183,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"run the pipeline for S seconds on a live stream of {FRESHNESS_RATE} alerts/s and report "
         "p50/p99 freshness, createdAt to Kafka acknowledgement (default %(default)s; 0 = skip)",
     )
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="bench-profile",
+        default=None,
+        metavar="DIR",
+        help="also write a cProfile report per phase (top functions by cumulative and own time, µs per "
+        "event, per thread) into DIR (default %(const)s); profiling slows the phases down",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench_fleet.add_arguments(parser)
 
@@ -225,7 +238,16 @@ def _event_pool(sim, raw: dict, count: int) -> list[tuple[bytes, bytes]]:
 # ---- one run ---------------------------------------------------------------------------------------
 
 
-def one_run(sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts) -> dict:
+def _profile(opts, run: int, phase: str, client: str | None = None) -> tuple[str, str] | None:
+    """(report path, title) of a phase with --profile, else None."""
+    if opts.profile is None:
+        return None
+    label = phase + (f"-{client}" if client else "") + (f"-run{run + 1}" if opts.repeat > 1 else "")
+    title = f"{phase}" + (f" ({client})" if client else "") + (f", run {run + 1}" if opts.repeat > 1 else "")
+    return str(Path(opts.profile) / f"{label}.txt"), title
+
+
+def one_run(sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts, run: int = 0) -> dict:
     run_id = uuid.uuid4().hex[:8]
     timeout = phase_timeout(opts.alerts, opts.latency_ms)
     out: dict = {}
@@ -233,7 +255,11 @@ def one_run(sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts) -> d
     name = f"bench-{run_id}-source"
     before = tanium_requests(sim)
     out["source"] = run_phase(
-        "source", (pipeline_raw(sim, bootstrap, name, workdir / name),), timeout, what_if_settings(opts)
+        "source",
+        (pipeline_raw(sim, bootstrap, name, workdir / name),),
+        timeout,
+        what_if_settings(opts),
+        _profile(opts, run, "source"),
     )
     out["source"]["tanium_requests"] = tanium_requests(sim) - before
     if out["source"]["events"] != opts.alerts:
@@ -242,7 +268,7 @@ def one_run(sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts) -> d
     out["source"]["tanium_requests_per_1k"] = out["source"]["tanium_requests"] / opts.alerts * 1000
     for client in opts.clients:
         res = _client_phases(
-            sim, topics, bootstrap, workdir, pool, opts, f"{run_id}-{client}", client, timeout, out["source"]
+            sim, topics, bootstrap, workdir, pool, opts, f"{run_id}-{client}", client, timeout, out["source"], run
         )
         if client == "kafka-python":
             out.update(res)
@@ -252,7 +278,17 @@ def one_run(sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts) -> d
 
 
 def _client_phases(
-    sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts, tag: str, client: str, timeout: float, source: dict
+    sim,
+    topics: Topics,
+    bootstrap: str,
+    workdir: Path,
+    pool,
+    opts,
+    tag: str,
+    client: str,
+    timeout: float,
+    source: dict,
+    run: int,
 ) -> dict:
     """Sink ceiling and pipeline with one Kafka client (same producer settings for both)."""
     out: dict = {}
@@ -261,7 +297,9 @@ def _client_phases(
     raw = pipeline_raw(sim, bootstrap, name, workdir / name, kafka=kafka)
     topics.create(f"{name}.events")
     try:
-        out["sink"] = run_phase("sink", (raw, pool, opts.alerts), timeout, what_if_settings(opts))
+        out["sink"] = run_phase(
+            "sink", (raw, pool, opts.alerts), timeout, what_if_settings(opts), _profile(opts, run, "sink", client)
+        )
     finally:
         topics.delete(f"{name}.events")
     if out["sink"]["failed"]:
@@ -272,7 +310,9 @@ def _client_phases(
     topics.create(f"{name}.events", f"{name}.events.dlq")
     before, intel_before = tanium_requests(sim), sim.stats["intel"]
     try:
-        p = out["pipeline"] = run_phase("pipeline", (raw,), timeout, what_if_settings(opts))
+        p = out["pipeline"] = run_phase(
+            "pipeline", (raw,), timeout, what_if_settings(opts), _profile(opts, run, "pipeline", client)
+        )
     finally:
         topics.delete(f"{name}.events", f"{name}.events.dlq")
     p["tanium_requests"] = tanium_requests(sim) - before
@@ -303,6 +343,9 @@ def _median_run(runs: list[dict]) -> dict:
         for phase in phases:
             keys = [k for k, v in items[0][phase].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             med[phase] = {k: statistics.median(r[phase][k] for r in items) for k in keys}
+            threads = [r[phase].get("threads_cpu_per_1k", {}) for r in items]
+            common = [name for name in threads[0] if all(name in t for t in threads)]
+            med[phase]["threads_cpu_per_1k"] = {name: statistics.median(t[name] for t in threads) for name in common}
         return med
 
     med = median_of(runs, ("sink", "source", "pipeline"))
@@ -345,6 +388,13 @@ def run_bench(args) -> int:
         "freshness_seconds": args.freshness_seconds,
     }
     report: dict = {"config": config, "hardware": hw}
+    if args.profile is not None:
+        try:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"bench: --profile {args.profile}: cannot create the directory ({e.strerror or e})", file=sys.stderr)
+            return 2
+        config["profile"] = str(Path(args.profile).resolve())
     try:
         with tempfile.TemporaryDirectory(prefix="tanium-bench-") as tmp:
             work = Path(tmp)
@@ -364,6 +414,7 @@ def run_bench(args) -> int:
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
+    hw["load_avg_1m_end"] = load_average()
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif args.rss_scale:
@@ -382,7 +433,7 @@ def _stream(report: dict, args, bootstrap: str, work: Path, simulator_cls) -> No
             for k in range(args.repeat):
                 if not args.json:
                     print(f"run {k + 1}/{args.repeat} …", file=sys.stderr, flush=True)
-                runs.append(one_run(sim, topics, bootstrap, work, pool, args))
+                runs.append(one_run(sim, topics, bootstrap, work, pool, args, k))
         finally:
             topics.close()
     report["event_bytes"] = statistics.mean(len(v) for _, v in pool)

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from connector.tools.bench_profile import PhaseProfile, thread_group
 from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 500
 PHASE_START_TIMEOUT = 60.0  # spawning a child and importing the connector
+_profile: PhaseProfile | None = None  # set in a phase process run with --profile
 
 
 # ---- measurements in child processes ---------------------------------------------------------------
@@ -38,15 +42,94 @@ def _peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+class ThreadCPU:
+    """CPU seconds of each thread of this process over the measured part, by thread name without its
+    number (a pool's threads count together): the kernel's count for each thread (Linux /proc), read
+    every SAMPLE seconds by a sampler thread, so a thread that ends between two readings loses at
+    most that much. Empty where /proc is not there."""
+
+    SAMPLE = 0.02
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._base: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._sampler = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._base = {tid: cpu for tid, (_, cpu) in self._read().items()}
+        self._sampler.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._sampler.join()
+        out: dict[str, float] = {}
+        for tid, (name, cpu) in self._last.items():
+            group = thread_group(name)
+            out[group] = out.get(group, 0.0) + cpu - self._base.get(tid, 0.0)
+        return out
+
+    def _run(self) -> None:
+        while True:
+            self._last.update(self._read())
+            if self._stop.wait(self.SAMPLE):
+                self._last.update(self._read())
+                return
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        """{thread id: (name, CPU seconds)} of every thread, Python's or a library's own (librdkafka's,
+        named by the kernel)."""
+        names = {t.native_id: t.name for t in threading.enumerate() if t is not self._sampler}
+        out: dict[int, tuple[str, float]] = {}
+        try:
+            tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+        except OSError:
+            return out
+        for tid in tids:
+            if tid == self._sampler.native_id:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
+                    cpu = int(f.read().split()[0]) / 1e9  # on-CPU nanoseconds, the first figure
+                name = names.get(tid)
+                if name is None:
+                    with open(f"/proc/self/task/{tid}/comm", encoding="utf-8") as f:
+                        name = f.read().strip()
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            out[tid] = (name, cpu)
+        return out
+
+
+_threads: ThreadCPU | None = None  # the running phase's
+
+
+def _begin() -> tuple[float, float]:
+    """The measured part of a phase starts: (wall, CPU) clock readings for _measured()."""
+    global _threads
+    if _profile is not None:
+        _profile.begin()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if _profile is None:  # a profiled run's threads are slowed down (the sampler's own reads too)
+        _threads = ThreadCPU()  # read inside the process's CPU reading, so the threads add up to no more
+        _threads.start()
+    return t0, c0
+
+
 def _measured(events: int, t0: float, c0: float, **extra) -> dict:
     wall = time.perf_counter() - t0
+    threads = _threads.stop() if _threads is not None else {}
     cpu = time.process_time() - c0
+    if _profile is not None:
+        _profile.end()
     return {
         "events": events,
         "seconds": wall,
         "events_per_s": events / wall if wall > 0 else 0.0,
         "cpu_seconds": cpu,
         "cpu_per_1k": cpu / events * 1000 if events else 0.0,
+        # where the CPU went, by thread (the sampler's own share is in cpu_per_1k, not here)
+        "threads_cpu_per_1k": {name: s / events * 1000 for name, s in threads.items()} if events else {},
         "peak_rss_mib": _peak_rss_mib(),
         **extra,
     }
@@ -69,7 +152,7 @@ def _phase_sink(raw: dict, pool: list[tuple[bytes, bytes]], count: int) -> dict:
     headers = _headers(cfg)
     producer.partitions_for(topic)  # metadata and topic creation stay outside the timing
     n = len(pool)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     send = producer.send
     futures = [send(topic, value=pool[i % n][1], key=pool[i % n][0], headers=headers) for i in range(count)]
     producer.flush()
@@ -95,7 +178,7 @@ def _sink_confluent(cfg, pool: list[tuple[bytes, bytes]], count: int) -> dict:
             failed[0] += 1
 
     n = len(pool)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     produce, poll = producer.produce, producer.poll
     for i in range(count):
         key, value = pool[i % n]
@@ -126,7 +209,7 @@ def _phase_source(raw: dict) -> dict:
     source.resume(None, parse_start(cfg.source.start_from))
     pairs: set = set()
     n = 0
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     while True:  # what the pipeline's source thread does with --once
         for page in source.cycle():
             n += len(page)
@@ -147,7 +230,7 @@ def _phase_pipeline(raw: dict) -> dict:
 
     cfg = parse_pipeline(raw)
     pipe = StreamPipeline(cfg, metrics=Metrics(cfg.pipeline.name), once=True)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = _begin()
     code = pipe.run()
     s = pipe.summary
     out = _measured(s.published + s.dlq, t0, c0)
@@ -219,9 +302,18 @@ _PHASES: dict[str, Callable[..., dict]] = {
 }
 
 
-def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch_ms: float | None = None) -> None:
+def _child(
+    name: str,
+    args: tuple,
+    conn,
+    gc_threshold: int | None = None,
+    switch_ms: float | None = None,
+    profile: tuple[str, str] | None = None,
+) -> None:
     """One phase in this (spawned) process, with the interpreter settings `run` ships unless a
-    what-if option says otherwise; the result says which settings it ran with."""
+    what-if option says otherwise; the result says which settings it ran with. `profile`: (report
+    path, title): the measured part runs under cProfile (bench_profile.py) and the report is written."""
+    global _profile
     logging.basicConfig(level=logging.WARNING, format="bench child %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
     tune_interpreter(
@@ -229,20 +321,30 @@ def _child(name: str, args: tuple, conn, gc_threshold: int | None = None, switch
         GC_THRESHOLD if gc_threshold is None else gc_threshold,
     )
     try:
+        if profile is not None:
+            _profile = PhaseProfile()
+            _profile.install()
         result = _PHASES[name](*args)
         result["interpreter"] = interpreter_settings()
+        if profile is not None:
+            assert _profile is not None
+            _profile.write(Path(profile[0]), profile[1], result["events"])
+            result["profile"] = profile[0]
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
         result = {"error": f"{type(e).__name__}: {e}"}
     conn.send(result)
     conn.close()
 
 
-def run_phase(name: str, args: tuple, timeout: float, what_if: tuple = (None, None)) -> dict:
+def run_phase(
+    name: str, args: tuple, timeout: float, what_if: tuple = (None, None), profile: tuple[str, str] | None = None
+) -> dict:
     """Runs one phase in a fresh spawned process and returns its figures (raises BenchError).
-    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships."""
+    what_if: (gc threshold, switch interval in ms), None for the setting `run` ships; profile:
+    (report path, title) to profile the phase (see _child)."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(name, args, send, *what_if), name=f"bench-{name}", daemon=True)
+    proc = ctx.Process(target=_child, args=(name, args, send, *what_if, profile), name=f"bench-{name}", daemon=True)
     proc.start()
     send.close()
     try:

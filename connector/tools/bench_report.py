@@ -29,10 +29,6 @@ def hardware() -> dict:
         native = kafka_util.calc_crc32c.__defaults__[0] is crc32c.crc32c
     except (ImportError, AttributeError, TypeError):
         native = False
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -41,12 +37,22 @@ def hardware() -> dict:
         "kafka_python": metadata.version("kafka-python"),
         "crc32c": "C (crc32c package)" if native else "pure Python",
         "orjson": metadata.version("orjson"),
-        "load_avg_1m": load,
+        "load_avg_1m": load_average(),
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def hardware_line(hw: dict) -> str:
     load = f", load average {hw['load_avg_1m']:.2f} at start" if hw.get("load_avg_1m") is not None else ""
+    if hw.get("load_avg_1m_end") is not None:  # the machine may be shared: how busy it was meanwhile
+        load += f", {hw['load_avg_1m_end']:.2f} at the end"
     return (
         f"{hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, Python {hw['python']}, "
         f"kafka-python {hw['kafka_python']} (CRC32C: {hw['crc32c']}), orjson {hw['orjson']}{load}"
@@ -110,6 +116,11 @@ def print_report(report: dict, out) -> None:
     for ph, label in rows:
         req = f"{ph['tanium_requests_per_1k']:.2f}" if "tanium_requests_per_1k" in ph else "-"
         w(f"{label:<28}{ph['events_per_s']:>10.0f}{ph['cpu_per_1k']:>13.3f}{ph['peak_rss_mib']:>14.1f}{req:>18}\n")
+    if any(ph.get("threads_cpu_per_1k") for ph, _ in rows):  # not measured in a profiled run
+        w("\nCPU s/1k ev by thread (the kernel's count per thread):\n")
+        for ph, label in rows:
+            threads = sorted(ph.get("threads_cpu_per_1k", {}).items(), key=lambda kv: -kv[1])
+            w(f"  {label:<28}" + ", ".join(f"{name} {v:.3f}" for name, v in threads if v >= 0.0005) + "\n")
     t = report["targets"]
     ok = {True: "met", False: "NOT MET"}
     w(f"\npipeline / min(ceilings)   {m['ratio']:.3f} kafka-python (target >= 0.85: {ok[t['ratio']['met']]})")
@@ -162,6 +173,14 @@ def print_report(report: dict, out) -> None:
             + "\n"
         )
     w("(shared machine: other processes compete for the same cores; compare ratios from one run)\n")
+    if c.get("profile"):
+        files = [
+            ph["profile"]
+            for r in report["runs"]
+            for ph in (r["source"], r["sink"], r["pipeline"], *(r["confluent"].values() if "confluent" in r else ()))
+            if isinstance(ph, dict) and "profile" in ph
+        ]
+        w(f"profiles (figures above are slowed by profiling): {', '.join(files)}\n")
 
 
 def print_rss_report(report: dict, out) -> None:

@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from connector.config import parse_alert_filter
+from connector.metrics import NO_METRICS, Metrics
 from connector.stream.normalize import NormalizeError
 from connector.stream.stages import build_stages
 from connector.timeutil import format_ts, parse_ts
@@ -144,7 +145,9 @@ class FetchStats:
 
 
 class ValidationEngine:
-    def __init__(self, cfg, client, publish: Publish, *, metrics=None, technology_version: str | None = None):
+    def __init__(
+        self, cfg, client, publish: Publish, *, metrics: Metrics = NO_METRICS, technology_version: str | None = None
+    ):
         v = cfg.validation
         self.cfg, self.client, self.publish, self.metrics = cfg, client, publish, metrics
         self.pipeline = cfg.pipeline.name
@@ -221,8 +224,7 @@ class ValidationEngine:
         self._gauge()
 
     def _gauge(self) -> None:
-        if self.metrics:
-            self.metrics.actions_in_flight.labels(self.pipeline).set(len(self.open))
+        self.metrics.actions_in_flight.labels(self.pipeline).set(len(self.open))
 
     # ---- timing ---------------------------------------------------------------------------
     def next_wakeup(self) -> datetime | None:
@@ -376,9 +378,8 @@ class ValidationEngine:
                     more,
                     len(capped),
                 )
-                if self.metrics:
-                    skipped = max(1, (fs.filtered or 0) - fs.alerts)
-                    self.metrics.records_dropped.labels(self.pipeline, "validation", "limit").inc(skipped)
+                skipped = max(1, (fs.filtered or 0) - fs.alerts)
+                self.metrics.records_dropped.labels(self.pipeline, "validation", "limit").inc(skipped)
             if rest:
                 log.debug(
                     "shared query %s–%s reached the limit: %d windows are fetched again in smaller groups",
@@ -418,8 +419,7 @@ class ValidationEngine:
             fs.limited = fs.filtered is None or fs.filtered > fs.alerts
         self.stats["requests"] += fs.requests
         self.stats["alerts"] += fs.alerts
-        if self.metrics:
-            self.metrics.validation_queries.labels(self.pipeline).inc()
+        self.metrics.validation_queries.labels(self.pipeline).inc()
         return fs
 
     def _normalize(self, alerts: list[dict]) -> list[dict]:
@@ -616,10 +616,8 @@ class ValidationEngine:
         }
 
 
-def count_verdict(metrics, verdict: dict) -> None:
+def count_verdict(metrics: Metrics, verdict: dict) -> None:
     """Verdict metrics, recorded where a verdict is actually published or printed."""
-    if metrics is None:
-        return
     metrics.verdicts.labels(metrics.pipeline, verdict.get("result", "rejected")).inc()
     if verdict.get("latency_seconds") is not None:
         metrics.detection_latency.labels(metrics.pipeline).observe(max(0.0, verdict["latency_seconds"]))

@@ -53,6 +53,7 @@ from kafka import ConsumerRebalanceListener
 
 from connector.config import ConfigError
 from connector.kafka import SinkError, client_settings
+from connector.metrics import NO_METRICS, Metrics
 from connector.tanium import TaniumClient, TaniumError
 from connector.timeutil import parse_ts
 from connector.validation.engine import ValidationEngine, count_verdict
@@ -116,7 +117,7 @@ class KafkaValidationRunner:
         self,
         cfg,
         stop_event: threading.Event,
-        metrics=None,
+        metrics: Metrics = NO_METRICS,
         *,
         client=None,
         clock=None,
@@ -235,8 +236,7 @@ class KafkaValidationRunner:
                     self.retry = {}
                 if finished:
                     self._finish(finished)
-                if self.metrics:
-                    self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
+                self.metrics.ready.labels(self.metrics.pipeline).set(1 if self.readiness()[0] else 0)
             return 0
         finally:
             self.close()
@@ -478,7 +478,7 @@ class _Listener(ConsumerRebalanceListener):
         log.info("job-action partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
-def run_validation(cfg, stop_event: threading.Event, metrics=None, serve=None, **kw) -> int:
+def run_validation(cfg, stop_event: threading.Event, metrics: Metrics = NO_METRICS, serve=None, **kw) -> int:
     """`tanium-connector run PIPELINE` for mode = "validation": runs until stop_event is set.
     `serve(readiness)` starts the health listener once the runner exists. Exit code 0 after a
     stop, 1 when Kafka cannot be used at start."""

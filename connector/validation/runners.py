@@ -21,6 +21,7 @@ from typing import TextIO
 import orjson
 
 from connector.config import ConfigError
+from connector.metrics import NO_METRICS, Metrics
 from connector.tanium import TaniumClient, TaniumError
 from connector.timeutil import format_ts, utcnow
 from connector.validation.engine import ValidationEngine, count_verdict
@@ -137,7 +138,7 @@ def validate_file(
     *,
     client=None,
     publish: Callable[[str, str | None, dict], None] | None = None,
-    metrics=None,
+    metrics: Metrics = NO_METRICS,
 ) -> int:
     """Judges every job action of a JSON-lines file and prints one verdict line each (JSON with
     `json_output`). Exit code: 0 all judged, 1 Tanium failed, 2 some job actions were rejected.

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from connector.tuning import GC_THRESHOLD
+
 CLI = [sys.executable, "-m", "connector.cli"]
 
 
@@ -53,7 +55,11 @@ def test_bench_json_has_every_figure_and_they_agree():
             assert positive(ph[key]), (phase, key, ph[key])
         assert ph["events_per_s"] == pytest.approx(ph["events"] / ph["seconds"])
         assert med[phase]["events_per_s"] == ph["events_per_s"]  # one run: the median is the run
-        assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == 10_000, phase
+        assert ph["interpreter"]["gc_threshold"] == rep["config"]["gc_threshold"] == GC_THRESHOLD, phase
+        # CPU by thread: the phase's own threads, adding up to no more than the process's CPU
+        threads = ph["threads_cpu_per_1k"]
+        assert threads["MainThread"] > 0 and 0 < sum(threads.values()) <= ph["cpu_per_1k"] * 1.1, (phase, threads)
+    assert {"MainThread", "source"} <= set(run["pipeline"]["threads_cpu_per_1k"])
     p = run["pipeline"]
     assert p["published"] == 300 and p["dlq"] == 0 and p["errors"] == []
     # the ratio is the one computed from the printed events/s
@@ -92,8 +98,11 @@ def test_bench_json_has_every_figure_and_they_agree():
     assert rep["targets"]["ratio"]["value"] == med["ratio"]
 
 
-def test_bench_table_names_every_figure():
+def test_bench_table_names_every_figure_and_profiles_each_phase(tmp_path):
+    profiles = tmp_path / "prof"
     r = bench(
+        "--profile",
+        str(profiles),
         "--alerts",
         "200",
         "--intel-docs",
@@ -122,11 +131,23 @@ def test_bench_table_names_every_figure():
         "hardware: ",
         "kafka-python 3",
         "Python 3",
-        "interpreter: switch interval 0.5 ms, GC threshold 10000 (gc.freeze) - as `run` ships",
+        f"interpreter: switch interval 0.5 ms, GC threshold {GC_THRESHOLD} (gc.freeze) - as `run` ships",
         "alert freshness            createdAt to Kafka ack, 50 alerts/s for 2s, poll interval 1 s: p50 ",
     ):
         assert text in out, text
     assert "validation requests" not in out
+    assert "CPU s/1k ev by thread" not in out  # a profiled run's threads are not measured
+    # --profile: a report per phase of the run, named in the output, with per-event figures
+    files = [profiles / f"{name}.txt" for name in ("source", "sink-kafka-python", "pipeline-kafka-python")]
+    assert f"profiles (figures above are slowed by profiling): {', '.join(map(str, files))}" in out
+    for f in files:
+        text = f.read_text()
+        assert text.startswith("bench --profile: ") and "200 events; measured part " in text, f
+        for heading in ("busy time per thread", "by cumulative time", "by own time", "blocking calls by own time"):
+            assert heading in text, (f, heading)
+        assert f.with_suffix(".pstats").stat().st_size > 0
+    pipeline = (profiles / "pipeline-kafka-python.txt").read_text()
+    assert "records (connector/stream/records.py:" in pipeline  # the pipeline's own stages are in it
 
 
 def test_rss_scale_reports_both_sizes_and_their_ratio():
@@ -188,6 +209,7 @@ def test_bench_fleet_reports_the_cost_per_idle_pipeline_and_the_busy_ratio():
         (["--freshness-seconds", "-1"], "give 0 or more"),
         (["--switch-interval", "0"], "outside 0"),
         (["--fleet", "--fleet-sizes", "50"], "at least two different pipeline counts"),
+        (["--profile", "/proc/no-such-dir/profiles", "--alerts", "10"], "cannot create the directory"),
     ],
 )
 def test_bad_options_are_clear_errors(args, message):

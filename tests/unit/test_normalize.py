@@ -778,6 +778,34 @@ def test_metrics_records_in_and_out():
     assert val("records_sent_total", stage="normalize") == 3
 
 
+def test_a_page_normalizes_as_its_alerts_do_one_by_one_and_counts_the_same():
+    page = [alert_42(), [], port_alert(), {"id": "x"}, file_alert()]
+    one, whole = Metrics("nz"), Metrics("nz")
+    by_one = Normalizer(DEFAULT_FIELD_MAP, "nz", metrics=one)
+    expected = []
+    for a in copy.deepcopy(page):
+        try:
+            expected.append(by_one.normalize(a))
+        except NormalizeError as e:
+            expected.append(e.reason)
+    got = Normalizer(DEFAULT_FIELD_MAP, "nz", metrics=whole).normalize_page(copy.deepcopy(page))
+    # an alert that cannot be normalized has its error in its place; ingested_at is the clock's
+    strip = [e.reason if isinstance(e, NormalizeError) else {**e, "ingested_at": None} for e in got]
+    assert strip == [e if isinstance(e, str) else {**e, "ingested_at": None} for e in expected]
+    assert [isinstance(e, NormalizeError) for e in got] == [False, True, False, True, False]
+
+    def counts(m: Metrics, name: str) -> dict:
+        return {tuple(s.labels.items()): s.value for f in m.registry.collect() for s in f.samples if s.name == name}
+
+    for family in ("records_received_total", "records_sent_total", "records_dropped_total"):
+        name = "tanium_connector_" + family
+        assert counts(one, name) == counts(whole, name) != {}, family
+    assert (
+        whole.registry.get_sample_value("tanium_connector_records_sent_total", {"pipeline": "nz", "stage": "normalize"})
+        == 3
+    )
+
+
 # ---- field map errors --------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import ForwardProxy
 
 from connector.config import TaniumSection, parse_pipeline
-from connector.metrics import Metrics
+from connector.metrics import NO_METRICS, Metrics
 from connector.simulator import GARBAGE_KINDS, Simulator
 from connector.tanium import (
     MODULE_MISSING_MESSAGE,
@@ -43,7 +43,7 @@ def tsim(sim):
     return sim
 
 
-def make(sim, metrics=None, **kw) -> TaniumClient:
+def make(sim, metrics: Metrics = NO_METRICS, **kw) -> TaniumClient:
     kw.setdefault("api_key", KEY)
     return TaniumClient(TaniumSection(**sim.settings(**kw)), metrics, backoff_base=0.01, backoff_cap=0.05)
 

@@ -18,7 +18,7 @@ import pytest
 from helpers import write_pipeline
 
 from connector.config import ConfigError, parse_pipeline
-from connector.metrics import Metrics
+from connector.metrics import NO_METRICS, Metrics
 from connector.simulator import Simulator
 from connector.tanium import TaniumClient
 from connector.timeutil import format_ts
@@ -79,7 +79,7 @@ class Collector:
         return [(k, v) for t, k, v in self.records if t == topic]
 
 
-def judge(cfg, actions, tmp_path, start=None, metrics=None):
+def judge(cfg, actions, tmp_path, start=None, metrics: Metrics = NO_METRICS):
     """validate_file over a JSON-lines file with a fast clock; verdicts by action id."""
     path = tmp_path / f"{uuid.uuid4().hex[:6]}.jsonl"
     path.write_text("".join((a if isinstance(a, str) else json.dumps(a)) + "\n" for a in actions))
