@@ -23,14 +23,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from connector import cli
 from connector.config import TaniumSection
-from connector.metrics import Metrics
+from connector.metrics import NO_METRICS, Metrics
 from connector.simulator import Simulator
 from connector.tanium import TaniumAuthError, TaniumClient
 
 OLD, NEW, NEWER = "token-old-1f2e3d", "token-new-9a8b7c6d", "token-newer-5e4f3a2b1c"
 
 
-def client(sim: Simulator, path: str, metrics: Metrics | None = None) -> TaniumClient:
+def client(sim: Simulator, path: str, metrics: Metrics = NO_METRICS) -> TaniumClient:
     t = TaniumSection(**sim.settings(api_key=None, api_key_file=path, max_retries=0))
     return TaniumClient(t, metrics)
 
