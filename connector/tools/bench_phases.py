@@ -79,7 +79,8 @@ class ThreadCPU:
     def _read(self) -> dict[int, tuple[str, float]]:
         """{thread id: (name, CPU seconds)} of every thread, Python's or a library's own (librdkafka's,
         named by the kernel)."""
-        names = {t.native_id: t.name for t in threading.enumerate() if t is not self._sampler}
+        # a pipeline's threads carry its name after their role ("source NAME"): the role is the figure
+        names = {t.native_id: t.name.split(" ", 1)[0] for t in threading.enumerate() if t is not self._sampler}
         out: dict[int, tuple[str, float]] = {}
         try:
             tids = [int(tid) for tid in os.listdir("/proc/self/task")]
