@@ -5,10 +5,11 @@ Every process joins a Kafka consumer group on one single-partition coordination 
 for each pipeline of a fleet, whose group is the fleet's); the member the group assigns a topic's
 partition 0 is that pipeline's leader, the others stand by. One process has one group member per
 group (GroupMember: one consumer, one heartbeat) and one LeaderElection, with its own Lease, per
-pipeline. A fleet's assignor gives a pipeline only when every member subscribes to it
-(FleetAssignor). When a leader dies, the group coordinator drops it after `session_timeout_ms`
-without heartbeats and gives its partitions to the others, which resume from the shared Kafka
-checkpoint. Nothing is ever written to or read from a coordination topic: only membership matters.
+pipeline. A pipeline only some workers of a fleet were given (their files differ, as in a roll-out)
+is assigned among those workers alone: its coordination topic is its own. When a leader dies, the
+group coordinator drops it after `session_timeout_ms` without heartbeats and gives its partitions to
+the others, which resume from the shared Kafka checkpoint. Nothing is ever written to or read from
+a coordination topic: only membership matters.
 
 A leader steps down at once when the group takes the partition away (revoked or lost), and on
 its own when its lease runs out (`Lease`): the coordinator cannot have given partition 0 to
@@ -27,7 +28,6 @@ joins; tests/integration/test_ha.py and test_fleet.py bound kill -9 → new lead
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -81,7 +81,6 @@ def group_member(cfg, metrics: Metrics = NO_METRICS) -> GroupMember:
         session_timeout_ms=f.session_timeout_ms,
         heartbeat_interval_ms=f.heartbeat_interval_ms,
         metrics=metrics,
-        fleet=True,
     )
 
 
@@ -162,33 +161,6 @@ class Lease:
         return self.expiry() if self.holds else float("-inf")
 
 
-class FleetAssignor(CooperativeStickyAssignor):
-    """Cooperative sticky assignment of the pipelines every member of the fleet runs. A pipeline
-    that only some workers were given (their pipeline files differ, e.g. in the middle of a
-    ConfigMap roll-out) is assigned to none; the assignment tells every member which pipelines were
-    refused, and a member that has them says so in its log. Once every worker has it, it runs."""
-
-    name = "tanium-fleet"
-
-    def __init__(self, member: GroupMember):
-        super().__init__()
-        self.member = member
-
-    def assign(self, cluster, members):
-        topics = [set(self.parse_member_metadata(m.metadata).subscription) for m in members]
-        refused = sorted(set().union(*topics) - set.intersection(*topics)) if topics else []
-        out = super().assign(cluster, members)
-        if refused:
-            for a in out.values():
-                a.assigned_partitions = [(t, ps) for t, ps in a.assigned_partitions if t not in refused]
-                a.user_data = json.dumps(refused).encode()
-        return out
-
-    def on_assignment(self, assignment, generation):
-        super().on_assignment(assignment, generation)
-        self.member.refused(set(json.loads(assignment.user_data)) if assignment.user_data else set())
-
-
 class GroupMember:
     """One member of a Kafka consumer group, subscribed to one coordination topic per pipeline it may
     run; the member the group assigns a topic's partition 0 runs that pipeline. `[ha]` has one
@@ -204,10 +176,8 @@ class GroupMember:
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         metrics: Metrics = NO_METRICS,
-        fleet: bool = False,
     ):
-        self.kafka, self.group, self.fleet = kafka, group, fleet
-        self.refusing: set[str] = set()  # coordination topics the fleet's assignment refuses
+        self.kafka, self.group = kafka, group
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.metrics = metrics
@@ -265,7 +235,7 @@ class GroupMember:
                 request_timeout_ms=max(30000, self.session_timeout_ms + 5000),
                 # cooperative + sticky: a member joining or leaving does not take a pipeline away
                 # from the member running it, unless the group moves it to balance the load
-                partition_assignment_strategy=(FleetAssignor(self) if self.fleet else CooperativeStickyAssignor,),
+                partition_assignment_strategy=(CooperativeStickyAssignor,),
             )
             self._watch(self._consumer._coordinator)
             self._consumer.subscribe(sorted(self.elections), listener=_Listener(self))
@@ -349,21 +319,6 @@ class GroupMember:
                 consumer.close()  # leaves the group: another member takes over at once
             except Exception as err:  # noqa: BLE001 (closing on the way out; nothing to save)
                 log.debug("closing the group consumer: %s", err)
-
-    def refused(self, topics: set[str]) -> None:
-        """The fleet's assignment refuses these pipelines' topics (not every worker has them)."""
-        mine = {t for t in topics if t in self.elections}
-        if mine != self.refusing:
-            for t in sorted(mine - self.refusing):
-                log.error(
-                    "fleet group %s: pipeline %s is not run by any worker: not every worker of the fleet "
-                    "was given it (their pipeline files differ); it runs once every worker has it",
-                    self.group,
-                    self.elections[t].pipeline,
-                )
-            for t in sorted(self.refusing - mine):
-                log.info("fleet group %s: every worker has pipeline %s now", self.group, self.elections[t].pipeline)
-            self.refusing = mine
 
     def _assigned(self, partitions) -> None:
         """Called once per completed rebalance (with the partitions added, maybe none)."""
