@@ -1,7 +1,9 @@
-"""Output formats: the normalized event (connector/stream/normalize.py) and two standard shapes built
-from the enriched alert and that event — OCSF 1.7.0 Detection Finding (ocsf.py) and ECS 9.4.0
-external alert (ecs.py). `output.formats` chooses which are published, each to its own topic
-(docs/formats.md has the mapping tables and the topics).
+"""Output formats: the normalized event, OCSF 1.7.0 Detection Finding and ECS 9.4.0 alert.
+
+The normalized event is connector/stream/normalize.py's; the two standard shapes are built from the
+enriched alert and that event — OCSF Detection Finding (ocsf.py) and ECS external alert (ecs.py).
+`output.formats` chooses which are published, each to its own topic (docs/formats.md has the mapping
+tables and the topics).
 
 Pure functions, no I/O and no state. Per-alert cost: the alert is read once (alert.Facts) for every
 standard format of the alert and its JSON text (`raw_data` / `event.original`) is encoded once; no

@@ -50,7 +50,8 @@ from connector.config import parse_alert_filter
 from connector.metrics import NO_METRICS, Metrics
 from connector.stream.normalize import NormalizeError
 from connector.stream.stages import build_stages
-from connector.timeutil import format_ts, parse_ts
+from connector.timeutil import format_ts
+from connector.validation.batching import FetchStats, Group, Unit, group_units, split_units
 from connector.validation.rules import (
     JobAction,
     action_tokens,
@@ -89,59 +90,6 @@ class ActionState:
     @property
     def finished(self) -> bool:
         return self.done >= self.schedule.count
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One query of one action: window `k` of its schedule, or (k None) its correlation range.
-    Raw alertedAt bounds (event time − adjustment), both inclusive."""
-
-    aid: str
-    k: int | None
-    start: datetime
-    end: datetime
-
-
-@dataclass
-class _Group:
-    """Units fetched with one shared query over [start, end]."""
-
-    units: list[_Unit]
-    start: datetime
-    end: datetime
-
-
-@dataclass
-class FetchStats:
-    requests: int = 0
-    alerts: int = 0
-    limited: bool = False
-    filtered: int | None = None
-    first: datetime | None = None  # earliest / latest raw alertedAt returned (None: unknown)
-    last: datetime | None = None
-    times_known: bool = True
-
-    def saw(self, alerts: list) -> None:
-        for a in alerts:
-            raw = a.get("alertedAt") if isinstance(a, dict) else None
-            try:
-                t = parse_ts(raw) if isinstance(raw, str) else None
-            except (ValueError, TypeError):
-                t = None
-            if t is None:
-                self.times_known = False
-                continue
-            self.first = t if self.first is None else min(self.first, t)
-            self.last = t if self.last is None else max(self.last, t)
-
-    def complete_for(self, u: _Unit, g: _Group) -> bool:
-        """After a query that returned `limit` alerts: whether they are `u`'s whole answer, the first
-        `limit` alerts of u's range (u's range is the query's, or holds every alert returned)."""
-        if u.start <= g.start and u.end >= g.end:
-            return True
-        if not self.times_known or self.first is None or self.last is None:
-            return False
-        return u.start <= self.first and self.last <= u.end
 
 
 class ValidationEngine:
@@ -268,7 +216,7 @@ class ValidationEngine:
         self.last_tick = now
         self.stats["ticks"] += 1
         units = [
-            _Unit(aid, w.index, w.start - self.adjust, w.end - self.adjust)
+            Unit(aid, w.index, w.start - self.adjust, w.end - self.adjust)
             for aid, (lo, hi) in due.items()
             for w in (self.open[aid].schedule.window(k) for k in range(lo, hi))
         ]
@@ -308,44 +256,22 @@ class ValidationEngine:
             self._remove(aid)
         return verdicts
 
-    def _groups(self, units: list[_Unit]) -> list[_Group]:
-        """Units whose raw ranges overlap or lie within `gap` of each other share one query."""
-        out: list[_Group] = []
-        for u in sorted(units, key=lambda u: (u.start, u.end)):
-            if out and u.start <= out[-1].end + self.gap:
-                g = out[-1]
-                g.units.append(u)
-                g.end = max(g.end, u.end)
-            else:
-                out.append(_Group([u], u.start, u.end))
-        return out
-
-    def _split(self, units: list[_Unit]) -> list[_Group]:
-        """Smaller groups for units whose shared query stopped at the limit before it held their
-        answer: the separate ranges they form, or else two halves (in start order)."""
-        groups = self._groups(units)
-        if len(groups) > 1 or len(units) < 2:
-            return groups
-        ordered = groups[0].units
-        half = len(ordered) // 2
-        return [g for part in (ordered[:half], ordered[half:]) for g in self._groups(part)]
-
     def _query(
         self,
-        units: list[_Unit],
+        units: list[Unit],
         params: list[tuple[str, str]],
-        collect: Callable[[list[dict], _Group], None],
+        collect: Callable[[list[dict], Group], None],
         ranges: list,
     ) -> None:
         """Fetches `units` with shared queries so that each unit gets exactly the alerts its own
         query would (see the module docstring); `collect(events, group)` sees every page."""
         limit = self.cfg.tanium.limit
-        work = self._groups(units)
+        work = group_units(units, self.gap)
         while work:
             g = work.pop(0)
             ranges.append((g.start, g.end))
 
-            def page(events: list[dict], g: _Group = g) -> None:
+            def page(events: list[dict], g: Group = g) -> None:
                 collect(events, g)
 
             fs = self._fetch(params, g.start, g.end, page)
@@ -387,7 +313,7 @@ class ValidationEngine:
                     format_ts(g.end),
                     len(rest),
                 )
-                work.extend(self._split(rest))
+                work.extend(split_units(rest, self.gap))
 
     def _fetch(
         self, params: list[tuple[str, str]], start: datetime, end: datetime, handle: Callable[[list[dict]], None]
@@ -490,7 +416,7 @@ class ValidationEngine:
             ids |= self._index.get(tok, set())
         return [aid for aid in ids if aid in allowed]
 
-    def _collect(self, events: list[dict], g: _Group, found: dict) -> None:
+    def _collect(self, events: list[dict], g: Group, found: dict) -> None:
         """Per (action, uid): the lowest-index window of this query's windows that covers it."""
         ks: dict[str, list[int]] = {}
         for u in g.units:
@@ -518,11 +444,11 @@ class ValidationEngine:
         units = []
         for aid in aids:
             sch = self.open[aid].schedule
-            units.append(_Unit(aid, None, sch.first_start - self.adjust, sch.last_end - self.adjust))
+            units.append(Unit(aid, None, sch.first_start - self.adjust, sch.last_end - self.adjust))
         trace: dict[str, Any] = {"at": now, "kind": "correlation", "ranges": [], "actions": len(units)}
         self.trace.append(trace)
 
-        def collect(events: list[dict], g: _Group) -> None:
+        def collect(events: list[dict], g: Group) -> None:
             aids_here = {u.aid for u in g.units}
             for ev in events:
                 t = event_time(ev)
