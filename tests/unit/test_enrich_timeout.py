@@ -39,6 +39,7 @@ def alerts_of_doc(sim, doc_id, n):
     return found[:n]
 
 
+@pytest.mark.slow
 def test_alert_waits_at_most_the_timeout_then_goes_with_an_enrichment_error(slow_intels):
     sim = slow_intels
     doc = sim.intel_doc_ids[0]

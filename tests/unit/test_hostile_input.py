@@ -105,6 +105,7 @@ def _check(raw) -> PipelineConfig | None:
     return cfg
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     raw=st.dictionaries(
