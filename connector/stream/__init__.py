@@ -1,1 +1,1 @@
-"""The stream pipeline: source → enrich → normalize → sink, with checkpoints and the HA leader."""
+"""The stream pipeline: source → enrich → normalize → sink, with checkpoints, HA, fleets and alert updates."""
