@@ -158,7 +158,8 @@ class StreamPipeline(Transactions, Terms):
         self.fenced: ProducerFenced | None = None  # set when another instance took over the transactional id
 
     def _new_sink(self) -> KafkaSink:
-        return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id)
+        # at-least-once: the process's producer for these settings (stream/producers.py)
+        return KafkaSink(self.cfg.kafka, self.metrics, transactional_id=self.transactional_id, shared=True)
 
     def _active(self) -> bool:
         """False while another process is the HA leader, once the term this process leads in has

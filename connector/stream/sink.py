@@ -1,5 +1,6 @@
 """Kafka sink (kafka-python producer, or librdkafka's with kafka.client = "confluent": see
-confluent_producer.py), the confirmation window and the dry-run sink.
+confluent.py), the confirmation window and the dry-run sink. The producer itself may be shared
+with other pipelines of the process (producers.py); everything below is per sink.
 
 Back pressure: kafka-python queues records without any bound (no buffer memory limit since
 2.1.5), so the sink counts records handed to the producer and not yet acknowledged; `send`
@@ -26,11 +27,11 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TextIO
 
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from kafka.producer.transaction_manager import TransactionState
 
 from connector.config import KafkaSection
-from connector.kafka import ProducerFenced, SinkError, close_producer, describe_servers, is_fenced, make_producer
+from connector.kafka import ProducerFenced, SinkError, describe_servers, is_fenced, make_producer
 from connector.metrics import NO_METRICS, Metrics
+from connector.stream import producers
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class KafkaSink:
 
     `stall_after`: seconds without any acknowledgement while records wait before `healthy`
     turns false (a broker that stopped answering is noticed long before delivery_timeout_ms).
+    `shared`: use the process's producer for these settings (producers.py; not with a
+    transactional_id).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class KafkaSink:
         *,
         stall_after: float = 10.0,
         max_block_ms: int = 10000,
+        shared: bool = False,
     ):
         self.kafka = kafka
         self.metrics = metrics
@@ -86,6 +90,7 @@ class KafkaSink:
         self._seq = 0
         self._blocked = 0
         self._stopping = False
+        self._closed = False
         self._failed_since_flush = 0
         self._last_ack = time.monotonic()
         self._last_fail: float | None = None
@@ -101,19 +106,25 @@ class KafkaSink:
         if kafka.client == "confluent":
             from connector.stream.confluent import ConfluentProducer
 
-            self._producer: Any = ConfluentProducer(kafka, transactional_id, max_block_ms)
+            def make() -> Any:
+                return ConfluentProducer(kafka, transactional_id, max_block_ms)
+
             self._produce = self._produce_confluent
         else:
-            self._producer = make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
+
+            def make() -> Any:
+                return make_producer(kafka, transactional_id=transactional_id, max_block_ms=max_block_ms)
+
             self._produce = self._produce_kafka_python
-            self._max_block_ms = max_block_ms
-            self._renew_lock = threading.Lock()
+        # see producers.py: the pipelines of a process share one, unless transactional
+        shared = shared and not transactional_id
+        self._handle = producers.acquire(kafka, make, max_block_ms) if shared else producers.Producer(make)
         if transactional_id:
             try:
                 # fences any older producer with the same id and aborts its open transaction
                 self._producer.init_transactions()
             except KafkaError as e:
-                self._producer.close(0)
+                producers.release(self._handle, 0)
                 raise SinkError(
                     f"cannot initialise Kafka transactions (transactional_id "
                     f"{transactional_id!r}) on {describe_servers(kafka)}: {e}"
@@ -186,32 +197,20 @@ class KafkaSink:
     def _produce_confluent(self, topic: str, key, value: bytes, headers, rec: _Record) -> None:
         self._producer.produce(topic, key, value, headers, rec.outcome)
 
+    @property
+    def _producer(self) -> Any:
+        return self._handle.producer
+
     def _broken(self) -> str | None:
-        """Why the (kafka-python, non-transactional) producer can deliver nothing any more, or None.
-        Two dead ends of kafka-python 3.0.12's idempotent producer: any non-retriable batch error
-        (the broker refused a record: too large, invalid, not authorised) is classified fatal, so
-        it fails every later record; and a batch that expired after it was sent makes it drop its
-        producer id without ever asking for a new one, so it holds every later record. (A
-        transactional producer is replaced by the pipeline after its abort fails.)"""
-        tm = getattr(self._producer, "_transaction_manager", None)
-        if self.transactional_id or tm is None:
-            return None
-        if tm.has_fatal_error():
-            return f"failed fatally ({tm.last_error})"
-        if not tm.has_producer_id() and tm._current_state == TransactionState.READY:
-            return "lost its producer id"
-        return None
+        """Why the producer can deliver nothing any more (producers.broken), or None."""
+        return None if self.transactional_id else producers.broken(self._producer)
 
     def _renew(self) -> None:
-        """A new producer in place of a broken one (SinkError when Kafka cannot be reached); the
-        old one's undelivered records are reported failed."""
-        with self._renew_lock:
-            why = self._broken()
-            if why is None:
-                return
-            old, self._producer = self._producer, make_producer(self.kafka, max_block_ms=self._max_block_ms)
-        log.warning("Kafka producer replaced: the old one %s; its undelivered records are reported failed", why)
-        close_producer(old, 0)
+        """A new producer in place of a broken one (SinkError when Kafka cannot be reached)."""
+        old = self._producer
+        why = producers.broken(old)
+        if why is not None:
+            self._handle.renew(old, why)
 
     def _complete(self, seq: int, ok: bool, exc: Exception | None) -> None:
         # dict.pop is atomic: of kafka's callback and close()'s give-up, the one that pops the record
@@ -298,7 +297,10 @@ class KafkaSink:
         delivery failed since the previous flush()."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self._producer.flush(timeout)
+            # a shared producer's flush would also wait for the other pipelines' records; this
+            # sink's own ones leave within linger_ms anyway
+            if not self._handle.shared:
+                self._producer.flush(timeout)
         except KafkaTimeoutError:
             pass
         except KafkaError as e:
@@ -313,12 +315,16 @@ class KafkaSink:
 
     def close(self, timeout: float | None = 30) -> None:
         """Stop, flush for up to `timeout` seconds, close the producer; records still without an
-        answer then get on_done(False, SinkStopped)."""
+        answer then get on_done(False, SinkStopped). A second close() does nothing."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
         self.stop()
         deadline = time.monotonic() + (timeout if timeout is not None else 30)
         drained = self.flush(max(0.0, deadline - time.monotonic()))
         self._give_up(SinkStopped("closed before Kafka acknowledged the record"))  # before the producer's own errors
-        close_producer(self._producer, max(0.0, deadline - time.monotonic()) if drained else 0)
+        producers.release(self._handle, max(0.0, deadline - time.monotonic()) if drained else 0)
 
     def _give_up(self, exc: Exception) -> None:
         """Every record still waiting gets on_done(False, exc)."""

@@ -277,3 +277,27 @@ def test_events_too_large_for_kafka_lose_raw_or_go_to_the_dlq_and_the_stream_goe
     doc = json.loads(dlq[0].value)
     assert doc["reason"].startswith("too large") and doc["raw_truncated"] is True
     assert len(dlq[0].value) < 1024 * 1024 and str(big_field["id"]) in doc["raw"][:200]
+
+
+def test_pipelines_of_one_process_share_one_producer_unless_exactly_once(broker, topic_prefix, tmp_path):
+    """Two at-least-once pipelines in one process publish through one producer and each delivers all
+    of its alerts exactly once; an exactly-once pipeline keeps its own transactional producer."""
+    with Simulator(alerts=700, intel_docs=5, seed=3) as one, Simulator(alerts=500, intel_docs=5, seed=4) as two:
+        a = make_cfg(one, broker.bootstrap, f"{topic_prefix}-a", tmp_path, tanium={"page_size": 100})
+        b = make_cfg(two, broker.bootstrap, f"{topic_prefix}-b", tmp_path, tanium={"page_size": 100})
+        eo = make_cfg(
+            two,
+            broker.bootstrap,
+            f"{topic_prefix}-eo",
+            tmp_path,
+            pipeline={"delivery": "exactly-once"},
+            state={"backend": "kafka", "topic": f"{topic_prefix}-eo.state"},
+        )
+        with Running(a) as ra, Running(b) as rb:
+            assert ra.pipe.sink._producer is rb.pipe.sink._producer
+            wait_until(lambda: ra.committed_offset() == 700 and rb.committed_offset() == 500, what="both checkpoints")
+            transactional = StreamPipeline(eo, once=True)
+            assert transactional.sink._producer is not ra.pipe.sink._producer
+            assert transactional.run() == 0
+    assert sorted(ids_of(read_topic(broker.bootstrap, a.kafka.topic, expect=700))) == list(range(1, 701))
+    assert sorted(ids_of(read_topic(broker.bootstrap, b.kafka.topic, expect=500))) == list(range(1, 501))

@@ -464,3 +464,49 @@ def test_aborted_records_are_hidden_from_read_committed(broker, topic_prefix):
         sink.close(10)
     values = [r.value for r in read_topic(broker.bootstrap, topic, isolation_level="read_committed")]
     assert values == [b"committed"]
+
+
+def test_sinks_with_equal_settings_share_one_producer_and_keep_their_own_records(broker, topic_prefix):
+    """The at-least-once sinks of one process share the producer of their settings; each still gets
+    exactly one outcome per record of its own, waits only for its own records, and the producer
+    lives until its last sink closes."""
+    a = KafkaSink(kafka_section(broker.bootstrap, topic=f"{topic_prefix}.a"), shared=True)
+    b = KafkaSink(kafka_section(broker.bootstrap, topic=f"{topic_prefix}.b", max_unacked=50), shared=True)
+    own = KafkaSink(kafka_section(broker.bootstrap, client_id="own"), shared=True)
+    try:
+        assert a._producer is b._producer and own._producer is not a._producer
+        outcomes = {"a": Outcomes(), "b": Outcomes()}
+        n = 400
+
+        def send(sink, name):
+            for i in range(n):
+                assert sink.send(
+                    f"{topic_prefix}.{name}", b"%d" % i, b"%s-%d" % (name.encode(), i), [], outcomes[name].cb(i)
+                )
+
+        threads = [threading.Thread(target=send, args=(s, name)) for s, name in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert a.flush(30) and b.flush(30)
+        for name in ("a", "b"):
+            assert outcomes[name].oks() == {i: [True] for i in range(n)}
+            values = [r.value for r in read_topic(broker.bootstrap, f"{topic_prefix}.{name}", expect=n)]
+            assert sorted(values) == sorted(b"%s-%d" % (name.encode(), i) for i in range(n))
+
+        producer = b._producer
+        a.close(10)
+        a.close(10)  # a second close gives nothing back twice
+        late = Outcomes()
+        assert b.send(f"{topic_prefix}.b", b"late", b"after a closed", [], late.cb(0))
+        assert b.flush(30) and late.oks() == {0: [True]}
+        b.close(10)
+        again = KafkaSink(kafka_section(broker.bootstrap), shared=True)
+        try:
+            assert again._producer is not producer  # the last sink closed it
+        finally:
+            again.close(10)
+    finally:
+        for s in (a, b, own):
+            s.close(5)
