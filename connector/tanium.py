@@ -30,6 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from connector import __version__
 from connector.config import TaniumSection
+from connector.gate import CPU
 from connector.metrics import NO_METRICS, WORKER, Metrics
 from connector.secrets import ApiKey
 from connector.tanium_http import classify, retry_after, root_reason
@@ -188,9 +189,10 @@ class TaniumClient:
         body = self._get_json("alerts", f"{TR_PATH}/alerts", query)
         data, meta = _unwrap(body)
         items = self._as_list(data, "alerts")
-        for alert in items:
-            if isinstance(alert, dict):
-                decode_details(alert)
+        with CPU.slot():
+            for alert in items:
+                if isinstance(alert, dict):
+                    decode_details(alert)
         self.metrics.pages.labels(self.metrics.pipeline).inc()
         total = filtered = None
         if isinstance(meta, dict):
@@ -252,7 +254,8 @@ class TaniumClient:
             return None
         if code >= 400:
             raise self._status_error(resp, body, path)
-        return self._parse(resp, body, path)
+        with CPU.slot():  # connector/gate.py
+            return self._parse(resp, body, path)
 
     def _request(
         self, endpoint: str, path: str, params: list[tuple[str, str]] | None, key: str

@@ -58,6 +58,7 @@ from datetime import datetime
 from functools import partial
 
 from connector.config import ConfigError
+from connector.gate import CPU
 from connector.kafka import ProducerFenced
 from connector.metrics import NO_METRICS, Metrics
 from connector.stream.checkpoint import CheckpointError, open_store
@@ -263,6 +264,10 @@ class StreamPipeline(Transactions, Terms):
         """Hands the page's records to Kafka under session `s`, until a delivery fails. Records up
         to the session's careful_until go one at a time, each waiting for its answer, so that a
         refusal names the very record."""
+        with CPU.slot():  # connector/gate.py: few threads at a time do CPU work
+            self._process_page(s, page)
+
+    def _process_page(self, s: Session, page: list) -> None:
         records = self._records(page)
         if not records:
             return
@@ -289,7 +294,8 @@ class StreamPipeline(Transactions, Terms):
             answered = delivery.answered[i] = threading.Event() if careful else None
             self.sink.send(topic, key, value, headers, partial(delivery.done, i))
             if answered is not None:
-                self._await(answered)
+                with CPU.outside():
+                    self._await(answered)
 
     def _await(self, answered: threading.Event) -> None:
         """Waits for one record's answer (the sink gives one within delivery_timeout_ms, or at

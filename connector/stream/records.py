@@ -18,6 +18,7 @@ import orjson
 from connector import __version__
 from connector.formats import FORMATS, SCHEMA_VERSIONS, encode, render_all
 from connector.formats import Settings as FormatSettings
+from connector.gate import CPU
 from connector.metrics import NO_METRICS, Metrics
 from connector.stream.normalize import SCHEMA_VERSION, NormalizeError, serialize
 from connector.stream.source import Position
@@ -79,7 +80,8 @@ class RecordMaker:
         record (the checkpoint may pass the alert only there); `created` is the alert's createdAt on
         that record (for the freshness histogram), else None. Metric children are looked up once."""
         if self.enricher:
-            self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
+            with CPU.outside():  # it may wait for IntelDocs from Tanium
+                self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
         alerts = [a for a, _ in page if a is not MARK]
         self._m_source_sent.inc(len(alerts))
         events = iter(self.normalizer.normalize_page(alerts))

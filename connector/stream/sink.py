@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from connector.config import KafkaSection
+from connector.gate import CPU
 from connector.kafka import ProducerFenced, SinkError, describe_servers, is_fenced, make_producer
 from connector.metrics import NO_METRICS, Metrics
 from connector.stream import producers
@@ -153,7 +154,24 @@ class KafkaSink:
         """
         rec = _Record(self, topic, on_done)
         self._m_received.inc()
-        refused: Exception | None = None
+        if len(self._pending) < self._max:  # (a hint: only this sink's sender adds records)
+            refused = self._admit(rec, timeout)
+        else:
+            with CPU.outside():  # waiting for Kafka: no CPU slot held meanwhile (connector/gate.py)
+                refused = self._admit(rec, timeout)
+        if refused is not None:
+            self._notify(rec, False, refused)
+            return False
+        try:
+            self._produce(topic, key, value, headers, rec)
+        except Exception as e:  # noqa: BLE001 (metadata timeout, record too large, closed producer, bad types)
+            log.warning("Kafka refused a record for topic %s: %s", topic, e)
+            self._complete(rec.seq, False, e)
+            return False
+        return True
+
+    def _admit(self, rec: _Record, timeout: float | None) -> Exception | None:
+        """Waits for room and takes `rec` into the pending records; or why it cannot."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._blocked += 1
@@ -166,26 +184,16 @@ class KafkaSink:
             finally:
                 self._blocked -= 1
             if self._stopping:
-                refused = SinkStopped("the sink is closing; record not sent")
-            elif len(self._pending) >= self._max:
-                refused = KafkaTimeoutError(f"no room among {self._max} un-acknowledged records within {timeout}s")
-            else:
-                seq = rec.seq = self._seq
-                self._seq += 1
-                rec.t0 = time.monotonic()
-                if not self._pending:
-                    self._busy_since = rec.t0
-                self._pending[seq] = rec
-        if refused is not None:
-            self._notify(rec, False, refused)
-            return False
-        try:
-            self._produce(topic, key, value, headers, rec)
-        except Exception as e:  # noqa: BLE001 (metadata timeout, record too large, closed producer, bad types)
-            log.warning("Kafka refused a record for topic %s: %s", topic, e)
-            self._complete(seq, False, e)
-            return False
-        return True
+                return SinkStopped("the sink is closing; record not sent")
+            if len(self._pending) >= self._max:
+                return KafkaTimeoutError(f"no room among {self._max} un-acknowledged records within {timeout}s")
+            rec.seq = self._seq
+            self._seq += 1
+            rec.t0 = time.monotonic()
+            if not self._pending:
+                self._busy_since = rec.t0
+            self._pending[rec.seq] = rec
+            return None
 
     def _produce_kafka_python(self, topic: str, key, value: bytes, headers, rec: _Record) -> None:
         if self._broken():
