@@ -23,6 +23,7 @@ from collections.abc import Callable
 from kafka.errors import KafkaError
 
 from connector.config import KafkaSection
+from connector.gate import CPU
 from connector.kafka import FENCED_CODES, SinkError, check_timeouts, describe_servers
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,8 @@ class ConfluentProducer:
             except BufferError:  # librdkafka's queue is full: wait for reports to free it
                 if self._closed.is_set():
                     raise ConfluentError("the producer is closed") from None
-                self._p.poll(0.05)
+                with CPU.outside():
+                    self._p.poll(0.05)
             except self._kafka_exception as e:
                 err = ConfluentError.of(e)
                 if err.code is not None and "MSG_SIZE_TOO_LARGE" in str(err):

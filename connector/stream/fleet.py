@@ -2,25 +2,26 @@
 
 `tanium-connector run A.toml B.toml` (or a directory of pipeline files) runs each pipeline exactly
 as it runs alone: its own Tanium client and token, cursor, checkpoint, retries and rate budget, its
-own Kafka producer and its own threads. So one slow or unreachable Tanium server never delays
-another: only that pipeline's source thread waits on it, and its records go through its own
-producer.
+own threads (processing, source, IntelDoc lookups) and its own delivery bookkeeping. So one slow or
+unreachable Tanium server never delays another: only that pipeline's source thread waits on it.
 
 What the process shares: the pipeline files' checks (distinct names, since a name keys the
 checkpoint and the metrics; stream mode only; one metrics listener), one metrics listener whose
-/metrics holds every pipeline's series under its `pipeline` label, and the signals (SIGTERM stops
-every pipeline, each within its own pipeline.shutdown_timeout). /readyz answers with one JSON object
-per pipeline and is 503 only when no pipeline is ready (the process itself cannot work: Kafka is
-unreachable, say); /healthz is 503 when any pipeline's poll loop is stuck, since only a restart
-frees it. A pipeline that fails ends alone (its error is logged, /readyz names it, the exit code
-is 1) and the others keep running — unless it belongs to a fleet: then the worker stops (exit 1), since
-it would hold the pipeline in the group and no other worker would run it.
+/metrics holds every pipeline's series under its `pipeline` label, the signals (SIGTERM stops
+every pipeline, each within its own pipeline.shutdown_timeout), one Kafka producer per producer
+settings for the at-least-once pipelines (stream/producers.py; exactly-once ones keep their
+transactional producer), and the CPU: one thread at a time does the connector's CPU work
+(connector/gate.py), so many busy pipelines take turns page by page instead of a hundred threads
+fighting over the GIL. /readyz answers with one JSON object per pipeline and is 503 only when no
+pipeline is ready (the process itself cannot work: Kafka is unreachable, say); /healthz is 503 when
+any pipeline's poll loop is stuck, since only a restart frees it. A pipeline that fails ends alone
+(its error is logged, /readyz names it, the exit code is 1) and the others keep running — unless it
+belongs to a fleet: then the worker stops (exit 1), since it would hold the pipeline in the group and
+no other worker would run it.
 
-Not shared yet: a Kafka producer per pipeline (not one per process), and threads per pipeline
-(processing, source, the producer's I/O thread and the IntelDoc lookup workers). Idle, a pipeline
-costs a worker about 1.2 MiB and 0.016 % of a core (`bench --fleet`: 200 idle pipelines in 300 MiB);
-busy, their threads contend for one GIL and the total falls well below one pipeline's beyond about
-ten busy pipelines (docs/performance.md "Fleet").
+Costs (`bench --fleet`, docs/performance.md "Fleet"): idle, a pipeline costs a worker about 1.2 MiB
+and 0.016 % of a core; busy, one worker's pipelines share one core's worth of Python (one GIL), so
+their total stays below one pipeline alone's.
 """
 
 from __future__ import annotations

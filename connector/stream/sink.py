@@ -92,6 +92,7 @@ class KafkaSink:
         self._blocked = 0
         self._stopping = False
         self._closed = False
+        self._known_topics: set[str] = set()  # topics a record was handed over for (metadata known)
         self._failed_since_flush = 0
         self._last_ack = time.monotonic()
         self._last_fail: float | None = None
@@ -163,9 +164,15 @@ class KafkaSink:
             self._notify(rec, False, refused)
             return False
         try:
-            self._produce(topic, key, value, headers, rec)
+            if topic in self._known_topics:
+                self._produce(topic, key, value, headers, rec)
+            else:  # the first record to a topic may wait up to max_block_ms for its metadata
+                with CPU.outside():
+                    self._produce(topic, key, value, headers, rec)
+                self._known_topics.add(topic)
         except Exception as e:  # noqa: BLE001 (metadata timeout, record too large, closed producer, bad types)
             log.warning("Kafka refused a record for topic %s: %s", topic, e)
+            self._known_topics.discard(topic)
             self._complete(rec.seq, False, e)
             return False
         return True

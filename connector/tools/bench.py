@@ -54,6 +54,7 @@ from connector.tools.bench_phases import (
     PAGE_SIZE,
     BenchError,
     Topics,
+    number_in,
     phase_timeout,
     pipeline_raw,
     run_phase,
@@ -94,24 +95,8 @@ _positive_int = _whole(1, "e.g. 20000")
 _count = _whole(0, "0 turns it off")
 
 
-def _latency(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (e.g. 20)") from None
-    if not 0 <= v <= 10_000:
-        raise argparse.ArgumentTypeError(f"{v:g} ms is outside 0–10000 ms")
-    return v
-
-
-def _switch_ms(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds (e.g. 0.5)") from None
-    if not 0 < v <= 1000:
-        raise argparse.ArgumentTypeError(f"{v:g} ms is outside 0–1000 ms (0 excluded)")
-    return v
+_latency = number_in("ms", "20", 0, 10_000)
+_switch_ms = number_in("ms", "0.5", 0, 1000, low_excluded=True)
 
 
 def _scales(text: str) -> tuple[int, int]:

@@ -43,7 +43,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from connector.tools.bench_phases import PAGE_SIZE, BenchError, Topics, tanium_requests
+from connector.tools.bench_phases import PAGE_SIZE, BenchError, Topics, number_in, tanium_requests
 
 IDLE_HISTORY = 20  # alerts each idle pipeline drains before it is idle
 IDLE_POLL = 30.0  # tanium.poll_interval of the idle pipelines (seconds)
@@ -68,14 +68,7 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 30)") from None
-    if not 1 <= v <= 3600:
-        raise argparse.ArgumentTypeError(f"{v:g} s is outside 1–3600 s")
-    return v
+_seconds = number_in("s", "30", 1, 3600)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -528,6 +521,7 @@ def print_fleet_report(report: dict, out) -> None:
             f"  /healthz answered in {b['healthz_median_s']:.3f} s (median), {b['healthz_max_s']:.3f} s (max); "
             f"{b['healthz_timeouts']} probes of {HEALTHZ_TIMEOUT:g} s timed out\n"
         )
+        w(f"  every pipeline publishing {b['start_s']:.1f} s after start; SIGTERM to exit {b['shutdown_s']:.1f} s\n")
         w(
             f"  fleet / min(ceilings) {b['ratio']:.3f} (target {t['busy_ratio']['target']}: "
             f"{ok[t['busy_ratio']['met']]}); fleet / single pipeline "

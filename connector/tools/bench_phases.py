@@ -4,6 +4,7 @@ measurements (bench_measure.py)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
 import os
@@ -366,6 +367,25 @@ def run_phase(
 
 class BenchError(Exception):
     """The benchmark could not measure; str() is for the user."""
+
+
+def number_in(unit: str, example: str, low: float, high: float, *, low_excluded: bool = False):
+    """An argparse type: a number of `unit` between low and high (e.g. number_in("ms", "20", 0, 10_000))."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {UNITS[unit]} (e.g. {example})") from None
+        if not (low < v if low_excluded else low <= v) or v > high:
+            excluded = f" ({low:g} excluded)" if low_excluded else ""
+            raise argparse.ArgumentTypeError(f"{v:g} {unit} is outside {low:g}–{high:g} {unit}{excluded}")
+        return v
+
+    return parse
+
+
+UNITS = {"ms": "milliseconds", "s": "seconds"}
 
 
 # ---- setup in the parent ---------------------------------------------------------------------------

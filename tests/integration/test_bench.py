@@ -209,6 +209,7 @@ def test_bench_fleet_reports_the_cost_per_idle_pipeline_and_the_busy_ratio():
         (["--freshness-seconds", "-1"], "give 0 or more"),
         (["--switch-interval", "0"], "outside 0"),
         (["--fleet", "--fleet-sizes", "50"], "at least two different pipeline counts"),
+        (["--fleet", "--fleet-window", "0.5"], "outside 1–3600 s"),
         (["--profile", "/proc/no-such-dir/profiles", "--alerts", "10"], "cannot create the directory"),
     ],
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 
 import pytest
@@ -33,6 +34,7 @@ from helpers import (
 from test_reliability import stop_live
 
 from connector.config import KafkaSection
+from connector.gate import CPU
 from connector.simulator import Simulator
 from connector.stream.checkpoint import FileCheckpointStore, KafkaCheckpointStore
 from connector.stream.pipeline import StreamPipeline
@@ -416,3 +418,60 @@ def test_kafka_outage_with_the_kafka_checkpoint_store_keeps_running_and_catches_
         assert "Traceback" not in cli.logs()
     ids = ids_of(read_topic(kafka.bootstrap, f"{topic_prefix}.events", expect=created))
     assert set(ids) == set(range(1, created + 1))
+
+
+# ---- pipelines of one process sharing a producer ---------------------------------------------------
+
+
+def test_a_record_kafka_refuses_in_one_pipeline_loses_nothing_of_another_sharing_its_producer(
+    kafka, link, topic_prefix, tmp_path
+):
+    """Two at-least-once pipelines in one process share a producer. The broker refuses alert 7 of
+    pipeline A every time, which breaks kafka-python's idempotent producer for both: B's records in
+    flight fail with it. A sends alert 7 to its dead-letter topic after max_delivery_attempts and
+    delivers the rest; B re-reads what failed and delivers every alert (some twice, none lost)."""
+    a_name, b_name = f"{topic_prefix}-a", f"{topic_prefix}-b"
+    refuse_alert(kafka, f"{a_name}.events", 7)
+    settings = {"pipeline": {"max_delivery_attempts": 3, "rewind_backoff": 0.2, "rewind_backoff_max": 1}}
+    with (
+        Simulator(alerts=40, intel_docs=3, seed=61, history=3600) as sim_a,
+        Simulator(alerts=300, intel_docs=3, seed=62, history=3600, live_rate=40) as sim_b,
+    ):
+        a = make_cfg(sim_a, kafka.bootstrap, a_name, tmp_path, tanium={"page_size": 10}, **settings)
+        b = make_cfg(sim_b, kafka.bootstrap, b_name, tmp_path, tanium={"page_size": 50}, **settings)
+        with Running(a) as run_a, Running(b) as run_b:
+            first = run_a.pipe.sink._producer
+            assert run_b.pipe.sink._producer is first
+            wait_until(lambda: run_a.committed_offset() == 40, timeout=60, what="A past the refused alert")
+            created = stop_live(sim_b)
+            wait_until(lambda: run_b.committed_offset() == created, timeout=60, what="B's alerts delivered")
+            # the refusals broke the shared producer; both pipelines went on with one replacement
+            assert run_a.pipe.sink._producer is run_b.pipe.sink._producer is not first
+    assert set(ids_of(read_topic(kafka.bootstrap, a.kafka.topic, expect=39))) == set(range(1, 41)) - {7}
+    assert dlq_alert_ids(read_topic(kafka.bootstrap, a.kafka.dlq_topic, expect=1)) == [7]
+    assert set(ids_of(read_topic(kafka.bootstrap, b.kafka.topic, expect=created))) == set(range(1, created + 1))
+
+
+def test_a_send_waiting_for_its_topics_metadata_holds_no_cpu_slot(kafka, link, topic_prefix):
+    """While one pipeline's first record to a topic waits for the topic's metadata (the broker is
+    black-holed here), another pipeline's CPU work gets the process's CPU slot (connector/gate.py)."""
+    sink = KafkaSink(KafkaSection(bootstrap_servers=kafka.bootstrap), max_block_ms=3000)
+    returned = threading.Event()
+
+    def first_record():
+        with CPU.slot():
+            sink.send(f"{topic_prefix}.new-topic", None, b"{}", [], lambda ok, exc: None)
+            returned.set()  # still inside the slot
+
+    try:
+        link.stall()
+        sender = threading.Thread(target=first_record, daemon=True)
+        sender.start()
+        wait_until(lambda: sink.pending == 1 or returned.is_set(), timeout=10, what="the record handed to the sink")
+        with CPU.slot():
+            assert not returned.is_set(), "the slot came only after the send gave up waiting for metadata"
+        link.resume()
+        sender.join(10)
+    finally:
+        link.resume()
+        sink.close(5)
