@@ -3,7 +3,9 @@
 Threads: a source thread fetches pages into a small bounded queue while this thread enriches,
 normalizes and publishes the previous page, so the stages overlap. Memory stays bounded: at most
 QUEUE_PAGES pages wait, and the sink blocks once `kafka.max_unacked` records are unacknowledged,
-which in turn stops the source (back pressure).
+which in turn stops the source (back pressure). Processing a page and decoding a Tanium answer
+take the process's CPU slot (connector/gate.py), so the pipelines of one process take turns; any
+wait inside (Kafka's room, an IntelDoc, one record's answer) steps outside it.
 
 Delivery: every record (events and DLQ records alike, and the update watermark's markers, which
 have no Kafka record: stream/updates.py) enters an AckWindow in read order; the checkpoint moves
