@@ -6,7 +6,10 @@ for each pipeline of a fleet, whose group is the fleet's); the member the group 
 partition 0 is that pipeline's leader, the others stand by. One process has one group member per
 group (GroupMember: one consumer, one heartbeat) and one LeaderElection, with its own Lease, per
 pipeline. A pipeline only some workers of a fleet were given (their files differ, as in a roll-out)
-is assigned among those workers alone: its coordination topic is its own. When a leader dies, the
+is refused: the fleet's assignor (FleetAssignor) assigns as cooperative sticky does and tells every
+member which pipelines not every member subscribes to; the member holding such a pipeline does not
+lead it, and says so, until every worker has it. Only the lead is withheld: the assignment stays
+what cooperative sticky makes it, so a refusal moves no partition and costs no rebalance. When a leader dies, the
 group coordinator drops it after `session_timeout_ms` without heartbeats and gives its partitions to
 the others, which resume from the shared Kafka checkpoint. Nothing is ever written to or read from
 a coordination topic: only membership matters.
@@ -28,6 +31,7 @@ joins; tests/integration/test_ha.py and test_fleet.py bound kill -9 → new lead
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -81,6 +85,7 @@ def group_member(cfg, metrics: Metrics = NO_METRICS) -> GroupMember:
         session_timeout_ms=f.session_timeout_ms,
         heartbeat_interval_ms=f.heartbeat_interval_ms,
         metrics=metrics,
+        fleet=True,
     )
 
 
@@ -161,6 +166,31 @@ class Lease:
         return self.expiry() if self.holds else float("-inf")
 
 
+class FleetAssignor(CooperativeStickyAssignor):
+    """Cooperative sticky assignment, plus the pipelines not every member subscribes to (their
+    pipeline files differ, e.g. in the middle of a ConfigMap roll-out) in every member's assignment
+    (its user data): the member that is assigned one does not run it. Assigning them anyway keeps
+    the assignment itself what cooperative sticky makes it, so refusing moves no partition."""
+
+    name = "tanium-fleet"
+
+    def __init__(self, member: GroupMember):
+        super().__init__()
+        self.member = member
+
+    def assign(self, cluster, members):
+        topics = [set(self.parse_member_metadata(m.metadata).subscription) for m in members]
+        refused = sorted(set().union(*topics) - set.intersection(*topics)) if topics else []
+        out = super().assign(cluster, members)
+        for assignment in out.values():
+            assignment.user_data = json.dumps(refused).encode() if refused else b""
+        return out
+
+    def on_assignment(self, assignment, generation):
+        super().on_assignment(assignment, generation)
+        self.member.refuse(set(json.loads(assignment.user_data)) if assignment.user_data else set())
+
+
 class GroupMember:
     """One member of a Kafka consumer group, subscribed to one coordination topic per pipeline it may
     run; the member the group assigns a topic's partition 0 runs that pipeline. `[ha]` has one
@@ -176,8 +206,10 @@ class GroupMember:
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         metrics: Metrics = NO_METRICS,
+        fleet: bool = False,
     ):
-        self.kafka, self.group = kafka, group
+        self.kafka, self.group, self.fleet = kafka, group, fleet
+        self.refused: set[str] = set()  # coordination topics the fleet's assignment refuses
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.metrics = metrics
@@ -235,7 +267,7 @@ class GroupMember:
                 request_timeout_ms=max(30000, self.session_timeout_ms + 5000),
                 # cooperative + sticky: a member joining or leaving does not take a pipeline away
                 # from the member running it, unless the group moves it to balance the load
-                partition_assignment_strategy=(CooperativeStickyAssignor,),
+                partition_assignment_strategy=(FleetAssignor(self) if self.fleet else CooperativeStickyAssignor,),
             )
             self._watch(self._consumer._coordinator)
             self._consumer.subscribe(sorted(self.elections), listener=_Listener(self))
@@ -320,6 +352,24 @@ class GroupMember:
             except Exception as err:  # noqa: BLE001 (closing on the way out; nothing to save)
                 log.debug("closing the group consumer: %s", err)
 
+    def refuse(self, topics: set[str]) -> None:
+        """The fleet's assignment refuses these pipelines' topics (not every worker has them)."""
+        mine = {t for t in topics if t in self.elections}
+        for t in sorted(mine - self.refused):
+            log.error(
+                "fleet group %s: pipeline %s is refused: not every worker of the fleet was given it (their "
+                "pipeline files differ); no worker runs it until every worker has it",
+                self.group,
+                self.elections[t].pipeline,
+            )
+        for t in sorted(self.refused - mine):
+            log.info("fleet group %s: every worker has pipeline %s now", self.group, self.elections[t].pipeline)
+        self.refused = mine
+        for t, e in self.elections.items():
+            e.refused = t in mine
+            e.decide()
+        self._observe()
+
     def _assigned(self, partitions) -> None:
         """Called once per completed rebalance (with the partitions added, maybe none)."""
         for tp in partitions:
@@ -339,7 +389,7 @@ class GroupMember:
         if rebalanced:
             self.rebalances += 1
         m = self.metrics
-        held = sum(1 for e in self.elections.values() if e.lease.holds)
+        held = sum(1 for e in self.elections.values() if e.lease.holds and not e.refused)
         m.fleet_pipelines.labels(self.group, WORKER).set(held)
         if rebalanced:
             m.fleet_rebalances.labels(self.group, WORKER).inc()
@@ -387,6 +437,7 @@ class LeaderElection:
         self._closing = threading.Event()
         self._lock = threading.Lock()  # the lease (fed on kafka-python's threads) and leadership changes
         self.terms = 0  # times this process became leader
+        self.refused = False  # set by the member: the fleet refuses this pipeline (FleetAssignor)
         self.joined = self.member.joined
         self.member.add(self)
 
@@ -435,7 +486,7 @@ class LeaderElection:
                 self.session_timeout_ms,
                 self.heartbeat_interval_ms,
             )
-        self.set(leads)
+        self.set(leads and not self.refused)
 
     def assigned(self) -> None:
         with self._lock:

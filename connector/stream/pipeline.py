@@ -182,6 +182,8 @@ class StreamPipeline(Transactions, Terms):
         if self.fenced is not None:
             return True, "standing by: another process took over the transactional id"
         if not self._active():
+            if self.election is not None and self.election.refused:
+                return True, "refused: not every worker of the fleet has this pipeline file"
             return True, "standing by: another process is the HA leader"
         if self.paused:
             return False, self.paused

@@ -232,11 +232,12 @@ def test_workers_share_the_fleet_and_hand_a_dead_workers_pipelines_over(
             assert "Traceback" not in workers.clis[n].logs()
 
 
-@pytest.mark.timeout(180)
-def test_a_pipeline_only_some_workers_have_runs_on_one_of_them(broker, topic_prefix, tmp_path):
+@pytest.mark.timeout(240)
+def test_a_pipeline_not_every_worker_has_runs_nowhere_until_every_worker_has_it(broker, topic_prefix, tmp_path):
     """Two workers whose pipeline directories differ (a roll-out in progress): the pipelines both
-    have run on one worker each, and the one only the second worker has runs there — never on the
-    first, which was not given it (its coordination topic is its own)."""
+    have run, each on one worker; the one only the second worker has is refused — nobody polls it,
+    the second worker says why and its /readyz names it — until the first worker leaves and every
+    worker has it; then it runs and delivers every alert."""
     names = [f"{topic_prefix}-{x}" for x in ("a", "b", "new")]
     dirs = {"old": tmp_path / "old", "new": tmp_path / "new"}
     with contextlib.ExitStack() as stack:
@@ -248,12 +249,27 @@ def test_a_pipeline_only_some_workers_have_runs_on_one_of_them(broker, topic_pre
         workers = Workers(None, tmp_path)
         stack.callback(workers.stop_all)
         workers.start(dirs["old"])
+        wait_until(lambda: workers.owned(0) == set(names[:2]), timeout=60, what="the first worker to run its pipelines")
         workers.start(dirs["new"])
-        for name in names:
+        wait_until(
+            lambda: f"pipeline {names[2]} is refused" in workers.clis[1].logs(),
+            timeout=60,
+            what="the second worker to report the refused pipeline",
+        )
+        for name in names[:2]:
             got = read_topic(broker.bootstrap, f"{name}.events", expect=30, timeout=60)
             assert sorted(ids_of(got)) == list(range(1, 31)), name
-        wait_until(lambda: sorted(_owners(workers, [0, 1])) == names, timeout=60, what="an owner for each pipeline")
-        owners = _owners(workers, [0, 1])
-        assert all(len(v) == 1 for v in owners.values()), owners
-        assert owners[names[2]] == [1]
+        wait_until(
+            lambda: sorted(_owners(workers, [0, 1])) == names[:2], timeout=60, what="one owner for each common pipeline"
+        )
+        assert all(len(v) == 1 for v in _owners(workers, [0, 1]).values())
+        code, ready = _readyz(workers.ports[1])
+        assert code == 200 and ready[names[2]]["reason"].startswith("refused: not every worker"), ready
+        assert sims[names[2]].stats["alerts"] == 0, "nobody polls the refused pipeline"
+
+        workers.clis[0].proc.send_signal(signal.SIGTERM)
+        assert workers.clis[0].wait(60)[0] == 0
+        got = read_topic(broker.bootstrap, f"{names[2]}.events", expect=30, timeout=60)
+        assert sorted(ids_of(got)) == list(range(1, 31))
+        assert f"every worker has pipeline {names[2]} now" in workers.clis[1].logs()
         assert all(workers.worker_of(agent) == 1 for _, agent in sims[names[2]].polls.copy())

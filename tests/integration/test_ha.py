@@ -482,6 +482,7 @@ class FlappingElection:
     pipeline looks again, as a lease that runs out in a rebalance and is renewed 200 ms later does."""
 
     group = "flapping"
+    refused = False
 
     def __init__(self, on_change):
         self.on_change = on_change
