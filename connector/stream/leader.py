@@ -9,10 +9,10 @@ pipeline. A pipeline only some workers of a fleet were given (their files differ
 is refused: the fleet's assignor (FleetAssignor) assigns as cooperative sticky does and tells every
 member which pipelines not every member subscribes to; the member holding such a pipeline does not
 lead it, and says so, until every worker has it. Only the lead is withheld: the assignment stays
-what cooperative sticky makes it, so a refusal moves no partition and costs no rebalance. When a leader dies, the
-group coordinator drops it after `session_timeout_ms` without heartbeats and gives its partitions to
-the others, which resume from the shared Kafka checkpoint. Nothing is ever written to or read from
-a coordination topic: only membership matters.
+what cooperative sticky makes it, so a refusal moves no partition and costs no rebalance. When a
+leader dies, the group coordinator drops it after `session_timeout_ms` without heartbeats and gives
+its partitions to the others, which resume from the shared Kafka checkpoint. Nothing is ever
+written to or read from a coordination topic: only membership matters.
 
 A leader steps down at once when the group takes the partition away (revoked or lost), and on
 its own when its lease runs out (`Lease`): the coordinator cannot have given partition 0 to
