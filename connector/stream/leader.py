@@ -266,8 +266,12 @@ class GroupMember:
                 max_poll_interval_ms=rebalance_timeout_ms(self.session_timeout_ms),
                 request_timeout_ms=max(30000, self.session_timeout_ms + 5000),
                 # cooperative + sticky: a member joining or leaving does not take a pipeline away
-                # from the member running it, unless the group moves it to balance the load
-                partition_assignment_strategy=(FleetAssignor(self) if self.fleet else CooperativeStickyAssignor,),
+                # from the member running it, unless the group moves it to balance the load. A fleet
+                # also offers plain cooperative sticky, which the group agrees on while a worker of a
+                # release without FleetAssignor is a member (a rolling upgrade): no refusals meanwhile
+                partition_assignment_strategy=(
+                    (FleetAssignor(self), CooperativeStickyAssignor) if self.fleet else (CooperativeStickyAssignor,)
+                ),
             )
             self._watch(self._consumer._coordinator)
             self._consumer.subscribe(sorted(self.elections), listener=_Listener(self))
