@@ -32,7 +32,7 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -41,7 +41,8 @@ from kafka.protocol.consumer.fetch import FetchRequest
 from kafka.record.memory_records import MemoryRecords
 
 from connector.config import ConfigError, KafkaSection
-from connector.kafka import SinkError, client_settings, close_producer, describe_servers, make_producer
+from connector.kafka import SinkError, client_settings, describe_servers, make_producer
+from connector.stream import producers
 from connector.stream.source import Position
 from connector.stream.updates import Watermark
 from connector.timeutil import format_ts, utcnow
@@ -143,7 +144,7 @@ class KafkaCheckpointStore:
         self.key = pipeline.encode("utf-8")
         self.timeout = timeout
         self.location = f"kafka topic {topic} key {pipeline!r}"
-        self._producer: Any = None
+        self._producer: producers.Producer | None = None
         self._topic_ready = False
 
     def _where(self) -> str:
@@ -257,27 +258,35 @@ class KafkaCheckpointStore:
 
     def save(self, checkpoint: dict, timeout: float | None = None) -> None:
         """Writes the checkpoint and waits for Kafka's acknowledgement (up to `timeout` seconds,
-        default the store's); raises CheckpointError if not. After a failed save the producer is
-        dropped (its record given up) and the next save opens a new one: a kafka-python producer
-        whose record expired in flight would hold every later one."""
+        default the store's); raises CheckpointError if not. The stores of a process share one
+        producer (stream/producers.py). A record of a failed save may still land later, before any
+        later save's (one partition, one idempotent producer: in order). A producer gone broken
+        (kafka-python's, after a record expired in flight, holds every later one) is replaced
+        before the next save."""
         wait = self.timeout if timeout is None else timeout
         topic, key, value = self.record(checkpoint)
         try:
             if self._producer is None:
                 # bounded by this save's wait too: opening it means reaching Kafka
-                self._producer = make_producer(self.kafka, linger_ms=0, max_block_ms=max(1, int(wait * 1000)))
-            self._producer.send(topic, key=key, value=value).get(timeout=wait)
+                block = max(1, int(wait * 1000))
+                self._producer = producers.acquire(
+                    self.kafka, lambda: make_producer(self.kafka, linger_ms=0, max_block_ms=block), "checkpoint"
+                )
+            producer = self._producer.producer
+            if why := producers.broken(producer):  # e.g. a save's record expired in flight: it would hold the rest
+                self._producer.renew(producer, why)
+                producer = self._producer.producer
+            producer.send(topic, key=key, value=value).get(timeout=wait)
         except SinkError as e:
             raise CheckpointError(f"cannot save the checkpoint: {e}") from None
         except KafkaError as e:
-            self.close(0)
             raise CheckpointError(
                 f"saving the checkpoint to the {self._where()} failed: {type(e).__name__}: {e}"
             ) from None
 
     def close(self, timeout: float = 5) -> None:
         if self._producer is not None:
-            close_producer(self._producer, timeout)
+            producers.release(self._producer, timeout)
             self._producer = None
 
 

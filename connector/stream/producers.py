@@ -7,8 +7,9 @@ of at-least-once pipelines whose producer settings are equal share one producer 
 equal are the [kafka] connection and security settings, client id, client library, batching,
 compression and timeouts, not the topics or `max_unacked`. Each sink keeps all of its own
 bookkeeping (its un-acknowledged records and their bound, its callbacks, health and stop), so
-sharing changes no delivery rule. Exactly-once pipelines keep a producer each (`own`): a
-transactional.id is one pipeline's.
+sharing changes no delivery rule. Exactly-once pipelines keep a producer each: a
+transactional.id is one pipeline's. The Kafka checkpoint stores of a process share another one
+(linger 0, since a save waits for its acknowledgement).
 
 What sharing costs: a Kafka error that breaks the producer (kafka-python's idempotent producer treats
 any record the broker refuses as fatal, see `broken`) breaks it for every pipeline that shares it.
@@ -100,16 +101,17 @@ _lock = threading.Lock()
 _shared: dict[str, Producer] = {}
 
 
-def _key(kafka: KafkaSection, max_block_ms: int) -> str:
+def _key(kafka: KafkaSection, extra: tuple) -> str:
     # a different password is a different producer; the key is a digest so no secret sits in it
     values = [getattr(kafka, name) for name in _PRODUCER_FIELDS]
     plain = [v.get_secret_value() if isinstance(v, SecretStr) else v for v in values]
-    return hashlib.sha256(repr((max_block_ms, plain)).encode()).hexdigest()
+    return hashlib.sha256(repr((extra, plain)).encode()).hexdigest()
 
 
-def acquire(kafka: KafkaSection, make: Callable[[], Any], max_block_ms: int) -> Producer:
-    """The process's producer for these settings, made by `make()` if there is none yet."""
-    key = _key(kafka, max_block_ms)
+def acquire(kafka: KafkaSection, make: Callable[[], Any], *extra: Any) -> Producer:
+    """The process's producer for these settings and `extra` (what `make` sets beyond them, e.g.
+    the sinks' max_block_ms, or "checkpoint"), made by `make()` if there is none yet."""
+    key = _key(kafka, extra)
     with _lock:  # held while a first producer starts: a second user waits for it instead of making its own
         p = _shared.get(key)
         if p is None:

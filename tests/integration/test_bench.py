@@ -163,7 +163,7 @@ def test_rss_scale_reports_both_sizes_and_their_ratio():
 
 def test_bench_fleet_reports_the_cost_per_idle_pipeline_and_the_busy_ratio():
     r = bench(
-        *("--fleet", "--fleet-sizes", "1,3", "--fleet-window", "2", "--fleet-busy", "2"),
+        *("--fleet", "--fleet-sizes", "1,3", "--fleet-window", "2", "--fleet-busy", "2", "--fleet-busy-workers", "2"),
         *("--alerts", "300", "--intel-docs", "4", "--latency-ms", "0", "--json"),
     )
     assert r.returncode == 0, r.stderr
@@ -196,6 +196,11 @@ def test_bench_fleet_reports_the_cost_per_idle_pipeline_and_the_busy_ratio():
     assert b["ratio"] == pytest.approx(b["events_per_s"] / single["ceiling_events_per_s"])
     assert t["busy_ratio"]["value"] == b["ratio"]
     assert 0 < b["healthz_median_s"] <= b["healthz_max_s"]
+    shared = rep["busy_fleet"]  # the same pipelines shared by two worker processes
+    assert shared["workers"] == 2 and b["workers"] == 1 and shared["pipelines"] == 2
+    assert shared["events"] > 0 and shared["per_pipeline_max"] < shared["alerts_each"]
+    assert shared["ratio"] == pytest.approx(shared["events_per_s"] / single["ceiling_events_per_s"])
+    assert t["busy_fleet_ratio"]["value"] == shared["ratio"]
 
 
 @pytest.mark.parametrize(
@@ -210,6 +215,7 @@ def test_bench_fleet_reports_the_cost_per_idle_pipeline_and_the_busy_ratio():
         (["--switch-interval", "0"], "outside 0"),
         (["--fleet", "--fleet-sizes", "50"], "at least two different pipeline counts"),
         (["--fleet", "--fleet-window", "0.5"], "outside 1–3600 s"),
+        (["--fleet", "--fleet-busy-workers", "0"], "give 1 or more"),
         (["--profile", "/proc/no-such-dir/profiles", "--alerts", "10"], "cannot create the directory"),
     ],
 )
