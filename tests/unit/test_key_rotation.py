@@ -35,6 +35,14 @@ def client(sim: Simulator, path: str, metrics: Metrics = NO_METRICS) -> TaniumCl
     return TaniumClient(t, metrics)
 
 
+def keyed_client(sim: Simulator, tmp_path, key: str = OLD):
+    """A client reading its key from a file holding `key`: (the file, its metrics, the client)."""
+    keyfile = tmp_path / "key"
+    keyfile.write_text(key)
+    m = Metrics("p")
+    return keyfile, m, client(sim, str(keyfile), m)
+
+
 def sample(m: Metrics, name: str, **labels) -> float | None:
     return m.registry.get_sample_value("tanium_connector_" + name, {"pipeline": m.pipeline, **labels})
 
@@ -46,10 +54,7 @@ def ksim():
 
 
 def test_an_in_place_rewrite_is_used_by_the_next_request(ksim, tmp_path):
-    keyfile = tmp_path / "key"
-    keyfile.write_text(OLD + "\n")
-    m = Metrics("p")
-    c = client(ksim, str(keyfile), m)
+    keyfile, m, c = keyed_client(ksim, tmp_path, OLD + "\n")
     assert len(c.list_alerts([], 0, 5).items) == 5
     keyfile.write_text(NEW + "\n")
     ksim.api_key = NEW  # the old token is revoked
@@ -77,10 +82,7 @@ def test_a_kubernetes_secret_update_is_used_by_every_endpoint(ksim, tmp_path):
 
 def test_a_change_the_file_stamp_hides_is_read_after_a_401_and_the_request_retried_once(ksim, tmp_path):
     """Same inode, size and mtime (a filesystem with coarse timestamps): only the 401 shows the rotation."""
-    keyfile = tmp_path / "key"
-    keyfile.write_text(OLD)
-    m = Metrics("p")
-    c = client(ksim, str(keyfile), m)
+    keyfile, m, c = keyed_client(ksim, tmp_path)
     assert c.list_alerts([], 0, 1).items
     st_before = keyfile.stat()
     same_length = "token-xxx-" + OLD[len("token-xxx-") :][::-1]
@@ -144,10 +146,7 @@ def test_threads_sharing_a_client_lose_no_request_to_a_rotation(ksim, tmp_path):
 
 
 def test_a_revoked_key_is_reported_once_per_streak_and_recovers_when_the_file_is_fixed(ksim, tmp_path, caplog):
-    keyfile = tmp_path / "key"
-    keyfile.write_text(OLD)
-    m = Metrics("p")
-    c = client(ksim, str(keyfile), m)
+    keyfile, m, c = keyed_client(ksim, tmp_path)
     assert sample(m, "source_unauthorized") == 0  # exists from the first scrape
     assert c.list_alerts([], 0, 1).items
     ksim.api_key = NEW  # revoked, and the file not updated
@@ -172,10 +171,7 @@ def test_a_revoked_key_is_reported_once_per_streak_and_recovers_when_the_file_is
 
 
 def test_an_empty_or_missing_file_keeps_the_last_good_key(ksim, tmp_path, caplog):
-    keyfile = tmp_path / "key"
-    keyfile.write_text(OLD)
-    m = Metrics("p")
-    c = client(ksim, str(keyfile), m)
+    keyfile, m, c = keyed_client(ksim, tmp_path)
     caplog.set_level(logging.WARNING, logger="connector")
     keyfile.write_text("  \n")
     assert c.list_alerts([], 0, 1).items
