@@ -178,9 +178,10 @@ class TaniumClient:
         return data
 
     def list_alerts(
-        self, params: list[tuple[str, str]], offset: int, limit: int, sort: str = "createdAt,id"
+        self, params: list[tuple[str, str]], offset: int, limit: int, sort: str = "createdAt,id", *, decode: bool = True
     ) -> AlertPage:
-        """One page of alerts, `details` decoded (see decode_details)."""
+        """One page of alerts, `details` decoded (see decode_details) unless `decode` is False: the
+        stream decodes it as it processes the page, so the pages it fetched ahead stay small."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
         if offset < 0:
@@ -189,10 +190,11 @@ class TaniumClient:
         body = self._get_json("alerts", f"{TR_PATH}/alerts", query)
         data, meta = _unwrap(body)
         items = self._as_list(data, "alerts")
-        with CPU.slot():
-            for alert in items:
-                if isinstance(alert, dict):
-                    decode_details(alert)
+        if decode:
+            with CPU.slot():
+                for alert in items:
+                    if isinstance(alert, dict):
+                        decode_details(alert)
         self.metrics.pages.labels(self.metrics.pipeline).inc()
         total = filtered = None
         if isinstance(meta, dict):

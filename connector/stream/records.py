@@ -23,6 +23,7 @@ from connector.metrics import NO_METRICS, Metrics
 from connector.stream.normalize import SCHEMA_VERSION, NormalizeError, serialize
 from connector.stream.source import Position
 from connector.stream.updates import MARK
+from connector.tanium import decode_details
 from connector.timeutil import utcnow
 
 RECORD_OVERHEAD = 16 * 1024  # key, headers and batch framing, kept free under kafka.max_request_size
@@ -83,6 +84,9 @@ class RecordMaker:
             with CPU.outside():  # it may wait for IntelDocs from Tanium
                 self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
         alerts = [a for a, _ in page if a is not MARK]
+        for alert in alerts:  # the source leaves `details` as Tanium sent it (connector/tanium.py)
+            if alert.__class__ is dict:
+                decode_details(alert)
         self._m_source_sent.inc(len(alerts))
         events = iter(self.normalizer.normalize_page(alerts))
         out: list[Record] = []

@@ -185,7 +185,7 @@ class AlertSource:
 
     def _probe(self, offset: int) -> tuple[bool, object]:
         """(whether the record at `offset` sorts at or before the key, the page)."""
-        page = self.client.list_alerts([], offset=offset, limit=1, sort=SORT)
+        page = self.client.list_alerts([], offset=offset, limit=1, sort=SORT, decode=False)
         key = sort_key(page.items[0]) if page.items else None
         return key is not None and key <= self.key, page
 
@@ -218,7 +218,7 @@ class AlertSource:
         pending: list = []  # keyless records met before the scan knows whether they lie before or after the cursor
         phase, seen = _PENDING, Counter[str]()
         while True:
-            got = self.client.list_alerts([], offset=start, limit=size, sort=SORT)
+            got = self.client.list_alerts([], offset=start, limit=size, sort=SORT, decode=False)
             items = got.items
             if expect is not None:
                 trusted = bool(items) and _same(items[0], expect)

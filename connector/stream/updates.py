@@ -299,7 +299,7 @@ class TrackedSource:
         size = min(self.page_size, FIRST_PAGE)
         start, last, top, ties, searches = 0, None, None, set(), 0
         while True:
-            items = self.client.list_alerts([], offset=start, limit=size, sort=SORT).items
+            items = self.client.list_alerts([], offset=start, limit=size, sort=SORT, decode=False).items
             keys = [update_key(a) for a in items]
             first = next((k for k in keys if k is not None), None)
             if last is not None and start > 0 and (first is None or first < last):
@@ -367,7 +367,7 @@ class TrackedSource:
         lo, hi = 0, below
         while lo < hi:
             mid = (lo + hi) // 2
-            got = self.client.list_alerts([], offset=mid, limit=1, sort=SORT).items
+            got = self.client.list_alerts([], offset=mid, limit=1, sort=SORT, decode=False).items
             key = update_key(got[0]) if got else None
             if key is None or key < last:
                 hi = mid

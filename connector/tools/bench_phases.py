@@ -202,7 +202,7 @@ def _phase_source(raw: dict) -> dict:
     from connector.config import parse_pipeline
     from connector.stream.pipeline import StreamPipeline  # noqa: F401
     from connector.stream.source import AlertSource
-    from connector.tanium import TaniumClient
+    from connector.tanium import TaniumClient, decode_details
     from connector.timeutil import parse_start
 
     cfg = parse_pipeline(raw)
@@ -217,6 +217,7 @@ def _phase_source(raw: dict) -> dict:
             n += len(page)
             for alert, _ in page:
                 if isinstance(alert, dict):
+                    decode_details(alert)  # the pipeline's work of reading an alert, though it does it later
                     pairs.add((alert.get("intelDocId"), alert.get("intelDocRevisionId")))
         if not source.hit_limit:
             break

@@ -50,7 +50,7 @@ class ListClient:
     def __init__(self):
         self.visible = 10
 
-    def list_alerts(self, params, offset, limit, sort="createdAt,id"):
+    def list_alerts(self, params, offset, limit, sort="createdAt,id", decode=True):
         items = [dict(a) for a in alerts()[: self.visible][offset : offset + limit]]
         return AlertPage(items, self.visible, self.visible)
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from connector.config import parse_pipeline
 from connector.simulator import Simulator
+from connector.stream.records import RecordMaker
 from connector.stream.source import AlertSource, Position
+from connector.stream.stages import build_stages
 from connector.tanium import TaniumClient
 
 
@@ -120,6 +123,23 @@ def test_resume_from_a_checkpoint_position(tr):
     assert (pos.id, pos.offset) == (130, 130)
     again = make(client, page_size=50, checkpoint=pos.to_checkpoint())
     assert [i for i, _ in drain(again)] == list(range(131, 501))
+
+
+def test_pages_fetched_ahead_keep_details_as_text_until_their_records_are_made(tr):
+    """A busy pipeline holds several fetched pages; kept as Tanium's text, `details` is one string
+    per alert instead of hundreds of objects. Making the page's records decodes it."""
+    sim, client = tr
+    page = next(make(client, page_size=20).cycle())
+    assert all(isinstance(a["details"], str) for a, _ in page)
+    cfg = parse_pipeline({"pipeline": {"name": "s"}, "tanium": sim.settings()})
+    stages = build_stages(cfg, client)
+    try:
+        events = [orjson.loads(r.value) for r in RecordMaker(cfg, stages.enricher, stages.normalizer).records(page)]
+    finally:
+        stages.enricher.close()
+    assert [e["raw"]["id"] for e in events] == [a["id"] for a, _ in page]
+    assert all(isinstance(e["raw"]["details"], dict) and "detailsError" not in e["raw"] for e in events)
+    assert all(e["file_path"] for e in events)  # mapped from inside `details`
 
 
 def test_records_that_cannot_be_placed_are_delivered_and_do_not_move_the_cursor(tr):

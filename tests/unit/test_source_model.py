@@ -56,7 +56,7 @@ class FakeTanium:
         self.noise = 0  # keyless records added to every answer beyond `limit`, as the simulator's faults do
         self.served_noise: list[dict] = []
 
-    def list_alerts(self, params, offset: int, limit: int, sort: str = "createdAt,id") -> AlertPage:
+    def list_alerts(self, params, offset: int, limit: int, sort: str = "createdAt,id", decode=True) -> AlertPage:
         assert params == [] and sort == "createdAt,id"
         assert 1 <= limit <= 500 and offset >= 0, (offset, limit)  # Tanium answers 400 otherwise
         self.requests += 1

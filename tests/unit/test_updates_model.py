@@ -102,7 +102,7 @@ class FakeTanium:
     def act(self, action: tuple) -> None:
         getattr(self, action[0])(*action[1:])
 
-    def list_alerts(self, params, offset: int, limit: int, sort: str) -> AlertPage:
+    def list_alerts(self, params, offset: int, limit: int, sort: str, decode: bool = True) -> AlertPage:
         assert params == []
         self.requests += 1
         self.scan_requests += sort != "createdAt,id"
