@@ -483,30 +483,32 @@ def _unwrap(body: Any) -> tuple[Any, Any]:
     return body, None
 
 
-def decode_details(alert: dict) -> None:
-    """Decode `details` (a JSON string) in place; when it is not JSON, null or not an object, keep the
-    original value and set `detailsError` to a short reason."""
+def decode_details(alert: dict) -> str | bytes | None:
+    """Decode `details` (a JSON string) in place and return the text it decoded; when it is not JSON,
+    null or not an object, keep the original value, set `detailsError` to a short reason and return
+    None (None too when it was an object already)."""
     if "details" not in alert:
         alert["detailsError"] = "details is missing"
-        return
+        return None
     raw = alert["details"]
     if isinstance(raw, dict):
-        return  # already an object (3.x fixtures, or decoded before)
+        return None  # already an object (3.x fixtures, or decoded before)
     if raw is None:
         alert["detailsError"] = "details is null"
-        return
+        return None
     if not isinstance(raw, (str, bytes)):
         alert["detailsError"] = f"details is {json_type(raw)}, expected a JSON string"
-        return
+        return None
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         alert["detailsError"] = f"details is not valid JSON ({shorten(str(e), 80)})"
-        return
+        return None
     if isinstance(value, dict):
         alert["details"] = value
-    else:
-        alert["detailsError"] = f"details is JSON but {json_type(value)}, not an object"
+        return raw
+    alert["detailsError"] = f"details is JSON but {json_type(value)}, not an object"
+    return None
 
 
 def decode_intel_doc(doc: dict) -> dict:

@@ -84,9 +84,9 @@ class RecordMaker:
             with CPU.outside():  # it may wait for IntelDocs from Tanium
                 self.enricher.enrich([a for a, _ in page if isinstance(a, dict)])
         alerts = [a for a, _ in page if a is not MARK]
-        for alert in alerts:  # the source leaves `details` as Tanium sent it (connector/tanium.py)
-            if alert.__class__ is dict:
-                decode_details(alert)
+        # the source leaves `details` as Tanium sent it (connector/tanium.py); its text is kept for `raw`
+        texts = iter([decode_details(a) if a.__class__ is dict else None for a in alerts])
+        intel: dict[int, orjson.Fragment] = {}  # the page's IntelDocs, each encoded once (see _raw)
         self._m_source_sent.inc(len(alerts))
         events = iter(self.normalizer.normalize_page(alerts))
         out: list[Record] = []
@@ -98,12 +98,14 @@ class RecordMaker:
             if alert is MARK:  # a new update watermark (stream/updates.py): a window entry, no Kafka record
                 add(Record(alert, pos, "", None, b"", [], "mark", True, None))
                 continue
-            event = next(events)
+            event, text = next(events), next(texts)
             # an update event's position says which change it reports (stream/updates.py)
             action = getattr(pos, "change", None)
             try:
                 if isinstance(event, NormalizeError):
                     raise event
+                if event.get("raw") is alert:
+                    event["raw"] = _raw(alert, text, intel)
                 docs = render_all(formats, alert, event, self.format_settings, action)
                 if only_normalized:  # the default: no other document to encode
                     values = [fit(event, serialize(event))]
@@ -176,3 +178,20 @@ class RecordMaker:
             if len(value) <= self.max_value or not keep:
                 return value, self.headers + [("reason", reason.encode())]
             keep //= 2
+
+
+def _raw(alert: dict, details: str | bytes | None, docs: dict[int, orjson.Fragment]) -> dict:
+    """The event's `raw` as it is serialized: the alert with `details` as the text it was decoded
+    from and its IntelDoc encoded once per page, both inserted as they are (orjson.Fragment), rather
+    than encoding their hundreds of objects again for every alert (half of serializing an event).
+    The JSON is the same value: the text decoded to this very object."""
+    raw = alert.copy()
+    if details is not None:
+        raw["details"] = orjson.Fragment(details)
+    doc = raw.get("intelDoc")
+    if doc.__class__ is dict:
+        encoded = docs.get(id(doc))  # the page's alerts keep their docs alive, so an id stays theirs
+        if encoded is None:
+            encoded = docs[id(doc)] = orjson.Fragment(serialize(doc))
+        raw["intelDoc"] = encoded
+    return raw

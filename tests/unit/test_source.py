@@ -4,6 +4,7 @@ limit, what each costs in requests; and the checks on a checkpoint's fields."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -127,18 +128,26 @@ def test_resume_from_a_checkpoint_position(tr):
 
 def test_pages_fetched_ahead_keep_details_as_text_until_their_records_are_made(tr):
     """A busy pipeline holds several fetched pages; kept as Tanium's text, `details` is one string
-    per alert instead of hundreds of objects. Making the page's records decodes it."""
+    per alert instead of hundreds of objects. Making the page's records decodes it, and the event's
+    `raw` carries the text as it came."""
     sim, client = tr
     page = next(make(client, page_size=20).cycle())
     assert all(isinstance(a["details"], str) for a, _ in page)
+    # Tanium's own spelling of the text (spaces, escapes) is what `raw` carries
+    texts = [json.dumps(orjson.loads(a["details"]), indent=1) for a, _ in page]
+    for (alert, _), text in zip(page, texts, strict=True):
+        alert["details"] = text
     cfg = parse_pipeline({"pipeline": {"name": "s"}, "tanium": sim.settings()})
     stages = build_stages(cfg, client)
     try:
-        events = [orjson.loads(r.value) for r in RecordMaker(cfg, stages.enricher, stages.normalizer).records(page)]
+        values = [r.value for r in RecordMaker(cfg, stages.enricher, stages.normalizer).records(page)]
     finally:
         stages.enricher.close()
+    events = [orjson.loads(v) for v in values]
     assert [e["raw"]["id"] for e in events] == [a["id"] for a, _ in page]
-    assert all(isinstance(e["raw"]["details"], dict) and "detailsError" not in e["raw"] for e in events)
+    assert [e["raw"]["details"] for e in events] == [json.loads(t) for t in texts]
+    assert all(t.encode() in v for t, v in zip(texts, values, strict=True))
+    assert all(e["raw"]["intelDoc"]["id"] == e["raw"]["intelDocId"] for e in events)
     assert all(e["file_path"] for e in events)  # mapped from inside `details`
 
 
