@@ -285,6 +285,9 @@ class AlertSource:
                     emitted += 1
                     if emitted >= self.limit:
                         break
+            # the pipeline adds to the alerts it is given (details decoded, the IntelDoc joined) while
+            # this reads on: the last record, which the next page may have to match, is kept as it came
+            tail = dict(items[-1]) if items and isinstance(items[-1], dict) else (items[-1] if items else None)
             if out:
                 self._m_received.inc(len(out))
                 yield out
@@ -299,4 +302,4 @@ class AlertSource:
             elif size < MAX_PAGE:  # one keyed record or none: read the same place further
                 size, phase, pending, seen = min(MAX_PAGE, 2 * size), _PENDING, [], Counter()
             else:  # 499 keyless records in a row: overlap on the last record itself
-                start, expect = start + len(items) - 1, items[-1]
+                start, expect = start + len(items) - 1, tail

@@ -15,7 +15,7 @@ from connector.simulator import Simulator
 from connector.stream.records import RecordMaker
 from connector.stream.source import AlertSource, Position
 from connector.stream.stages import build_stages
-from connector.tanium import TaniumClient
+from connector.tanium import AlertPage, TaniumClient
 
 
 @pytest.fixture
@@ -149,6 +149,36 @@ def test_pages_fetched_ahead_keep_details_as_text_until_their_records_are_made(t
     assert all(t.encode() in v for t, v in zip(texts, values, strict=True))
     assert all(e["raw"]["intelDoc"]["id"] == e["raw"]["intelDocId"] for e in events)
     assert all(e["file_path"] for e in events)  # mapped from inside `details`
+
+
+class CopyingTanium:
+    """Serves a fixed list as Tanium does over HTTP: every answer holds new objects."""
+
+    def __init__(self, items: list):
+        self.items, self.requests = items, 0
+
+    def list_alerts(self, params, offset, limit, sort="createdAt,id", decode=True):
+        self.requests += 1
+        page = orjson.loads(orjson.dumps(self.items[offset : offset + limit]))
+        return AlertPage(page, len(self.items), len(self.items))
+
+
+def test_a_page_of_keyless_records_is_continued_although_the_pipeline_changed_what_it_was_given():
+    """A full page with no two keyed records is continued from its last record, matched by content.
+    The pipeline adds to the alerts it is given (details decoded, the IntelDoc joined) while the
+    source reads on; the source's match must not see those changes."""
+    keyed = {"id": 1, "guid": "a1", "createdAt": "2026-01-01T00:00:00.000Z", "details": "{}", "intelDocId": 1}
+    items = [keyed] + [{"guid": f"g{i}", "details": "{}", "intelDocId": 1} for i in range(700)]
+    tanium = CopyingTanium(items)
+    src = AlertSource(tanium, 500, 10_000)
+    src.resume(None, datetime(2000, 1, 1, tzinfo=UTC))
+    got = []
+    for page in src.cycle():
+        for alert, _ in page:
+            alert["details"], alert["intelDoc"] = {}, {"id": 1}  # what the processing thread does
+            got.append(alert["guid"])
+    assert got == [a["guid"] for a in items]
+    assert tanium.requests == 3  # finding the start, then two pages: the second continued the first
 
 
 def test_records_that_cannot_be_placed_are_delivered_and_do_not_move_the_cursor(tr):
