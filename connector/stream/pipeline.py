@@ -38,9 +38,11 @@ Checkpoint saves that fail (e.g. the Kafka store during a Kafka outage) are retr
 while the pipeline keeps running and /readyz says why; the checkpoint only lags, so a restart
 re-reads more, never less.
 
-Shutdown (`stop()`): reading stops at once, what was already fetched is delivered, and the
-checkpoint lands on the last contiguous acknowledged record, all within
-`pipeline.shutdown_timeout`; records Kafka has not confirmed by then stay after the checkpoint.
+Shutdown (`stop()`): reading stops at once, the page being processed is handed to Kafka, Kafka's
+answers are awaited and the checkpoint lands on the last contiguous acknowledged record, all within
+`pipeline.shutdown_timeout`; records Kafka has not confirmed by then stay after the checkpoint, and
+so do the pages fetched ahead and not yet sent (the next run, or the pipeline's next owner, reads
+them again: sending them would make a stop of many busy pipelines take most of shutdown_timeout).
 
 Exactly-once (`pipeline.delivery = "exactly-once"`): each page is one Kafka transaction with the
 checkpoint of its last record; see connector/stream/transactions.py.
@@ -505,18 +507,8 @@ class StreamPipeline(Transactions, Terms):
         finally:
             # no join: a source thread inside a slow request finishes against this session alone
             s.stop.set()
-        if self.stop_event.is_set() and self.exactly_once:
-            return True  # every processed page is committed; what waits is re-read next time
         if self.stop_event.is_set():
-            # deliver what was already fetched, so the checkpoint lands on the last delivered record
-            while not s.failed.is_set():
-                try:
-                    page = s.pages.get_nowait()
-                except queue.Empty:
-                    break
-                if page is not _DONE:
-                    self._process(s, page)
-            return True
+            return True  # pages only fetched lie after the checkpoint: the next run reads them again
         if finished:
             return True
         if not self._active():

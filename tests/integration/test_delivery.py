@@ -366,6 +366,27 @@ def test_sigterm_while_a_tanium_request_hangs_exits_within_shutdown_timeout(kafk
     assert set(ids_of(read_topic(kafka.bootstrap, f"{topic_prefix}.events", expect=200))) == set(range(1, 201))
 
 
+def test_a_stop_sends_no_page_that_was_only_fetched_and_the_next_run_reads_it(kafka, topic_prefix, tmp_path):
+    """While the first page waits for an IntelDoc (the simulator holds the request; enrich.timeout
+    = 3 s), the source fetches the pages after it into the queue. stop() then lets the first page be
+    sent and answered and the checkpoint land on its last alert; the pages only fetched are not sent
+    (with many busy pipelines in one worker, sending them all took most of shutdown_timeout). The
+    next run reads them again: every alert arrives once."""
+    with Simulator(alerts=100, intel_docs=3, seed=58, history=3600) as sim:
+        cfg = make_cfg(sim, kafka.bootstrap, topic_prefix, tmp_path, tanium={"page_size": 10}, enrich={"timeout": 3})
+        sim.faults.endpoints, sim.faults.stall_seconds, sim.faults.stall_next = {"intel", "intels"}, 5, 1
+        with Running(cfg) as run:
+            wait_until(lambda: sim.faults.served["stall"] == 1, what="the first page's IntelDoc request to hang")
+            wait_until(lambda: source_received(run) >= 50, what="the source to fetch the pages after the first")
+            run.pipe.stop()
+            run.thread.join(30)
+        assert run.code == 0 and run.pipe.committed["id"] == 10
+        assert sorted(ids_of(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=10))) == list(range(1, 11))
+        with Running(cfg) as run:
+            wait_until(lambda: run.committed_offset() == 100, what="the rest delivered by the next run")
+    assert sorted(ids_of(read_topic(kafka.bootstrap, cfg.kafka.topic, expect=100))) == list(range(1, 101))
+
+
 # ---- (f) a Kafka outage with the checkpoint in Kafka ----------------------------------------------
 
 
