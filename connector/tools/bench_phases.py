@@ -46,8 +46,9 @@ def _peak_rss_mib() -> float:
 class ThreadCPU:
     """CPU seconds of each thread of this process over the measured part, by thread name without its
     number (a pool's threads count together): the kernel's count for each thread (Linux /proc), read
-    every SAMPLE seconds by a sampler thread, so a thread that ends between two readings loses at
-    most that much. Empty where /proc is not there."""
+    every SAMPLE seconds by a sampler thread, and by each Python thread itself as it ends (a short
+    one, such as the source thread of a small run, could start and end between two readings).
+    Empty where /proc is not there."""
 
     SAMPLE = 0.02
 
@@ -56,14 +57,26 @@ class ThreadCPU:
         self._base: dict[int, float] = {}
         self._last: dict[int, tuple[str, float]] = {}
         self._sampler = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._run_thread = threading.Thread.run
 
     def start(self) -> None:
         self._base = {tid: cpu for tid, (_, cpu) in self._read().items()}
+        last, run = self._last, self._run_thread
+
+        def run_and_count(thread: threading.Thread) -> None:
+            try:
+                run(thread)
+            finally:  # the same clock as schedstat's first figure: the thread's time on a CPU
+                if thread.native_id is not None:
+                    last[thread.native_id] = (thread.name.split(" ", 1)[0], time.thread_time())
+
+        threading.Thread.run = run_and_count  # type: ignore[method-assign,assignment]  # this phase's process only
         self._sampler.start()
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._sampler.join()
+        threading.Thread.run = self._run_thread  # type: ignore[method-assign]
         out: dict[str, float] = {}
         for tid, (name, cpu) in self._last.items():
             group = thread_group(name)
