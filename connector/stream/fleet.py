@@ -19,9 +19,9 @@ any pipeline's poll loop is stuck, since only a restart frees it. A pipeline tha
 belongs to a fleet: then the worker stops (exit 1), since it would hold the pipeline in the group and
 no other worker would run it.
 
-Costs (`bench --fleet`, docs/performance.md "Fleet"): idle, a pipeline costs a worker about 1.2 MiB
-and 0.016 % of a core; busy, one worker's pipelines share one core's worth of Python (one GIL), so
-their total stays below one pipeline alone's.
+Costs (`bench --fleet`, docs/performance.md "Fleet"): idle, a pipeline costs a worker about 1.1 MiB
+and 0.02 % of a core; busy, one worker's pipelines share one core's worth of Python (one GIL), so
+their total stays below one pipeline alone's (about one worker per core carries more).
 """
 
 from __future__ import annotations

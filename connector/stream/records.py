@@ -180,7 +180,7 @@ class RecordMaker:
             keep //= 2
 
 
-def _raw(alert: dict, details: str | bytes | None, docs: dict[int, orjson.Fragment]) -> dict:
+def _raw(alert: dict, details: str | bytes | None, intel: dict[int, orjson.Fragment]) -> dict:
     """The event's `raw` as it is serialized: the alert with `details` as the text it was decoded
     from and its IntelDoc encoded once per page, both inserted as they are (orjson.Fragment), rather
     than encoding their hundreds of objects again for every alert (half of serializing an event).
@@ -190,8 +190,8 @@ def _raw(alert: dict, details: str | bytes | None, docs: dict[int, orjson.Fragme
         raw["details"] = orjson.Fragment(details)
     doc = raw.get("intelDoc")
     if doc.__class__ is dict:
-        encoded = docs.get(id(doc))  # the page's alerts keep their docs alive, so an id stays theirs
+        encoded = intel.get(id(doc))  # the page's alerts keep their docs alive, so an id stays theirs
         if encoded is None:
-            encoded = docs[id(doc)] = orjson.Fragment(serialize(doc))
+            encoded = intel[id(doc)] = orjson.Fragment(serialize(doc))
         raw["intelDoc"] = encoded
     return raw
