@@ -35,7 +35,7 @@ import hashlib
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -389,20 +389,28 @@ class Normalizer:
         self._m_out.inc()
         return event
 
-    def normalize_page(self, alerts: Sequence) -> list[dict | NormalizeError]:
+    def normalize_page(self, alerts: Iterable) -> list[dict | NormalizeError]:
         """normalize() of each alert in one pass, with the NormalizeError in place of the event of an
         alert that cannot be normalized; the stage's counters move once for the page."""
-        out: list[dict | NormalizeError] = []
-        failed = 0
-        for alert in alerts:
-            try:
-                out.append(self._event(alert))
-            except NormalizeError as e:
-                out.append(e)
-                failed += 1
-        self._m_in.inc(len(out))
-        self._m_out.inc(len(out) - failed)
-        return out
+        return list(self.normalize_each(alerts))
+
+    def normalize_each(self, alerts: Iterable) -> Iterator[dict | NormalizeError]:
+        """normalize_page() one alert at a time, as the caller asks for the next (so that it can
+        finish with an alert before the next is normalized); the counters move once, when the
+        iteration ends or is closed."""
+        n = failed = 0
+        try:
+            for alert in alerts:
+                n += 1
+                try:
+                    event: dict | NormalizeError = self._event(alert)
+                except NormalizeError as e:
+                    event = e
+                    failed += 1
+                yield event
+        finally:
+            self._m_in.inc(n)
+            self._m_out.inc(n - failed)
 
     def _event(self, alert: Any) -> dict:
         try:

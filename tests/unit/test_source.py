@@ -128,8 +128,9 @@ def test_resume_from_a_checkpoint_position(tr):
 
 def test_pages_fetched_ahead_keep_details_as_text_until_their_records_are_made(tr):
     """A busy pipeline holds several fetched pages; kept as Tanium's text, `details` is one string
-    per alert instead of hundreds of objects. Making the page's records decodes it, and the event's
-    `raw` carries the text as it came."""
+    per alert instead of hundreds of objects. Making the page's records decodes it, the event's
+    `raw` carries the text as it came, and each alert is given its text back once its records are
+    made: the page sent to Kafka does not keep the decoded objects."""
     sim, client = tr
     page = next(make(client, page_size=20).cycle())
     assert all(isinstance(a["details"], str) for a, _ in page)
@@ -149,6 +150,20 @@ def test_pages_fetched_ahead_keep_details_as_text_until_their_records_are_made(t
     assert all(t.encode() in v for t, v in zip(texts, values, strict=True))
     assert all(e["raw"]["intelDoc"]["id"] == e["raw"]["intelDocId"] for e in events)
     assert all(e["file_path"] for e in events)  # mapped from inside `details`
+    assert [a["details"] for a, _ in page] == texts
+
+
+def test_a_dead_letter_record_carries_details_as_tanium_sent_it(tr):
+    sim, client = tr
+    page = next(make(client, page_size=3).cycle())
+    page[1][0]["id"] = "not a number"
+    cfg = parse_pipeline({"pipeline": {"name": "s"}, "tanium": {**sim.settings(), "enrich_intel_docs": False}})
+    stages = build_stages(cfg, client)
+    records = RecordMaker(cfg, stages.enricher, stages.normalizer).records(page)
+    assert [r.kind for r in records] == ["published", "dlq", "published"]
+    raw = json.loads(json.loads(records[1].value)["raw"])
+    assert raw["id"] == "not a number" and isinstance(raw["details"], str)
+    assert json.loads(raw["details"])["match"]  # the text decodes to Tanium's details object
 
 
 class CopyingTanium:
