@@ -229,8 +229,10 @@ def _phase_source(raw: dict) -> dict:
         for page in source.cycle():
             n += len(page)
             for alert, _ in page:
-                if isinstance(alert, dict):
-                    decode_details(alert)  # the pipeline's work of reading an alert, though it does it later
+                if isinstance(alert, dict):  # the pipeline's work of reading an alert, though it does it later:
+                    text = decode_details(alert)  # decoded, then given back its text (stream/records.py)
+                    if text is not None:
+                        alert["details"] = text
                     pairs.add((alert.get("intelDocId"), alert.get("intelDocRevisionId")))
         if not source.hit_limit:
             break
