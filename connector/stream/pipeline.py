@@ -2,9 +2,10 @@
 
 Threads: a source thread fetches pages into a small bounded queue while this thread enriches,
 normalizes and publishes the previous page, so the stages overlap. Memory stays bounded: at most
-QUEUE_PAGES pages wait (their `details` still Tanium's text: one string per alert, decoded as the page
-is processed), and the sink blocks once `kafka.max_unacked` records are unacknowledged,
-which in turn stops the source (back pressure). Processing a page and decoding a Tanium answer
+QUEUE_PAGES pages wait (their `details` still Tanium's text: one string per alert, decoded alert by
+alert as the page is processed and given back its text once the alert's records are made), and the
+sink blocks once `kafka.max_unacked` records are unacknowledged, which in turn stops the source (back
+pressure). Processing a page and decoding a Tanium answer
 take the process's CPU slot (connector/gate.py), so the pipelines of one process take turns; any
 wait inside (Kafka's room, an IntelDoc, one record's answer) steps outside it.
 

@@ -7,6 +7,11 @@ checkpoint passes the alert once all its records are acknowledged (AckWindow). S
 under kafka.max_request_size here, since a record Kafka refuses for its size would be refused again
 on every re-read: an oversized event goes without `raw`, and a dead-letter record keeps only as much
 of the raw alert as fits.
+
+An alert's `details` arrives as Tanium's text (connector/tanium.py); it is decoded just before the
+alert is normalized and the alert gets the text back once its documents are serialized, so the
+decoded objects (hundreds per alert) are freed while still in the CPU's cache, and neither the page
+nor the records waiting for Kafka hold them. `raw` and dead-letter records carry the text.
 """
 
 from __future__ import annotations
@@ -96,14 +101,13 @@ class RecordMaker:
             if alert is MARK:  # a new update watermark (stream/updates.py): a window entry, no Kafka record
                 add(Record(alert, pos, "", None, b"", [], "mark", True, None))
                 continue
-            # the source leaves `details` as Tanium sent it (connector/tanium.py): decoded here, just
-            # before the alert is normalized, and given back its text once the alert's documents are
-            # made, so that its hundreds of objects are freed while they are still in the CPU's cache
-            # (freeing them with the page cost twice as much); the text is also what `raw` carries
+            # decoded here and given back its text below (see the module docstring): freeing the
+            # decoded objects with the whole page instead cost as much again as decoding them
             text = decode_details(alert) if alert.__class__ is dict else None
             event = next(events)
             # an update event's position says which change it reports (stream/updates.py)
             action = getattr(pos, "change", None)
+            reason = None
             try:
                 if isinstance(event, NormalizeError):
                     raise event
@@ -118,12 +122,12 @@ class RecordMaker:
                         for fmt, doc in zip(formats, docs, strict=True)
                     ]
             except NormalizeError as e:
-                if text is not None:
-                    alert["details"] = text
-                add(Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, e.reason), "dlq", True, None))
-                continue
+                reason = e.reason
             if text is not None:
                 alert["details"] = text
+            if reason is not None:
+                add(Record(alert, pos, self.dlq_topic, None, *self.dlq_record(alert, reason), "dlq", True, None))
+                continue
             key = str(event.get("uid") or "").encode() or None
             created = alert.get("createdAt")
             if created.__class__ is not str or action is not None:  # an update is not a new alert's freshness
