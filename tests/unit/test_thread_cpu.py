@@ -1,4 +1,5 @@
-"""The benchmark's CPU by thread counts a thread that starts and ends between two of its readings."""
+"""The benchmark's CPU by thread counts a thread that starts and ends between two of its readings,
+and leaves its own sampler out."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def test_a_thread_that_ends_between_two_readings_is_counted_under_its_name():
         out = threads.stop()
     assert out.get("source", 0) >= 0.05, out
     assert threading.Thread.run is original  # stop() put it back
+
+
+def test_the_samplers_own_cpu_is_kept_apart_from_the_phases():
+    threads = ThreadCPU()
+    threads.SAMPLE = 0.001  # many readings: the sampler's own CPU is well above zero
+    threads.start()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    out = threads.stop()
+    assert "bench-sampler" not in out, out
+    assert threads.own > 0
+    assert out["MainThread"] >= 0.2, out
