@@ -389,14 +389,10 @@ class Normalizer:
         self._m_out.inc()
         return event
 
-    def normalize_page(self, alerts: Iterable) -> list[dict | NormalizeError]:
-        """normalize() of each alert in one pass, with the NormalizeError in place of the event of an
-        alert that cannot be normalized; the stage's counters move once for the page."""
-        return list(self.normalize_each(alerts))
-
     def normalize_each(self, alerts: Iterable) -> Iterator[dict | NormalizeError]:
-        """normalize_page() one alert at a time, as the caller asks for the next (so that it can
-        finish with an alert before the next is normalized); the counters move once, when the
+        """normalize() of each alert, one at a time as the caller asks for the next (so that it can
+        finish with an alert before the next is normalized), with the NormalizeError in place of the
+        event of an alert that cannot be normalized; the stage's counters move once, when the
         iteration ends or is closed."""
         n = failed = 0
         try:

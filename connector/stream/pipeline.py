@@ -5,9 +5,9 @@ normalizes and publishes the previous page, so the stages overlap. Memory stays 
 QUEUE_PAGES pages wait (their `details` still Tanium's text: one string per alert, decoded alert by
 alert as the page is processed and given back its text once the alert's records are made), and the
 sink blocks once `kafka.max_unacked` records are unacknowledged, which in turn stops the source (back
-pressure). Processing a page and decoding a Tanium answer
-take the process's CPU slot (connector/gate.py), so the pipelines of one process take turns; any
-wait inside (Kafka's room, an IntelDoc, one record's answer) steps outside it.
+pressure). Processing a page and decoding a Tanium answer take the process's CPU slot
+(connector/gate.py), so the pipelines of one process take turns; any wait inside (Kafka's room, an
+IntelDoc, one record's answer) steps outside it.
 
 Delivery: every record (events and DLQ records alike, and the update watermark's markers, which
 have no Kafka record: stream/updates.py) enters an AckWindow in read order; the checkpoint moves

@@ -788,7 +788,7 @@ def test_a_page_normalizes_as_its_alerts_do_one_by_one_and_counts_the_same():
             expected.append(by_one.normalize(a))
         except NormalizeError as e:
             expected.append(e.reason)
-    got = Normalizer(DEFAULT_FIELD_MAP, "nz", metrics=whole).normalize_page(copy.deepcopy(page))
+    got = list(Normalizer(DEFAULT_FIELD_MAP, "nz", metrics=whole).normalize_each(copy.deepcopy(page)))
     # an alert that cannot be normalized has its error in its place; ingested_at is the clock's
     strip = [e.reason if isinstance(e, NormalizeError) else {**e, "ingested_at": None} for e in got]
     assert strip == [e if isinstance(e, str) else {**e, "ingested_at": None} for e in expected]
