@@ -7,7 +7,9 @@ RSS are its own (the simulator's and the broker's work is in other processes):
 1. sink ceiling: a bare kafka-python producer (the connector's producer settings: acks=all,
    idempotence, linger, batch size) sending pre-serialized events taken from the normalizer's own
    output of the simulator's alerts, with the pipeline's keys and headers;
-2. source ceiling: the connector's AlertSource fetching the same alerts page by page, nothing else;
+2. source ceiling: the pipeline's source stage, as its settings build it (with source.track_updates,
+   the default, the creation cursor and the update scan, so the same Tanium requests), fetching the
+   same alerts page by page and decoding each alert's `details`, nothing else;
 3. pipeline: StreamPipeline(once=True) with enrich + normalize + publish + checkpoint, metrics on,
    over the same alerts into a fresh topic with a fresh checkpoint.
 
@@ -15,7 +17,8 @@ Every phase process first applies the interpreter settings `run` ships (connecto
 switch interval, GC threshold) unless --switch-interval / --gc-threshold ask for a what-if, and
 reports the settings it ran with (`interpreter` of each phase in --json).
 
-Figures: events/s of each, pipeline / min(ceilings) (per run, then the median over --repeat runs),
+Figures: events/s of each, pipeline / min(ceilings) and pipeline CPU / (source + sink ceiling CPU)
+(per run, then the median over --repeat runs),
 IntelDoc requests per distinct (doc, revision), Tanium requests per 1,000 events, peak RSS (VmHWM)
 and CPU seconds per 1,000 events of each phase's process. `--validation-actions N` also counts the
 Tanium requests of the validation engine for N concurrent job actions against 1 over the same
@@ -317,14 +320,15 @@ def _client_phases(
         else float(opts.alerts)
     )
     out["ratio"] = p["events_per_s"] / min(out["sink"]["events_per_s"], source["events_per_s"])
+    out["cpu_vs_parts"] = p["cpu_per_1k"] / (source["cpu_per_1k"] + out["sink"]["cpu_per_1k"])
     return out
 
 
 def _median_run(runs: list[dict]) -> dict:
-    """Median of every numeric figure over the runs (the ratio: median of the per-run ratios)."""
+    """Median of every numeric figure over the runs (the ratios: medians of the per-run ratios)."""
 
     def median_of(items: list[dict], phases) -> dict:
-        med: dict = {"ratio": statistics.median(r["ratio"] for r in items)}
+        med: dict = {key: statistics.median(r[key] for r in items) for key in ("ratio", "cpu_vs_parts")}
         for phase in phases:
             keys = [k for k, v in items[0][phase].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             med[phase] = {k: statistics.median(r[phase][k] for r in items) for k in keys}

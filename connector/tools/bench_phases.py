@@ -218,22 +218,22 @@ def _sink_confluent(cfg, pool: list[tuple[bytes, bytes]], count: int) -> dict:
 def _phase_source(raw: dict) -> dict:
     from connector.config import parse_pipeline
     from connector.stream.pipeline import StreamPipeline  # noqa: F401
-    from connector.stream.source import AlertSource
+    from connector.stream.stages import build_source
     from connector.tanium import TaniumClient, decode_details
     from connector.timeutil import parse_start
 
     cfg = parse_pipeline(raw)
     client = TaniumClient(cfg.tanium)
-    source = AlertSource(client, cfg.tanium.page_size, cfg.tanium.limit)
+    source = build_source(cfg, client)  # the pipeline's own source stage: update scan included
     source.resume(None, parse_start(cfg.source.start_from))
     pairs: set = set()
     n = 0
     t0, c0 = _begin()
     while True:  # what the pipeline's source thread does with --once
         for page in source.cycle():
-            n += len(page)
             for alert, _ in page:
-                if isinstance(alert, dict):  # the pipeline's work of reading an alert, though it does it later:
+                if isinstance(alert, dict):  # not an update watermark's marker
+                    n += 1  # the pipeline's work of reading an alert, though it does it later:
                     text = decode_details(alert)  # decoded, then given back its text (stream/records.py)
                     if text is not None:
                         alert["details"] = text

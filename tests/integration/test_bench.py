@@ -75,6 +75,18 @@ def test_bench_json_has_every_figure_and_they_agree():
     assert p["tanium_requests"] >= 1 + p["intel_requests_seen_by_simulator"]
     assert p["tanium_requests_per_1k"] == pytest.approx(p["tanium_requests"] / 300 * 1000)
     assert run["source"]["tanium_requests"] >= 1
+    # the source ceiling is the pipeline's own source stage (the update scan included): the pipeline
+    # asks Tanium for exactly what it asks, plus the IntelDocs
+    assert p["tanium_requests"] == run["source"]["tanium_requests"] + p["intel_requests_seen_by_simulator"]
+    # CPU against the parts: the pipeline's CPU per alert / (source ceiling's + sink ceiling's)
+    parts = run["source"]["cpu_per_1k"] + run["sink"]["cpu_per_1k"]
+    assert run["cpu_vs_parts"] == pytest.approx(p["cpu_per_1k"] / parts) == med["cpu_vs_parts"]
+    assert rep["targets"]["cpu_vs_parts"] == {
+        "value": med["cpu_vs_parts"],
+        "target": "<= 1.1",
+        "met": med["cpu_vs_parts"] <= 1.1,
+    }
+    assert rep["targets"]["ratio"]["target"] == ">= 0.85"  # at 0 ms; >= 0.95 from 100 ms on
     if "confluent" in rep["config"]["clients"]:  # the optional client: its own sink ceiling and pipeline
         c = run["confluent"]
         for phase in ("sink", "pipeline"):
@@ -85,6 +97,10 @@ def test_bench_json_has_every_figure_and_they_agree():
             c["pipeline"]["events_per_s"] / min(c["sink"]["events_per_s"], run["source"]["events_per_s"])
         )
         assert rep["targets"]["ratio_confluent"]["value"] == med["confluent"]["ratio"]
+        assert c["cpu_vs_parts"] == pytest.approx(
+            c["pipeline"]["cpu_per_1k"] / (c["sink"]["cpu_per_1k"] + run["source"]["cpu_per_1k"])
+        )
+        assert rep["targets"]["cpu_vs_parts_confluent"]["value"] == med["confluent"]["cpu_vs_parts"]
     f = rep["freshness"]  # createdAt → Kafka ack on a live stream, from the pipeline's own histogram
     assert (f["rate"], f["seconds"], f["poll_interval_s"]) == (50, 3, 1.0)
     assert f["observed"] == f["events"] > 0 and f["errors"] == []
@@ -124,6 +140,9 @@ def test_bench_table_names_every_figure_and_profiles_each_phase(tmp_path):
         "source ceiling",
         "pipeline",
         "pipeline / min(ceilings)",
+        "(target >= 0.85: ",
+        "pipeline CPU / parts",
+        "(target <= 1.1: ",
         "IntelDoc requests",
         "CPU s/1k ev",
         "peak RSS MiB",
