@@ -223,7 +223,7 @@ class KafkaSection(_Section):
     ssl_password: SecretStr | None = None
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     linger_ms: Annotated[int, Field(ge=0, le=60000)] = 20
-    batch_size: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 262144
+    batch_size: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1_000_000
     max_unacked: Annotated[int, Field(ge=1, le=1_000_000)] = 20000
     delivery_timeout_ms: Annotated[int, Field(ge=1000)] = 120000
     max_request_size: Annotated[int, Field(ge=65536, le=100 * 1024 * 1024)] = 1048576

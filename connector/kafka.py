@@ -153,7 +153,9 @@ def producer_settings(kafka: KafkaSection, transactional_id: str | None = None, 
         "transactional_id": transactional_id,
         "compression_type": _COMPRESSION[kafka.compression],
         "linger_ms": kafka.linger_ms,
-        "batch_size": kafka.batch_size,
+        # a batch is one record batch to the broker, which refuses one over its message.max.bytes
+        # (matched by max_request_size)
+        "batch_size": min(kafka.batch_size, kafka.max_request_size),
         "delivery_timeout_ms": kafka.delivery_timeout_ms,
         "max_request_size": kafka.max_request_size,
         # kafka-python requires delivery_timeout >= linger + request_timeout

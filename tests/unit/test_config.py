@@ -65,6 +65,18 @@ def test_kafka_defaults():
     assert k.dlq_topic == "a.b.dlq" and k.bootstrap_servers == ["h1:9092", "h2:9093"]
 
 
+def test_a_producer_batch_is_never_larger_than_the_largest_request():
+    from connector.kafka import producer_settings
+    from connector.stream.confluent import confluent_settings
+
+    # a broker whose message.max.bytes matches kafka.max_request_size refuses any bigger batch
+    k = parse_pipeline(base(kafka={"max_request_size": 262144})).kafka
+    assert k.batch_size > 262144  # the default batch size
+    assert producer_settings(k)["batch_size"] == confluent_settings(k)["batch.size"] == 262144
+    k = parse_pipeline(base(kafka={"batch_size": 65536})).kafka
+    assert producer_settings(k)["batch_size"] == confluent_settings(k)["batch.size"] == 65536
+
+
 @pytest.mark.parametrize(
     "section,key,value,expect",
     [
