@@ -254,9 +254,15 @@ def one_run(sim, topics: Topics, bootstrap: str, workdir: Path, pool, opts, run:
         raise BenchError(f"source ceiling: fetched {out['source']['events']} alerts, expected {opts.alerts}")
 
     out["source"]["tanium_requests_per_1k"] = out["source"]["tanium_requests"] / opts.alerts * 1000
+    name = f"bench-{run_id}-stages"
+    saved, sim.faults.latency = sim.faults.latency, 0  # its fetching is not what it measures
+    try:
+        out["stages"] = run_phase("stages", (pipeline_raw(sim, bootstrap, name, workdir / name),), timeout)
+    finally:
+        sim.faults.latency = saved
     for client in opts.clients:
         res = _client_phases(
-            sim, topics, bootstrap, workdir, pool, opts, f"{run_id}-{client}", client, timeout, out["source"], run
+            sim, topics, bootstrap, workdir, pool, opts, f"{run_id}-{client}", client, timeout, out, run
         )
         if client == "kafka-python":
             out.update(res)
@@ -275,10 +281,12 @@ def _client_phases(
     tag: str,
     client: str,
     timeout: float,
-    source: dict,
+    measured: dict,
     run: int,
 ) -> dict:
-    """Sink ceiling and pipeline with one Kafka client (same producer settings for both)."""
+    """Sink ceiling and pipeline with one Kafka client (same producer settings for both), held
+    against the client-independent phases `measured` already (source ceiling, stage work)."""
+    source, stages = measured["source"], measured["stages"]
     out: dict = {}
     kafka = {"client": client}
     name = f"bench-{tag}-sink"
@@ -320,7 +328,9 @@ def _client_phases(
         else float(opts.alerts)
     )
     out["ratio"] = p["events_per_s"] / min(out["sink"]["events_per_s"], source["events_per_s"])
-    out["cpu_vs_parts"] = p["cpu_per_1k"] / (source["cpu_per_1k"] + out["sink"]["cpu_per_1k"])
+    parts = source["cpu_per_1k"] + out["sink"]["cpu_per_1k"]
+    out["cpu_vs_parts"] = p["cpu_per_1k"] / parts
+    out["stages_vs_parts"] = stages["cpu_per_1k"] / parts
     return out
 
 
@@ -328,7 +338,8 @@ def _median_run(runs: list[dict]) -> dict:
     """Median of every numeric figure over the runs (the ratios: medians of the per-run ratios)."""
 
     def median_of(items: list[dict], phases) -> dict:
-        med: dict = {key: statistics.median(r[key] for r in items) for key in ("ratio", "cpu_vs_parts")}
+        ratios = ("ratio", "cpu_vs_parts", "stages_vs_parts")
+        med: dict = {key: statistics.median(r[key] for r in items) for key in ratios}
         for phase in phases:
             keys = [k for k, v in items[0][phase].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             med[phase] = {k: statistics.median(r[phase][k] for r in items) for k in keys}
@@ -337,7 +348,7 @@ def _median_run(runs: list[dict]) -> dict:
             med[phase]["threads_cpu_per_1k"] = {name: statistics.median(t[name] for t in threads) for name in common}
         return med
 
-    med = median_of(runs, ("sink", "source", "pipeline"))
+    med = median_of(runs, ("sink", "source", "stages", "pipeline"))
     if "confluent" in runs[0]:
         med["confluent"] = median_of([r["confluent"] for r in runs], ("sink", "pipeline"))
     return med
