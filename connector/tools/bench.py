@@ -11,7 +11,10 @@ RSS are its own (the simulator's and the broker's work is in other processes):
    the default, the creation cursor and the update scan, so the same Tanium requests), fetching the
    same alerts page by page and decoding each alert's `details`, nothing else;
 3. pipeline: StreamPipeline(once=True) with enrich + normalize + publish + checkpoint, metrics on,
-   over the same alerts into a fresh topic with a fresh checkpoint.
+   over the same alerts into a fresh topic with a fresh checkpoint;
+4. stage work: the work neither ceiling does, alone (the pipeline's processing pass less decoding,
+   on the same alerts; bench_phases._phase_stages), as a share of the parts: how much of the CPU
+   target's budget it takes by itself.
 
 Every phase process first applies the interpreter settings `run` ships (connector/tuning.py:
 switch interval, GC threshold) unless --switch-interval / --gc-threshold ask for a what-if, and
