@@ -154,14 +154,13 @@ def print_report(report: dict, out) -> None:
     if "confluent" in m:
         w(f", {m['confluent']['cpu_vs_parts']:.2f} confluent ({ok[t['cpu_vs_parts_confluent']['met']]})")
     w("; parts = source ceiling + sink ceiling, CPU per alert\n")
-    if "stages" in m:  # measured since the stage-work phase exists (older --json reports lack it)
-        w(
-            f"work no ceiling does       {m['stages']['cpu_per_1k']:.3f} s/1k ev alone (enrich join, normalize, "
-            f"serialize) = {m['stages_vs_parts']:.2f} x parts kafka-python"
-        )
-        if "confluent" in m:
-            w(f", {m['confluent']['stages_vs_parts']:.2f} x confluent")
-        w(f" (the CPU target leaves {CPU_VS_PARTS - 1:.2f})\n")
+    w(
+        f"work no ceiling does       {m['stages']['cpu_per_1k']:.3f} s/1k ev alone (enrich join, normalize, "
+        f"serialize) = {m['stages_vs_parts']:.2f} x parts kafka-python"
+    )
+    if "confluent" in m:
+        w(f", {m['confluent']['stages_vs_parts']:.2f} x confluent")
+    w(f" (the CPU target leaves {CPU_VS_PARTS - 1:.2f})\n")
     p = m["pipeline"]
     w(
         f"IntelDoc requests          {p['intel_requests_seen_by_simulator']:.0f} for {p['doc_revisions']:.0f} distinct "

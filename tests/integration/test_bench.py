@@ -48,7 +48,7 @@ def test_bench_json_has_every_figure_and_they_agree():
     assert hw["crc32c"].startswith("C"), "kafka-python must use the crc32c C extension"
     assert len(rep["runs"]) == 1
     run, med = rep["runs"][0], rep["median"]
-    for phase in ("sink", "source", "pipeline"):  # the processes measured as a whole
+    for phase in ("sink", "source", "pipeline"):  # measured as whole processes (the stage work: below)
         ph = run[phase]
         assert ph["events"] == 300, phase
         for key in ("events_per_s", "seconds", "cpu_per_1k", "peak_rss_mib"):
