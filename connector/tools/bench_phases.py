@@ -11,9 +11,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from connector.tanium import decode_details
 from connector.tools.bench_profile import PhaseProfile, thread_group
 from connector.tuning import GC_THRESHOLD, SWITCH_INTERVAL, interpreter_settings, tune_interpreter
 
@@ -215,11 +216,31 @@ def _sink_confluent(cfg, pool: list[tuple[bytes, bytes]], count: int) -> dict:
     return out
 
 
+def _pages(source) -> Iterator[list]:
+    """Every page of the source, cycle after cycle until one ends below the limit: what the
+    pipeline's source thread reads with --once."""
+    while True:
+        yield from source.cycle()
+        if not source.hit_limit:
+            return
+
+
+def _alerts(page: list) -> Iterator[dict]:
+    return (alert for alert, _ in page if isinstance(alert, dict))  # not an update watermark's marker
+
+
+def _decode(alert: dict) -> None:
+    """Decodes the alert's `details` and gives it back its text, as the pipeline does (stream/records.py)."""
+    text = decode_details(alert)
+    if text is not None:
+        alert["details"] = text
+
+
 def _phase_source(raw: dict) -> dict:
     from connector.config import parse_pipeline
     from connector.stream.pipeline import StreamPipeline  # noqa: F401
     from connector.stream.stages import build_source
-    from connector.tanium import TaniumClient, decode_details
+    from connector.tanium import TaniumClient
     from connector.timeutil import parse_start
 
     cfg = parse_pipeline(raw)
@@ -229,17 +250,11 @@ def _phase_source(raw: dict) -> dict:
     pairs: set = set()
     n = 0
     t0, c0 = _begin()
-    while True:  # what the pipeline's source thread does with --once
-        for page in source.cycle():
-            for alert, _ in page:
-                if isinstance(alert, dict):  # not an update watermark's marker
-                    n += 1  # the pipeline's work of reading an alert, though it does it later:
-                    text = decode_details(alert)  # decoded, then given back its text (stream/records.py)
-                    if text is not None:
-                        alert["details"] = text
-                    pairs.add((alert.get("intelDocId"), alert.get("intelDocRevisionId")))
-        if not source.hit_limit:
-            break
+    for page in _pages(source):
+        for alert in _alerts(page):
+            n += 1  # the pipeline's work of reading an alert, though it does it later:
+            _decode(alert)
+            pairs.add((alert.get("intelDocId"), alert.get("intelDocRevisionId")))
     out = _measured(n, t0, c0, doc_revisions=len(pairs))
     client.close()
     return out
@@ -255,34 +270,30 @@ def _phase_stages(raw: dict) -> dict:
     from connector.metrics import Metrics
     from connector.stream.records import RecordMaker
     from connector.stream.stages import build_stages
-    from connector.tanium import TaniumClient, decode_details
+    from connector.tanium import TaniumClient
     from connector.timeutil import parse_start
 
     cfg = parse_pipeline(raw)
     client = TaniumClient(cfg.tanium)
-    stages = build_stages(cfg, client, Metrics(cfg.pipeline.name))
-    maker = RecordMaker(cfg, stages.enricher, stages.normalizer, Metrics(cfg.pipeline.name))
+    metrics = Metrics(cfg.pipeline.name)
+    stages = build_stages(cfg, client, metrics)
+    maker = RecordMaker(cfg, stages.enricher, stages.normalizer, metrics)
     source = stages.source
     source.resume(None, parse_start(cfg.source.start_from))
     n, decode, records = 0, 0.0, 0.0
     clock = time.thread_time
-    while True:
-        for page in source.cycle():
-            alerts = [a for a, _ in page if isinstance(a, dict)]
-            if stages.enricher is not None:
-                stages.enricher.enrich(alerts)  # the IntelDocs' HTTP requests are not the pass's work
-            n += len(alerts)
-            t0 = clock()
-            for alert in alerts:
-                text = decode_details(alert)
-                if text is not None:
-                    alert["details"] = text
-            t1 = clock()
-            maker.records(page)
-            records += clock() - t1
-            decode += t1 - t0
-        if not source.hit_limit:
-            break
+    for page in _pages(source):
+        alerts = list(_alerts(page))
+        if stages.enricher is not None:
+            stages.enricher.enrich(alerts)  # the IntelDocs' HTTP requests are not the pass's work
+        n += len(alerts)
+        t0 = clock()
+        for alert in alerts:
+            _decode(alert)
+        t1 = clock()
+        maker.records(page)
+        records += clock() - t1
+        decode += t1 - t0
     if stages.enricher is not None:
         stages.enricher.close()
     client.close()
